@@ -1,0 +1,1 @@
+"""Export: checkpoint -> single-step ONNX graph (+ prompt graph) + manifest, verified (needs torch, onnx)."""

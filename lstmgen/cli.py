@@ -1,0 +1,46 @@
+"""The `lstmgen` command. Each subcommand lives in its stage's package and is imported only when
+chosen, so `lstmgen serve` and `lstmgen generate` never import torch.
+
+A subcommand module defines `add_arguments(parser)` and `run(args) -> int`, and imports nothing
+heavy at module level.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("lstmgen.train.cli", "train a stacked LSTM language model on a text corpus"),
+    "export": ("lstmgen.export.cli", "export a checkpoint to an ONNX bundle and verify it against PyTorch"),
+    "serve": ("lstmgen.serve.cli", "serve a bundle over gRPC on ONNX Runtime"),
+    "generate": ("lstmgen_client.cli", "stream generated text from a running server"),
+    "sample": ("lstmgen.serve.offline", "batch offline sampling from a bundle (no server)"),
+}
+
+
+def build_parser(chosen: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lstmgen", description=__doc__.splitlines()[0])
+    from lstmgen import __version__
+    parser.add_argument("--version", action="version", version=f"lstmgen {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        if name == chosen:
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    chosen = chosen if chosen in SUBCOMMANDS else None
+    args = build_parser(chosen).parse_args(argv)
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

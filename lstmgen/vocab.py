@@ -1,0 +1,129 @@
+"""Char- and word-level vocabularies, built from training text and saved with every artifact.
+
+Torch-free: training, export, the server and offline sampling all encode and decode through this.
+Word level follows PTB as pytorch/examples reads it: whitespace tokens plus `<eos>` per line.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Literal, Sequence
+
+Level = Literal["char", "word"]
+EOS = "<eos>"  # word level: end of line (PTB), decoded as "\n"
+UNK = "<unk>"  # word level: unknown word, when the corpus has it
+
+
+class UnknownTokensError(ValueError):
+    """The text holds characters/words the vocabulary cannot encode."""
+
+    def __init__(self, unknown: Sequence[str]):
+        self.unknown = list(dict.fromkeys(unknown))  # unique, in order of appearance
+        shown = ", ".join(repr(u) for u in self.unknown[:10])
+        more = f" and {len(self.unknown) - 10} more" if len(self.unknown) > 10 else ""
+        super().__init__(f"{len(self.unknown)} symbol(s) not in the vocabulary: {shown}{more}")
+
+
+@dataclass(frozen=True)
+class Vocab:
+    level: Level
+    tokens: tuple[str, ...]
+    stoi: dict[str, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.level not in ("char", "word"):
+            raise ValueError(f"vocabulary level must be 'char' or 'word', got {self.level!r}")
+        if not self.tokens:
+            raise ValueError("vocabulary is empty")
+        stoi = {t: i for i, t in enumerate(self.tokens)}
+        if len(stoi) != len(self.tokens):
+            raise ValueError("vocabulary holds duplicate tokens")
+        if self.level == "char" and any(len(t) != 1 for t in self.tokens):
+            raise ValueError("a char vocabulary holds only single characters")
+        object.__setattr__(self, "stoi", stoi)
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def build(cls, level: Level, texts: Iterable[str]) -> "Vocab":
+        """Vocabulary over everything seen in `texts`, in a deterministic (sorted) order."""
+        seen: set[str] = set()
+        for text in texts:
+            if level == "char":
+                seen.update(text)
+            else:
+                seen.update(text.split())
+        if level == "word":
+            seen.add(EOS)
+        return cls(level, tuple(sorted(seen)))
+
+    def to_dict(self) -> dict:
+        return {"level": self.level, "tokens": list(self.tokens)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Vocab":
+        return cls(d["level"], tuple(d["tokens"]))
+
+    # -- properties -----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def unk_id(self) -> int | None:
+        return self.stoi.get(UNK) if self.level == "word" else None
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.stoi.get(EOS) if self.level == "word" else None
+
+    # -- encoding -------------------------------------------------------------------------------
+    def split(self, text: str) -> list[str]:
+        """Text -> symbols. Word level: whitespace split, `<eos>` at every line end."""
+        if self.level == "char":
+            return list(text)
+        out: list[str] = []
+        lines = text.split("\n")
+        for i, line in enumerate(lines):
+            out.extend(line.split())
+            if i < len(lines) - 1:  # a newline was there
+                out.append(EOS)
+        return out
+
+    def encode(self, text: str, on_unknown: Literal["error", "skip", "unk"] = "error") -> list[int]:
+        """Text -> ids. Unknown symbols raise UnknownTokensError, are dropped, or map to <unk>."""
+        ids: list[int] = []
+        unknown: list[str] = []
+        unk_id = self.unk_id
+        for sym in self.split(text):
+            i = self.stoi.get(sym)
+            if i is not None:
+                ids.append(i)
+            elif on_unknown == "unk" and unk_id is not None:
+                ids.append(unk_id)
+            elif on_unknown == "skip":
+                continue
+            else:
+                unknown.append(sym)
+        if unknown:
+            raise UnknownTokensError(unknown)
+        return ids
+
+    def encode_corpus(self, text: str) -> list[int]:
+        """Training text -> ids, PTB style for words (`line.split() + [<eos>]` per line)."""
+        if self.level == "char":
+            return [self.stoi[ch] for ch in text]
+        ids: list[int] = []
+        eos = self.stoi[EOS]
+        for line in text.splitlines():
+            ids.extend(self.stoi[w] for w in line.split())
+            ids.append(eos)
+        return ids
+
+    # -- decoding -------------------------------------------------------------------------------
+    def piece(self, token_id: int) -> str:
+        """The text one token adds to a stream: a char, " word", or "\\n" for <eos>."""
+        tok = self.tokens[token_id]
+        if self.level == "char":
+            return tok
+        return "\n" if tok == EOS else " " + tok
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self.piece(i) for i in ids)

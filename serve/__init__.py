@@ -1,0 +1,1 @@
+"""Serving: bundle -> ONNX Runtime engine -> batching scheduler -> gRPC service. Never imports torch."""

@@ -1,0 +1,1 @@
+"""Training: corpus -> vocabulary -> TBPTT batches -> StackedLSTM -> checkpoint (needs torch)."""

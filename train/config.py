@@ -1,0 +1,78 @@
+"""Typed configuration: the model's shape and the training run, plus the named presets."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    embedding_size: int = 128
+    hidden_size: int = 512
+    num_layers: int = 2
+    dropout: float = 0.0
+    tie_weights: bool = False
+    init_scale: float = 0.0  # > 0: uniform init in [-s, s] (Zaremba); 0: PyTorch defaults
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # model shape (vocab_size comes from the corpus)
+    embedding_size: int = 128
+    hidden_size: int = 512
+    num_layers: int = 2
+    dropout: float = 0.0
+    tie_weights: bool = False
+    init_scale: float = 0.0
+    # truncated BPTT over `batch_size` contiguous streams, `bptt` steps per update
+    batch_size: int = 20
+    bptt: int = 35
+    epochs: int = 10
+    max_steps: int = 0  # > 0: stop after this many updates (demo/tests)
+    max_seconds: float = 0.0  # > 0: stop after this much wall time (demo)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = 1.0
+    # Zaremba decay: lr *= lr_decay every epoch once epoch > decay_after (epochs counted from 1)
+    lr_decay: float = 1.0
+    decay_after: int = 0
+    weight_decay: float = 0.0
+    clip_norm: float = 5.0  # global gradient-norm clip
+    level: Literal["char", "word"] = "char"
+    valid_fraction: float = 0.1  # used when the corpus has no separate valid file
+    seed: int = 1234
+    eval_batch_size: int = 10
+    log_interval: int = 50
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        return ModelConfig(vocab_size, self.embedding_size, self.hidden_size, self.num_layers,
+                           self.dropout, self.tie_weights, self.init_scale)
+
+
+# Zaremba et al. 2014 ("Recurrent Neural Network Regularization"), as TensorFlow's ptb_word_lm
+# configures them: max_epoch = epochs at full lr, max_max_epoch = total epochs.
+PRESETS: dict[str, TrainConfig] = {
+    "ptb-small": TrainConfig(level="word", embedding_size=200, hidden_size=200, num_layers=2,
+                             dropout=0.0, init_scale=0.1, batch_size=20, bptt=20, epochs=13,
+                             optimizer="sgd", lr=1.0, lr_decay=0.5, decay_after=4, clip_norm=5.0),
+    "ptb-medium": TrainConfig(level="word", embedding_size=650, hidden_size=650, num_layers=2,
+                              dropout=0.5, init_scale=0.05, batch_size=20, bptt=35, epochs=39,
+                              optimizer="sgd", lr=1.0, lr_decay=0.8, decay_after=6, clip_norm=5.0),
+    "ptb-large": TrainConfig(level="word", embedding_size=1500, hidden_size=1500, num_layers=2,
+                             dropout=0.65, init_scale=0.04, batch_size=20, bptt=35, epochs=55,
+                             optimizer="sgd", lr=1.0, lr_decay=1 / 1.15, decay_after=14, clip_norm=10.0),
+    # The Anna Karenina char-RNN tutorial: 2 x 512, 100 steps x 100 sequences, Adam 1e-3, keep 0.5.
+    "char-rnn": TrainConfig(level="char", embedding_size=128, hidden_size=512, num_layers=2,
+                            dropout=0.5, batch_size=100, bptt=100, epochs=20, optimizer="adam",
+                            lr=1e-3, clip_norm=5.0),
+    # Small and fast: the demo (a minute or two on 2 cores) and tests.
+    "tiny": TrainConfig(level="char", embedding_size=64, hidden_size=128, num_layers=2,
+                        dropout=0.0, batch_size=32, bptt=64, epochs=1, optimizer="adam", lr=3e-3,
+                        clip_norm=5.0, log_interval=20),
+}
+
+
+def preset(name: str, **overrides) -> TrainConfig:
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
