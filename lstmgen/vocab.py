@@ -11,6 +11,9 @@ from typing import Iterable, Literal, Sequence
 Level = Literal["char", "word"]
 EOS = "<eos>"  # word level: end of line (PTB), decoded as "\n"
 UNK = "<unk>"  # word level: unknown word, when the corpus has it
+# End of text: generation stops when the model samples it. Char level uses ASCII ETX, so a
+# corpus of many documents joined by "\x03" teaches the model where a document ends.
+EOT_CHAR, EOT_WORD = "\x03", "<eot>"
 
 
 class UnknownTokensError(ValueError):
@@ -69,6 +72,10 @@ class Vocab:
     @property
     def unk_id(self) -> int | None:
         return self.stoi.get(UNK) if self.level == "word" else None
+
+    @property
+    def eot_id(self) -> int | None:
+        return self.stoi.get(EOT_CHAR if self.level == "char" else EOT_WORD)
 
     @property
     def eos_id(self) -> int | None:

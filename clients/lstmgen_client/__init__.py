@@ -1,1 +1,16 @@
-"""Python client for the lstmgen gRPC server."""
+"""Python client for the lstmgen gRPC text-generation server (needs only grpcio and protobuf).
+
+    from lstmgen_client import Client
+    with Client("localhost:50051") as client:
+        for chunk in client.generate_stream("ROMEO:", max_new_tokens=200, temperature=0.8, seed=1):
+            print(chunk.text, end="", flush=True)
+"""
+from lstmgen_client.client import AsyncClient, Client
+from lstmgen_client.errors import (CancelledError, DeadlineExceededError, InternalError, InvalidArgumentError,
+                                   LstmgenError, OverloadedError, UnauthenticatedError, UnavailableError)
+from lstmgen_client.types import Finished, GenerateResult, Limits, ModelInfo, StreamChunk
+
+__all__ = ["AsyncClient", "CancelledError", "Client", "DeadlineExceededError", "Finished", "GenerateResult",
+           "InternalError", "InvalidArgumentError", "Limits", "LstmgenError", "ModelInfo", "OverloadedError",
+           "StreamChunk", "UnauthenticatedError", "UnavailableError"]
+__version__ = "0.1.0"

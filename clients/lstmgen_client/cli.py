@@ -1,0 +1,59 @@
+"""`lstmgen generate --server HOST:PORT --prompt TEXT`: stream generated text to the terminal."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", default="localhost:50051", help="HOST:PORT of a running `lstmgen serve`")
+    p.add_argument("--prompt", required=True, help="text that primes the model ('-' reads stdin)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (server default if unset)")
+    p.add_argument("--temperature", type=float, default=None, help="softmax temperature (>= 0; 0 = greedy)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--seed", type=int, default=None, help="random seed (server picks one if unset)")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    p.add_argument("--skip-unknown", action="store_true", help="drop prompt characters the model does not know")
+    p.add_argument("--timeout", type=float, default=120.0, help="deadline of the whole call in seconds")
+    p.add_argument("--no-echo", action="store_true", help="do not print the prompt before the generated text")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the result instead of streaming")
+    p.add_argument("--info", action="store_true", help="print the served model's description and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lstmgen_client import Client, LstmgenError
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    params = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p, seed=args.seed, greedy=args.greedy, stop=args.stop,
+                  skip_unknown=args.skip_unknown)
+    try:
+        with Client(args.server, timeout=args.timeout) as client:
+            if args.info:
+                info = client.model_info()
+                print(json.dumps(info.__dict__, default=lambda o: o.__dict__, indent=2))
+                return 0
+            if args.json:
+                r = client.generate(prompt, **params)
+                print(json.dumps({"prompt": prompt, "text": r.text, **r.finished.__dict__}, ensure_ascii=False))
+                return 0
+            if not args.no_echo:
+                sys.stdout.write(prompt)
+            finished = None
+            for chunk in client.generate_stream(prompt, **params):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+                finished = chunk.finished or finished
+            sys.stdout.write("\n")
+            if finished is not None:
+                print(f"[{finished.reason}: {finished.generated_tokens} tokens, prompt {finished.prompt_tokens} "
+                      f"tokens, seed {finished.seed}]", file=sys.stderr)
+    except LstmgenError as e:
+        print(f"lstmgen generate: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0

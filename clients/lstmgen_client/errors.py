@@ -1,0 +1,56 @@
+"""One exception per gRPC status, from one mapping (as tritonclient's raise_error_grpc)."""
+from __future__ import annotations
+
+import grpc
+
+
+class LstmgenError(Exception):
+    """Base of every error the client raises; `code` is the gRPC status code."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None):
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class InvalidArgumentError(LstmgenError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class OverloadedError(LstmgenError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class UnavailableError(LstmgenError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceededError(LstmgenError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class UnauthenticatedError(LstmgenError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class CancelledError(LstmgenError):
+    code = grpc.StatusCode.CANCELLED
+
+
+class InternalError(LstmgenError):
+    code = grpc.StatusCode.INTERNAL
+
+
+_BY_CODE = {cls.code: cls for cls in (InvalidArgumentError, OverloadedError, UnavailableError,
+                                      DeadlineExceededError, UnauthenticatedError, CancelledError,
+                                      InternalError)}
+
+
+def from_rpc_error(e: grpc.RpcError) -> LstmgenError:
+    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+    details = e.details() if hasattr(e, "details") else str(e)
+    cls = _BY_CODE.get(code, LstmgenError)
+    return cls(f"{code.name}: {details}", code)

@@ -1,0 +1,62 @@
+"""What the client returns: plain dataclasses, never protobuf."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # "length" | "stop_sequence" | "end_of_text"
+    prompt_tokens: int
+    generated_tokens: int
+    seed: int
+    stop_sequence: str = ""
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    text: str
+    token_count: int
+    finished: Finished | None = None  # set on the last chunk only
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    text: str
+    finished: Finished
+    messages: int  # stream messages the text arrived in
+
+    @property
+    def finish_reason(self) -> str:
+        return self.finished.reason
+
+    @property
+    def seed(self) -> int:
+        return self.finished.seed
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_prompt_chars: int
+    max_new_tokens: int
+    default_new_tokens: int
+    max_stop_sequences: int
+    max_stop_sequence_chars: int
+    max_concurrent_streams: int
+    max_queued_streams: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    level: str
+    vocab_size: int
+    num_layers: int
+    hidden_size: int
+    embedding_size: int
+    quantization: str
+    execution_provider: str
+    model_sha256: str
+    has_prompt_graph: bool
+    limits: Limits
+    provenance: dict = field(default_factory=dict)
+    vocabulary: tuple[str, ...] = ()

@@ -1,0 +1,72 @@
+"""Per-request generation state, and the batch of rows that share one model step.
+
+As in TGI v0.4.0, a `Batch` owns the per-step arrays plus ONE list of per-request objects, and
+`filter`/`concatenate` return new batches. For an LSTM a row's whole context is its (h, c)
+column, so joining and leaving is indexing along axis 1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lstmgen.serve.params import GenerationRequest
+from lstmgen.serve.sampling import BatchSampling
+from lstmgen.serve.stopping import StopChecker
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request inside the engine: what it asked for and how far it has got."""
+
+    request: GenerationRequest
+    prompt_ids: list[int]
+    rng: np.random.Generator
+    stopper: StopChecker
+    sink: object  # where its output goes (scheduler.Stream); opaque here
+    primed: int = 0  # prompt tokens consumed so far
+    # State after `primed` tokens while a long prompt is primed in chunks: (h, c), each [L, H]
+    partial: tuple[np.ndarray, np.ndarray] | None = None
+    cancelled: bool = False  # set by the consumer's thread; read by the scheduler between steps
+
+    @property
+    def prompt_left(self) -> int:
+        return len(self.prompt_ids) - self.primed
+
+
+@dataclass(frozen=True)
+class Batch:
+    seqs: list[Sequence]
+    tokens: np.ndarray  # int64 [B]: each row's last sampled token, the next step's input
+    h: np.ndarray  # float32 [L, B, H]
+    c: np.ndarray  # float32 [L, B, H]
+    sampling: BatchSampling = field(repr=False)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    @classmethod
+    def create(cls, seqs: list[Sequence], tokens: np.ndarray, h: np.ndarray, c: np.ndarray) -> "Batch":
+        return cls(seqs, tokens, h, c, BatchSampling.from_params([s.request.sampling for s in seqs]))
+
+    def filter(self, keep: list[int]) -> "Batch | None":
+        """The rows at `keep`, in that order; None when nothing is kept."""
+        if not keep:
+            return None
+        if len(keep) == len(self.seqs):
+            return self
+        idx = np.asarray(keep)
+        return Batch.create([self.seqs[i] for i in keep], self.tokens[idx],
+                            self.h[:, idx], self.c[:, idx])  # [L, B', H]
+
+    @staticmethod
+    def concatenate(batches: list["Batch | None"]) -> "Batch | None":
+        batches = [b for b in batches if b is not None and len(b)]
+        if not batches:
+            return None
+        if len(batches) == 1:
+            return batches[0]
+        return Batch.create([s for b in batches for s in b.seqs],
+                            np.concatenate([b.tokens for b in batches]),
+                            np.concatenate([b.h for b in batches], axis=1),  # [L, B1+B2, H]
+                            np.concatenate([b.c for b in batches], axis=1))

@@ -1,0 +1,130 @@
+"""ONNX Runtime engine: one bundle, one step graph (+ the prompt graph when the bundle has one).
+
+The execution provider comes from `device`: "cpu", "cuda" (required), or "auto" (CUDA when
+onnxruntime-gpu finds a GPU, else CPU, saying why). The provider each session got is logged.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from lstmgen.bundle import BundleError, Manifest, load_manifest
+
+log = logging.getLogger("lstmgen.engine")
+
+CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    device: str = "auto"  # auto | cpu | cuda
+    intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per physical core)
+    verify_checksums: bool = True
+
+
+def choose_providers(device: str) -> tuple[list[str], str]:
+    """Providers to ask ONNX Runtime for, and a line saying why."""
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return [CPU], "CPU requested (--device cpu)"
+    if device == "cuda":
+        if CUDA not in available:
+            raise RuntimeError(f"--device cuda: this onnxruntime build has no CUDA provider "
+                               f"(available: {', '.join(available)}); install the 'gpu' extra (onnxruntime-gpu)")
+        return [CUDA, CPU], "CUDA requested (--device cuda)"
+    if device != "auto":
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    if CUDA in available:
+        return [CUDA, CPU], "auto: onnxruntime offers CUDA"
+    return [CPU], f"auto: CPU because this onnxruntime build offers no CUDA provider (available: {', '.join(available)})"
+
+
+class Engine:
+    """Runs the bundle's graphs on numpy arrays. Not thread-safe per call order: the scheduler
+    calls it from one worker thread."""
+
+    def __init__(self, bundle_dir: str | Path, cfg: EngineConfig = EngineConfig()):
+        self.bundle_dir = Path(bundle_dir)
+        self.manifest: Manifest = load_manifest(self.bundle_dir, verify_checksums=cfg.verify_checksums)
+        providers, why = choose_providers(cfg.device)
+        opts = ort.SessionOptions()
+        if cfg.intra_op_threads:
+            opts.intra_op_num_threads = cfg.intra_op_threads
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.step_session = self._open(self.manifest.model_file, opts, providers)
+        self.provider = self.step_session.get_providers()[0]
+        if cfg.device == "cuda" and self.provider != CUDA:
+            raise RuntimeError(f"--device cuda: the session fell back to {self.provider} (CUDA libraries missing?)")
+        if providers[0] == CUDA and self.provider != CUDA:
+            why += f"; CUDA session failed to start, fell back to {self.provider}"
+        log.info("execution provider %s (%s)", self.provider, why)
+        self.prompt_session = (self._open(self.manifest.prompt_model_file, opts, providers)
+                               if self.manifest.prompt_model_file else None)
+        self._check_contract()
+
+    def _open(self, fname: str, opts: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+        path = self.bundle_dir / fname
+        try:
+            return ort.InferenceSession(str(path), opts, providers=providers)
+        except Exception as e:  # ORT raises its own Fail/InvalidGraph types
+            raise BundleError(f"{path}: ONNX Runtime cannot load it: {e}") from e
+
+    def _check_contract(self) -> None:
+        """The graphs must take and give what the manifest says (names, ranks, widths)."""
+        m = self.manifest
+        path = self.bundle_dir / m.model_file
+        ins = {i.name: i for i in self.step_session.get_inputs()}
+        outs = {o.name: o for o in self.step_session.get_outputs()}
+        if tuple(ins) != m.inputs or tuple(outs) != m.outputs:
+            raise BundleError(f"{path}: graph inputs {list(ins)} / outputs {list(outs)} differ from the "
+                              f"manifest's {list(m.inputs)} / {list(m.outputs)}")
+        tokens, h, c = (ins[n] for n in m.inputs)
+        logits = outs[m.outputs[0]]
+        if len(tokens.shape) != 1 or len(h.shape) != 3 or len(c.shape) != 3:
+            raise BundleError(f"{path}: expected tokens [B], h [L, B, H], c [L, B, H]; got "
+                              f"{tokens.shape}, {h.shape}, {c.shape}")
+        for shape, name in ((h.shape, "h"), (c.shape, "c")):
+            if shape[0] != m.num_layers or shape[2] != m.hidden_size:
+                raise BundleError(f"{path}: input {name} has shape {shape}; the manifest says "
+                                  f"[{m.num_layers}, B, {m.hidden_size}]")
+        if logits.shape[-1] != m.vocab_size:
+            raise BundleError(f"{path}: logits width {logits.shape[-1]} differs from the vocabulary "
+                              f"size {m.vocab_size} in the manifest")
+
+    # -- running -------------------------------------------------------------------------------
+    def zeros(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        shape = (self.manifest.num_layers, batch, self.manifest.hidden_size)  # [L, B, H]
+        return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+
+    def step(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray):
+        """tokens int64 [B], h/c float32 [L, B, H] -> logits [B, V], h_out, c_out."""
+        names = self.manifest.inputs
+        logits, h_out, c_out = self.step_session.run(
+            None, {names[0]: tokens, names[1]: h, names[2]: c})
+        return logits, h_out, c_out
+
+    def prime(self, tokens: np.ndarray, lengths: np.ndarray, h: np.ndarray, c: np.ndarray):
+        """Right-padded prompts tokens int64 [B, T], lengths [B] (1..T) -> logits at each row's
+        last token [B, V], and the state after it."""
+        if self.prompt_session is not None:
+            names = self.manifest.prompt_inputs
+            return tuple(self.prompt_session.run(None, {
+                names[0]: tokens, names[1]: lengths.astype(np.int32), names[2]: h, names[3]: c}))
+        return self._prime_by_steps(tokens, lengths, h, c)
+
+    def _prime_by_steps(self, tokens, lengths, h, c):
+        """Fallback for bundles without a prompt graph: one step call per prompt position."""
+        logits = None
+        for t in range(tokens.shape[1]):
+            live = lengths > t  # rows whose prompt still has a token at t  [B]
+            step_logits, h2, c2 = self.step(tokens[:, t], h, c)
+            if logits is None:
+                logits = np.zeros_like(step_logits)
+            logits[live] = step_logits[live]
+            h = np.where(live[None, :, None], h2, h)
+            c = np.where(live[None, :, None], c2, c)
+        return logits, h, c

@@ -1,0 +1,26 @@
+"""Errors the engine side raises; the gRPC edge maps each to one status (serve/service.py)."""
+from __future__ import annotations
+
+
+class GenerationError(Exception):
+    """Base of every error a request can end with."""
+
+
+class InvalidRequest(GenerationError):
+    """A request field is out of its allowed range -> INVALID_ARGUMENT."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class Overloaded(GenerationError):
+    """Admission limits reached -> RESOURCE_EXHAUSTED."""
+
+
+class Unavailable(GenerationError):
+    """The server is stopping -> UNAVAILABLE."""
+
+
+class StepFailed(GenerationError):
+    """The model step for this request failed (runtime error, non-finite logits) -> INTERNAL."""

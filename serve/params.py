@@ -1,0 +1,91 @@
+"""A generation request as plain data, and its validation against the server's limits.
+
+The gRPC edge converts protobuf into `GenerationRequest`; offline sampling builds it directly.
+Every check names the field and the allowed range.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from lstmgen.serve.errors import InvalidRequest
+from lstmgen.vocab import UnknownTokensError, Vocab
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_prompt_chars: int = 16_384
+    max_new_tokens: int = 4_096
+    default_new_tokens: int = 256
+    max_stop_sequences: int = 8
+    max_stop_sequence_chars: int = 64
+    max_concurrent_streams: int = 512
+    max_queued_streams: int = 1_024
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    greedy: bool = False
+    seed: int = 0
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    max_new_tokens: int | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    seed_given: bool = False  # False: the server picked sampling.seed
+    stop: tuple[str, ...] = ()
+    skip_unknown: bool = False
+    request_id: str = ""
+
+
+def validate(req: GenerationRequest, limits: Limits) -> int:
+    """Check every field; returns the effective max_new_tokens."""
+    if not req.prompt:
+        raise InvalidRequest("prompt", "must not be empty")
+    if len(req.prompt) > limits.max_prompt_chars:
+        raise InvalidRequest("prompt", f"holds {len(req.prompt)} characters; allowed 1..{limits.max_prompt_chars}")
+    n = limits.default_new_tokens if req.max_new_tokens is None else req.max_new_tokens
+    if not 1 <= n <= limits.max_new_tokens:
+        raise InvalidRequest("max_new_tokens", f"is {n}; allowed 1..{limits.max_new_tokens}")
+    s = req.sampling
+    if not s.greedy:
+        if math.isnan(s.temperature) or math.isinf(s.temperature) or s.temperature < 0:
+            raise InvalidRequest("temperature", f"is {s.temperature}; allowed: finite and >= 0 (0 = greedy)")
+        if math.isnan(s.top_p) or not 0.0 < s.top_p <= 1.0:
+            raise InvalidRequest("top_p", f"is {s.top_p}; allowed (0, 1]")
+        if s.top_k < 0:
+            raise InvalidRequest("top_k", f"is {s.top_k}; allowed >= 0 (0 = off)")
+    if not 0 <= s.seed < 2**64:
+        raise InvalidRequest("seed", f"is {s.seed}; allowed 0..2^64-1")
+    if len(req.stop) > limits.max_stop_sequences:
+        raise InvalidRequest("stop", f"holds {len(req.stop)} sequences; allowed 0..{limits.max_stop_sequences}")
+    for i, seq in enumerate(req.stop):
+        if not 1 <= len(seq) <= limits.max_stop_sequence_chars:
+            raise InvalidRequest(f"stop[{i}]", f"has {len(seq)} characters; allowed 1..{limits.max_stop_sequence_chars}")
+    return n
+
+
+def encode_prompt(req: GenerationRequest, vocab: Vocab) -> list[int]:
+    """Prompt -> ids with the request's unknown-symbol policy; an empty result is an error."""
+    if vocab.level == "word" and vocab.unk_id is not None:
+        policy = "unk"
+    else:
+        policy = "skip" if req.skip_unknown else "error"
+    try:
+        ids = vocab.encode(req.prompt, on_unknown=policy)
+    except UnknownTokensError as e:
+        kind = "characters" if vocab.level == "char" else "words"
+        raise InvalidRequest("prompt", f"{e}; the model's vocabulary has {len(vocab)} {kind}; "
+                                       "set skip_unknown to drop them") from e
+    if not ids:
+        raise InvalidRequest("prompt", "encodes to no tokens (every symbol was unknown and skipped)")
+    return ids

@@ -1,0 +1,337 @@
+"""Continuous batching: every active request shares one model step per iteration.
+
+A worker thread owns the model and the batch. Each iteration it (1) admits waiting requests,
+(2) primes new prompts a chunk at a time through the prompt graph and samples their first token,
+(3) runs ONE step for every generating row and samples each row's next token with its own
+parameters and generator, then (4) hands all output to the event loop in a single
+`call_soon_threadsafe`. Requests join and leave between steps; cancelled ones leave at the next.
+The event loop never blocks on the model: ORT and numpy run on the worker thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from lstmgen.serve.batch import Batch, Sequence
+from lstmgen.serve.engine import Engine
+from lstmgen.serve.errors import GenerationError, Overloaded, StepFailed, Unavailable
+from lstmgen.serve.params import GenerationRequest, Limits, encode_prompt, validate
+from lstmgen.serve.sampling import BatchSampling, choose
+from lstmgen.serve.stopping import FinishReason, StopChecker
+
+log = logging.getLogger("lstmgen.scheduler")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    prefill_chunk: int = 512  # prompt tokens per row per priming call (bounds others' stall)
+    max_prefill_rows: int = 64  # prompts primed together in one call
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: FinishReason
+    prompt_tokens: int
+    generated_tokens: int
+    seed: int
+    stop_sequence: str = ""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    text: str
+    token_count: int
+    finished: Finished | None = None
+
+
+@dataclass(frozen=True)
+class Stats:
+    active_rows: int  # priming + generating
+    generating_rows: int
+    queued: int
+    steps: int
+    tokens_generated: int
+    prompt_tokens: int
+
+
+class Stream:
+    """The consumer's end of one request. Output piles up between reads and is taken all at
+    once, so a reader that falls behind gets fewer, larger messages instead of a backlog."""
+
+    def __init__(self, seq: Sequence | None = None):
+        self.seq = seq
+        self._text: list[str] = []
+        self._tokens = 0
+        self._finished: Finished | None = None
+        self._error: GenerationError | None = None
+        self._ready = asyncio.Event()
+        self.done = False
+
+    def _push(self, text: str, tokens: int, finished: Finished | None, error: GenerationError | None) -> None:
+        if text:
+            self._text.append(text)
+        self._tokens += tokens
+        self._finished = finished or self._finished
+        self._error = error or self._error
+        self._ready.set()
+
+    async def next(self) -> Chunk | None:
+        """The next chunk of output; None once the stream has ended. Raises the request's error."""
+        if self.done:
+            return None
+        await self._ready.wait()
+        self._ready.clear()
+        if self._error is not None:
+            self.done = True
+            raise self._error
+        chunk = Chunk("".join(self._text), self._tokens, self._finished)
+        self._text, self._tokens = [], 0
+        self.done = self._finished is not None
+        return chunk
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> Chunk:
+        chunk = await self.next()
+        if chunk is None:
+            raise StopAsyncIteration
+        return chunk
+
+    def cancel(self) -> None:
+        """The consumer went away: the row leaves the batch at the next step."""
+        if self.seq is not None:
+            self.seq.cancelled = True
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, limits: Limits = Limits(), cfg: SchedulerConfig = SchedulerConfig()):
+        self.engine = engine
+        self.limits = limits
+        self.cfg = cfg
+        self.vocab = engine.manifest.vocab
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._cv = threading.Condition()
+        self._incoming: list[Sequence] = []  # guarded by _cv
+        self._in_system = 0  # accepted and not finished; guarded by _cv
+        self._accepting = True
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        # owned by the worker thread
+        self._waiting: deque[Sequence] = deque()
+        self._priming: list[Sequence] = []
+        self._batch: Batch | None = None
+        self._steps = self._tokens_generated = self._prompt_tokens = 0
+
+    # -- lifecycle (event-loop thread) ----------------------------------------------------------
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="lstmgen-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop_accepting(self) -> None:
+        with self._cv:
+            self._accepting = False
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until every accepted request has finished; False if the time ran out."""
+        deadline = time.monotonic() + timeout
+        while self.in_system and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return self.in_system == 0
+
+    async def close(self) -> None:
+        """Stop the worker; requests still running end with UNAVAILABLE."""
+        with self._cv:
+            self._accepting = False
+            self._closing = True
+            self._cv.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    @property
+    def in_system(self) -> int:
+        with self._cv:
+            return self._in_system
+
+    def stats(self) -> Stats:
+        batch = self._batch
+        generating = len(batch) if batch is not None else 0
+        return Stats(generating + len(self._priming), generating, len(self._waiting) + len(self._incoming),
+                     self._steps, self._tokens_generated, self._prompt_tokens)
+
+    # -- submission (event-loop thread) ---------------------------------------------------------
+    def submit(self, req: GenerationRequest) -> Stream:
+        """Validate and enqueue; raises InvalidRequest, Overloaded or Unavailable at once."""
+        max_new = validate(req, self.limits)
+        prompt_ids = encode_prompt(req, self.vocab)
+        if not req.seed_given:
+            req = replace(req, sampling=replace(req.sampling, seed=secrets.randbits(63)))
+        stream = Stream()
+        seq = Sequence(req, prompt_ids, np.random.Generator(np.random.PCG64(req.sampling.seed)),
+                       StopChecker(max_new, req.stop, self.vocab.eot_id), stream)
+        stream.seq = seq
+        with self._cv:
+            if not self._accepting:
+                raise Unavailable("server is shutting down; not accepting new streams")
+            cap = self.limits.max_concurrent_streams + self.limits.max_queued_streams
+            if self._in_system >= cap:
+                raise Overloaded(f"{self._in_system} streams running or queued; the limit is "
+                                 f"{self.limits.max_concurrent_streams} concurrent + "
+                                 f"{self.limits.max_queued_streams} queued; retry later")
+            self._in_system += 1
+            self._incoming.append(seq)
+            self._cv.notify()
+        return stream
+
+    # -- the worker thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._incoming or self._waiting or self._priming or self._batch or self._closing):
+                    self._cv.wait()
+                if self._closing:
+                    break
+                self._waiting.extend(self._incoming)
+                self._incoming.clear()
+            self._iterate()
+        self._abort_all(Unavailable("server stopped before this stream finished"))
+
+    def _iterate(self) -> None:
+        self._drop_cancelled()
+        room = self.limits.max_concurrent_streams - len(self._priming) - (len(self._batch) if self._batch else 0)
+        while room > 0 and self._waiting:
+            self._priming.append(self._waiting.popleft())
+            room -= 1
+        if self._priming:
+            out = self._prime_chunk()
+            if out:  # first tokens go out now, not after the step below
+                self._deliver(out)
+        if self._batch is not None:
+            self._deliver(self._decode_step())
+
+    def _drop_cancelled(self) -> None:
+        gone = [s for s in self._waiting if s.cancelled]
+        gone += [s for s in self._priming if s.cancelled]
+        if gone:
+            self._waiting = deque(s for s in self._waiting if not s.cancelled)
+            self._priming = [s for s in self._priming if not s.cancelled]
+        if self._batch is not None:
+            keep = [i for i, s in enumerate(self._batch.seqs) if not s.cancelled]
+            if len(keep) != len(self._batch):
+                gone += [s for s in self._batch.seqs if s.cancelled]
+                self._batch = self._batch.filter(keep)
+        if gone:
+            self._release(len(gone))
+
+    def _prime_chunk(self) -> list:
+        """One prompt-graph call advancing up to max_prefill_rows prompts by a chunk each."""
+        rows = self._priming[: self.cfg.max_prefill_rows]
+        t = min(self.cfg.prefill_chunk, max(s.prompt_left for s in rows))
+        lengths = np.array([min(t, s.prompt_left) for s in rows], dtype=np.int64)  # [R]
+        tokens = np.zeros((len(rows), t), dtype=np.int64)  # [R, T] right-padded
+        h, c = self.engine.zeros(len(rows))  # [L, R, H]
+        for i, s in enumerate(rows):
+            tokens[i, : lengths[i]] = s.prompt_ids[s.primed : s.primed + lengths[i]]
+            if s.partial is not None:
+                h[:, i], c[:, i] = s.partial
+        try:
+            logits, h, c = self.engine.prime(tokens, lengths, h, c)
+        except Exception as e:  # isolate: only these rows fail; the server goes on
+            log.exception("prompt step failed for %d request(s)", len(rows))
+            return self._fail(rows, StepFailed(f"model failed while reading the prompt: {e}"))
+        self._prompt_tokens += int(lengths.sum())
+        done: list[int] = []
+        for i, s in enumerate(rows):
+            s.primed += int(lengths[i])
+            if s.prompt_left:
+                s.partial = (h[:, i].copy(), c[:, i].copy())
+            else:
+                s.partial = None
+                done.append(i)
+        if not done:
+            return []
+        finished = {id(rows[i]) for i in done}
+        self._priming = [s for s in self._priming if id(s) not in finished]
+        idx = np.asarray(done)
+        new = Batch.create([rows[i] for i in done], np.zeros(len(done), np.int64), h[:, idx], c[:, idx])
+        out, new = self._sample_and_advance(new, logits[idx])
+        self._batch = Batch.concatenate([self._batch, new])
+        return out
+
+    def _decode_step(self) -> list:
+        batch = self._batch
+        try:
+            logits, h, c = self.engine.step(batch.tokens, batch.h, batch.c)
+        except Exception as e:
+            log.exception("model step failed for %d request(s)", len(batch))
+            self._batch = None
+            return self._fail(batch.seqs, StepFailed(f"model step failed: {e}"))
+        self._steps += 1
+        out, self._batch = self._sample_and_advance(replace(batch, h=h, c=c), logits)
+        return out
+
+    def _sample_and_advance(self, batch: Batch, logits: np.ndarray) -> tuple[list, Batch | None]:
+        """Choose each row's next token from logits [B, V]; emit text; drop finished rows."""
+        finite = np.isfinite(logits).all(axis=1)  # [B]
+        safe_logits = logits if finite.all() else np.where(finite[:, None], logits, 0.0)
+        uniforms = np.array([s.rng.random() for s in batch.seqs])  # [B], one draw per row
+        next_tokens = choose(safe_logits, batch.sampling, uniforms)  # [B]
+        out, keep, failed = [], [], []
+        for i, s in enumerate(batch.seqs):
+            if not finite[i]:
+                failed.append(s)
+                continue
+            tok = int(next_tokens[i])
+            text, reason = s.stopper.add(tok, self.vocab.piece(tok))
+            fin = None
+            if reason is not None:
+                fin = Finished(reason, len(s.prompt_ids), s.stopper.generated, s.request.sampling.seed,
+                               s.stopper.matched)
+            else:
+                keep.append(i)
+            out.append((s.sink, text, 1, fin, None))
+        self._tokens_generated += len(batch)
+        n_done = len(batch) - len(keep) - len(failed)
+        if n_done:
+            self._release(n_done)
+        if failed:
+            log.error("non-finite logits for %d request(s); ending them", len(failed))
+            out += self._fail(failed, StepFailed("the model produced non-finite logits; generation stopped"))
+        return out, replace(batch, tokens=next_tokens).filter(keep)
+
+    def _fail(self, seqs: list[Sequence], error: GenerationError) -> list:
+        ids = {id(s) for s in seqs}
+        self._priming = [s for s in self._priming if id(s) not in ids]
+        self._release(len(seqs))
+        return [(s.sink, "", 0, None, error) for s in seqs]
+
+    def _abort_all(self, error: GenerationError) -> None:
+        seqs = list(self._waiting) + self._priming + (self._batch.seqs if self._batch else [])
+        with self._cv:
+            seqs += self._incoming
+            self._incoming.clear()
+        self._waiting.clear()
+        self._batch = None
+        if seqs:
+            self._deliver(self._fail(seqs, error))
+
+    def _release(self, n: int) -> None:
+        with self._cv:
+            self._in_system -= n
+
+    def _deliver(self, out: list) -> None:
+        if out and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(_push_all, out)
+
+
+def _push_all(out: list) -> None:
+    for sink, text, tokens, finished, error in out:
+        sink._push(text, tokens, finished, error)
