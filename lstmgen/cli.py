@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("lstmgen.serve.cli", "serve a bundle over gRPC on ONNX Runtime"),
     "generate": ("lstmgen_client.cli", "stream generated text from a running server"),
     "sample": ("lstmgen.serve.offline", "batch offline sampling from a bundle (no server)"),
+    "bench": ("lstmgen.bench", "benchmark eager PyTorch, raw ONNX Runtime and the server in one run"),
 }
 
 

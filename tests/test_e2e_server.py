@@ -1,0 +1,162 @@
+"""End to end through the real server process: real gRPC on loopback, real ONNX Runtime."""
+from __future__ import annotations
+
+import asyncio
+import math
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from lstmgen_client import AsyncClient, Client, InvalidArgumentError
+from tests.conftest import CHAR_TEXT
+
+
+@pytest.fixture
+def client(char_server):
+    with Client(char_server.target, timeout=30) as c:
+        yield c
+
+
+def test_stream_delivers_text_and_final_message(client):
+    chunks = list(client.generate_stream("First", max_new_tokens=60, seed=7))
+    assert chunks[0].text and chunks[0].finished is None or len(chunks) == 1
+    fin = chunks[-1].finished
+    assert fin is not None and all(c.finished is None for c in chunks[:-1])
+    assert fin.reason == "length" and fin.generated_tokens == 60 and fin.prompt_tokens == 5 and fin.seed == 7
+    assert sum(c.token_count for c in chunks) == 60
+    text = "".join(c.text for c in chunks)
+    assert len(text) == 60 and set(text) <= set(CHAR_TEXT)
+
+
+def test_same_seed_same_text_and_server_picks_seed(client):
+    a = client.generate("Speak", max_new_tokens=50, seed=123, temperature=0.9, top_k=10)
+    b = client.generate("Speak", max_new_tokens=50, seed=123, temperature=0.9, top_k=10)
+    assert a.text == b.text
+    c = client.generate("Speak", max_new_tokens=50)  # no seed: the server reports the one it used
+    d = client.generate("Speak", max_new_tokens=50, seed=c.seed)
+    assert c.text == d.text
+
+
+def test_greedy_is_deterministic_and_default_length(client):
+    a = client.generate("All:", greedy=True)
+    b = client.generate("All:", temperature=0.0, seed=99)
+    assert a.text == b.text and a.finished.generated_tokens == 40  # the server's --default-new-tokens
+
+
+def test_concurrent_streams_match_solo_runs(char_server):
+    """Different seeds and parameters at once: each stream gives exactly what it gives alone."""
+    params = [dict(seed=s, max_new_tokens=80 + 7 * s, temperature=0.5 + 0.1 * s, top_k=s % 4, top_p=1.0 - 0.05 * s)
+              for s in range(10)]
+    prompts = ["First Citizen:", "All", "You are", "S", "hear me speak.\n", "Before", "die", "famish?", "resolved",
+               "A" * 300]
+    with Client(char_server.target) as c:
+        solo = [c.generate(p, **kw).text for p, kw in zip(prompts, params)]
+
+    async def together():
+        async with AsyncClient(char_server.target) as ac:
+            return await asyncio.gather(*(ac.generate(p, **kw) for p, kw in zip(prompts, params)))
+
+    results = asyncio.run(together())
+    assert [r.text for r in results] == solo
+    assert len(set(solo)) == len(solo)
+
+
+def test_stop_sequence(client):
+    base = client.generate("First", max_new_tokens=80, seed=5).text
+    stop = base[30:33]
+    cut = base.index(stop)
+    r = client.generate("First", max_new_tokens=80, seed=5, stop=[stop, "\x00never"])
+    assert r.finish_reason == "stop_sequence" and r.finished.stop_sequence == stop
+    assert r.text == base[:cut]
+
+
+def test_end_of_text(bundles, tmp_path):
+    from tests.conftest import start_server
+
+    srv = start_server(bundles["eot"], tmp_path / "eot.log")
+    try:
+        with Client(srv.target) as c:
+            r = c.generate("All", max_new_tokens=400, seed=1)
+        assert r.finish_reason == "end_of_text" and r.finished.generated_tokens < 400
+        assert "\x03" not in r.text
+    finally:
+        assert srv.stop() == 0
+
+
+BAD = [
+    (dict(prompt=""), "prompt"),
+    (dict(prompt="x" * 2001), "prompt"),
+    (dict(prompt="hello \u00e9\u4e2d"), "prompt"),
+    (dict(prompt="First", max_new_tokens=0), "max_new_tokens"),
+    (dict(prompt="First", max_new_tokens=501), "max_new_tokens"),
+    (dict(prompt="First", max_new_tokens=-3), "max_new_tokens"),
+    (dict(prompt="First", temperature=-0.5), "temperature"),
+    (dict(prompt="First", temperature=math.nan), "temperature"),
+    (dict(prompt="First", temperature=math.inf), "temperature"),
+    (dict(prompt="First", top_p=0.0), "top_p"),
+    (dict(prompt="First", top_p=1.5), "top_p"),
+    (dict(prompt="First", top_p=math.nan), "top_p"),
+    (dict(prompt="First", top_k=-1), "top_k"),
+    (dict(prompt="First", stop=[""]), "stop[0]"),
+    (dict(prompt="First", stop=["a"] * 9), "stop"),
+    (dict(prompt="First", stop=["x" * 65]), "stop[0]"),
+]
+
+
+@pytest.mark.parametrize("kwargs,field", BAD, ids=[f"{f}-{i}" for i, (_, f) in enumerate(BAD)])
+def test_bad_input_is_invalid_argument_naming_field(client, kwargs, field):
+    kwargs = dict(kwargs)
+    prompt = kwargs.pop("prompt")
+    with pytest.raises(InvalidArgumentError) as e:
+        client.generate(prompt, **kwargs)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.message.split(": ", 1)[1].startswith(field)
+    assert client.generate("First", max_new_tokens=5, seed=1).finished.generated_tokens == 5  # still serving
+
+
+def test_unknown_chars_named_or_skipped(client):
+    with pytest.raises(InvalidArgumentError) as e:
+        client.generate("Fir\u00e9st\u4e2d", max_new_tokens=5)
+    assert "'\u00e9'" in e.value.message and "'\u4e2d'" in e.value.message
+    r = client.generate("Fir\u00e9st\u4e2d", max_new_tokens=5, skip_unknown=True, seed=3)
+    assert r.finished.prompt_tokens == 5
+    with pytest.raises(InvalidArgumentError, match="no tokens"):
+        client.generate("\u4e2d\u4e2d", max_new_tokens=5, skip_unknown=True)
+
+
+def test_word_model_maps_unknown_words(word_server):
+    with Client(word_server.target) as c:
+        r = c.generate("the zebra sat", max_new_tokens=12, seed=2)
+        info = c.model_info(include_vocabulary=True)
+    assert r.finished.prompt_tokens == 3 and info.level == "word" and "<unk>" in info.vocabulary
+    words = r.text.replace("\n", " ").split()
+    assert len(words) + r.text.count("\n") == 12 and set(words) <= set(info.vocabulary)
+
+
+def test_model_info(client):
+    info = client.model_info()
+    assert info.level == "char" and info.num_layers == 2 and info.hidden_size == 16
+    assert info.execution_provider == "CPUExecutionProvider" and info.has_prompt_graph
+    assert info.limits.max_new_tokens == 500 and info.limits.max_prompt_chars == 2000
+    assert len(info.model_sha256) == 64 and info.vocabulary == ()
+
+
+def test_health_and_reflection(char_server):
+    with grpc.insecure_channel(char_server.target) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        for service in ("", "lstmgen.v1.Generator"):
+            resp = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+        resp = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        names = {s.name for s in resp.list_services_response.service}
+        assert {"lstmgen.v1.Generator", "grpc.health.v1.Health"} <= names
+
+
+def test_deadline_exceeded_is_reported(client):
+    from lstmgen_client import DeadlineExceededError
+
+    with pytest.raises(DeadlineExceededError):
+        client.generate("First", max_new_tokens=500, timeout=0.0005)

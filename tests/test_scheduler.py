@@ -1,0 +1,173 @@
+"""The batching scheduler on a real tiny ONNX model (in process, no gRPC)."""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from lstmgen.serve.engine import Engine, EngineConfig
+from lstmgen.serve.errors import Overloaded, StepFailed
+from lstmgen.serve.params import GenerationRequest, Limits, SamplingParams
+from lstmgen.serve.scheduler import Scheduler, SchedulerConfig
+
+
+def req(prompt, n=30, seed=1, **sampling):
+    return GenerationRequest(prompt, n, SamplingParams(seed=seed, **sampling), seed_given=True)
+
+
+async def collect(stream):
+    parts, fin = [], None
+    async for chunk in stream:
+        parts.append(chunk.text)
+        fin = chunk.finished or fin
+    return "".join(parts), fin
+
+
+def run_all(engine, requests, limits=Limits(), cfg=SchedulerConfig(), stagger=0.0):
+    async def main():
+        s = Scheduler(engine, limits, cfg)
+        s.start()
+        try:
+            tasks = []
+            for r in requests:
+                tasks.append(asyncio.ensure_future(collect(s.submit(r))))
+                if stagger:
+                    await asyncio.sleep(stagger)
+            return await asyncio.gather(*tasks)
+        finally:
+            await s.close()
+    return asyncio.run(main())
+
+
+@pytest.fixture(scope="module")
+def engine(bundles):
+    return Engine(bundles["char"], EngineConfig(device="cpu", intra_op_threads=1))
+
+
+PROMPTS = ["First Citizen:", "All", "You are all resolved", "S", "Before we proceed any further, hear me speak."]
+
+
+def test_batched_equals_alone_with_staggered_arrivals(engine):
+    reqs = [req(p, n=25 + 5 * i, seed=i, temperature=0.8, top_k=i % 3, top_p=0.9 + 0.02 * i)
+            for i, p in enumerate(PROMPTS)]
+    alone = [run_all(engine, [r])[0] for r in reqs]
+    together = run_all(engine, reqs, stagger=0.002)
+    assert together == alone
+    assert all(fin.generated_tokens == r.max_new_tokens for (_, fin), r in zip(together, reqs))
+
+
+def test_chunked_priming_matches_one_call(engine):
+    reqs = [req(p * 3, seed=4) for p in PROMPTS]
+    whole = run_all(engine, reqs)
+    chunked = run_all(engine, reqs, cfg=SchedulerConfig(prefill_chunk=4, max_prefill_rows=2))
+    assert chunked == whole
+
+
+def test_prompt_graph_and_step_fallback_agree(engine, bundles):
+    no_prompt_graph = Engine(bundles["char"], EngineConfig(device="cpu"))
+    no_prompt_graph.prompt_session = None  # forces priming through the step graph
+    reqs = [req(p, seed=9) for p in PROMPTS]
+    assert run_all(no_prompt_graph, reqs) == run_all(engine, reqs)
+
+
+def test_cancel_leaves_batch_others_unchanged(engine):
+    reqs = [req("First", n=400, seed=s) for s in range(3)]
+    alone = [run_all(engine, [r])[0] for r in reqs[1:]]
+
+    async def main():
+        s = Scheduler(engine)
+        s.start()
+        try:
+            streams = [s.submit(r) for r in reqs]
+            await streams[0].next()
+            await streams[0].next()
+            assert s.stats().active_rows == 3
+            streams[0].cancel()
+            others = asyncio.gather(*(collect(st) for st in streams[1:]))
+            for _ in range(500):
+                if s.stats().active_rows == 2:
+                    break
+                await asyncio.sleep(0.001)
+            assert s.stats().active_rows == 2
+            res = await others
+            assert s.stats().active_rows == 0 and s.in_system == 0
+            return res
+        finally:
+            await s.close()
+
+    assert asyncio.run(main()) == alone
+
+
+def test_admission_limits(engine):
+    async def main():
+        s = Scheduler(engine, Limits(max_concurrent_streams=1, max_queued_streams=1))
+        s.start()
+        try:
+            a, b = s.submit(req("All", n=50)), s.submit(req("All", n=50))
+            with pytest.raises(Overloaded, match="limit"):
+                s.submit(req("All"))
+            await collect(a), await collect(b)
+            await collect(s.submit(req("All", n=5)))  # room again
+        finally:
+            await s.close()
+    asyncio.run(main())
+
+
+class FlakyEngine:
+    """Wraps a real engine; the next `fail_steps` step calls raise, or return NaN logits."""
+
+    def __init__(self, engine, fail_steps=0, nan_rows=()):
+        self.engine, self.fail_steps, self.nan_rows = engine, fail_steps, set(nan_rows)
+        self.manifest = engine.manifest
+
+    def zeros(self, b):
+        return self.engine.zeros(b)
+
+    def prime(self, *a):
+        return self.engine.prime(*a)
+
+    def step(self, tokens, h, c):
+        if self.fail_steps:
+            self.fail_steps -= 1
+            raise RuntimeError("injected ORT failure")
+        logits, h, c = self.engine.step(tokens, h, c)
+        for r in self.nan_rows:
+            if r < len(logits):
+                logits[r] = np.nan
+        self.nan_rows = set()
+        return logits, h, c
+
+
+def test_step_failure_fails_only_that_step(engine):
+    flaky = FlakyEngine(engine, fail_steps=1)
+
+    async def main():
+        s = Scheduler(flaky)
+        s.start()
+        try:
+            with pytest.raises(StepFailed, match="injected"):
+                await collect(s.submit(req("All", n=20)))
+            text, fin = await collect(s.submit(req("All", n=20)))  # the server goes on
+            assert fin.generated_tokens == 20
+        finally:
+            await s.close()
+    asyncio.run(main())
+
+
+def test_non_finite_logits_end_that_request_only(engine):
+    flaky = FlakyEngine(engine, nan_rows=[0])
+    alone = run_all(engine, [req("Before", n=20, seed=2)])[0]
+
+    async def main():
+        s = Scheduler(flaky)
+        s.start()
+        try:
+            a, b = s.submit(req("All", n=20)), s.submit(req("Before", n=20, seed=2))
+            results = await asyncio.gather(collect(a), collect(b), return_exceptions=True)
+            return results
+        finally:
+            await s.close()
+    first, second = asyncio.run(main())
+    assert isinstance(first, StepFailed) and "non-finite" in str(first)
+    assert second == alone
