@@ -71,7 +71,7 @@ def make_bundle(cfg: BenchConfig, work: Path):
     if cfg.checkpoint:
         ckpt = load_checkpoint(cfg.checkpoint)
     else:
-        symbols = (string.printable[:-5] + "\n")[: cfg.vocab_size]  # printable chars, no \t\r\x0b\x0c
+        symbols = (" \n" + string.ascii_letters + string.punctuation + string.digits)[: cfg.vocab_size]
         vocab = Vocab("char", tuple(sorted(symbols)))
         tc = preset(cfg.preset)
         torch.manual_seed(0)
