@@ -38,11 +38,17 @@ class TrainConfig:
     decay_after: int = 0
     weight_decay: float = 0.0
     clip_norm: float = 5.0  # global gradient-norm clip
+    # The gradient is of the loss summed over the bptt steps and averaged over the batch, as in
+    # Zaremba's code and TF ptb_word_lm (their lr=1.0 assumes it); False: averaged over both, as
+    # pytorch/examples does (it uses lr=20 instead) and as the TF char-RNN tutorials do with Adam.
+    loss_sum_over_time: bool = True
     level: Literal["char", "word"] = "char"
     valid_fraction: float = 0.1  # used when the corpus has no separate valid file
     seed: int = 1234
     eval_batch_size: int = 10
     log_interval: int = 50
+    save_every: int = 1000  # > 0: also write last.pt every this many updates (resume loses little)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         return ModelConfig(vocab_size, self.embedding_size, self.hidden_size, self.num_layers,
@@ -64,11 +70,11 @@ PRESETS: dict[str, TrainConfig] = {
     # The Anna Karenina char-RNN tutorial: 2 x 512, 100 steps x 100 sequences, Adam 1e-3, keep 0.5.
     "char-rnn": TrainConfig(level="char", embedding_size=128, hidden_size=512, num_layers=2,
                             dropout=0.5, batch_size=100, bptt=100, epochs=20, optimizer="adam",
-                            lr=1e-3, clip_norm=5.0),
+                            lr=1e-3, clip_norm=5.0, loss_sum_over_time=False),
     # Small and fast: the demo (a minute or two on 2 cores) and tests.
     "tiny": TrainConfig(level="char", embedding_size=64, hidden_size=128, num_layers=2,
                         dropout=0.0, batch_size=32, bptt=64, epochs=1, optimizer="adam", lr=3e-3,
-                        clip_norm=5.0, log_interval=20),
+                        clip_norm=5.0, log_interval=20, loss_sum_over_time=False),
 }
 
 

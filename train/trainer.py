@@ -1,0 +1,371 @@
+"""Training as Zaremba et al. (2014) and TensorFlow's ptb_word_lm do it: truncated BPTT over B
+contiguous streams with the LSTM state carried (detached) from batch to batch, global-norm gradient
+clipping, SGD with a per-epoch lr decay (or Adam), and a validation pass over the whole validation
+stream after every epoch.
+
+A run directory holds config.json (the resolved config), metrics.csv (one row per validation),
+best.pt (lowest validation loss) and last.pt (everything needed to resume: optimizer, epoch, step
+within the epoch, LSTM state, RNG states). A resumed run replays exactly what the uninterrupted run
+would have done, because batches are deterministic and the RNG and LSTM states are restored.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from lstmgen.train.checkpoint import BEST, LAST, Checkpoint, load_checkpoint, save_checkpoint
+from lstmgen.train.config import TrainConfig
+from lstmgen.train.data import Corpus, DataError, batchify, get_batch, load_corpus, num_batches
+from lstmgen.train.model import StackedLSTM, State
+
+CONFIG_JSON, METRICS_CSV, CACHE_DIR = "config.json", "metrics.csv", "cache"
+# A resumed run may change when it stops, its lr or dropout, but not what these fix: the model's
+# shape, the tokens, the optimizer state's meaning, or how the stream is cut into batches.
+_FIXED_FIELDS = ("embedding_size", "hidden_size", "num_layers", "tie_weights", "level",
+                 "valid_fraction", "optimizer", "batch_size", "bptt")
+
+Log = Callable[[str], None]
+
+
+class TrainError(Exception):
+    """A run that cannot start or continue; the message says why."""
+
+
+def check_config(cfg: TrainConfig) -> None:
+    problems = [f"{k} must be >= 1 (got {getattr(cfg, k)})"
+                for k in ("embedding_size", "hidden_size", "num_layers", "batch_size", "bptt",
+                          "epochs", "eval_batch_size", "log_interval") if getattr(cfg, k) < 1]
+    problems += [f"{k} must be >= 0 (got {getattr(cfg, k)})"
+                 for k in ("max_steps", "max_seconds", "save_every", "decay_after", "weight_decay",
+                           "clip_norm", "init_scale") if getattr(cfg, k) < 0]
+    if not cfg.lr > 0 or not cfg.lr_decay > 0:
+        problems.append(f"lr and lr_decay must be > 0 (got {cfg.lr}, {cfg.lr_decay})")
+    if not 0 <= cfg.dropout < 1:
+        problems.append(f"dropout must be in [0, 1) (got {cfg.dropout})")
+    if not 0 < cfg.valid_fraction < 1:
+        problems.append(f"valid_fraction must be in (0, 1) (got {cfg.valid_fraction})")
+    for k, allowed in (("optimizer", ("sgd", "adam")), ("level", ("char", "word")),
+                       ("device", ("auto", "cpu", "cuda"))):
+        if getattr(cfg, k) not in allowed:
+            problems.append(f"{k} must be one of {', '.join(allowed)} (got {getattr(cfg, k)!r})")
+    if cfg.tie_weights and cfg.embedding_size != cfg.hidden_size:
+        problems.append(f"tie_weights needs embedding_size == hidden_size "
+                        f"(got {cfg.embedding_size} and {cfg.hidden_size})")
+    if problems:
+        raise TrainError("invalid config: " + "; ".join(problems))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"device 'cuda' requested but CUDA is not available to torch {torch.__version__}; "
+                         "use --device cpu or --device auto")
+    return torch.device(name)
+
+
+def lr_at(cfg: TrainConfig, epoch: int) -> float:
+    """Zaremba's schedule: full lr for `decay_after` epochs, then x lr_decay per epoch (from 1)."""
+    return cfg.lr * cfg.lr_decay ** max(epoch - cfg.decay_after, 0)
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def figures(level: str, loss: float, prefix: str = "val") -> dict[str, float]:
+    """Perplexity for words, bits per char for chars, beside the loss in nats per token."""
+    if level == "word":
+        return {f"{prefix}_loss": loss, f"{prefix}_ppl": math.exp(min(loss, 700.0))}
+    return {f"{prefix}_loss": loss, f"{prefix}_bpc": loss / math.log(2)}
+
+
+@torch.no_grad()
+def evaluate(model: StackedLSTM, source: torch.Tensor, bptt: int) -> float:
+    """Mean nats per token over a whole [N, B] stream, the state carried across batches."""
+    was_training = model.training
+    model.eval()
+    state = model.init_state(source.size(1), source.device)
+    total = torch.zeros((), device=source.device)
+    for i in range(0, source.size(0) - 1, bptt):
+        x, y = get_batch(source, i, bptt)  # [T, B]
+        logits, state = model(x, state)  # [T, B, V]
+        total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
+    model.train(was_training)
+    return total.item() / ((source.size(0) - 1) * source.size(1))
+
+
+def saved_config(out_dir: str | os.PathLike) -> TrainConfig:
+    """The config a run directory was trained with (from its config.json)."""
+    path = Path(out_dir) / CONFIG_JSON
+    try:
+        return TrainConfig(**json.loads(path.read_text())["train"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TrainError(f"{path}: cannot read the run's config: {e}") from e
+
+
+@dataclass
+class _Progress:
+    epoch: int = 1  # the epoch under way, counted from 1
+    step_in_epoch: int = 0  # updates done in it
+    global_step: int = 0
+    tokens_seen: int = 0
+    elapsed_s: float = 0.0  # wall time over every session of the run
+    best_val_loss: float = math.inf
+    history: list = field(default_factory=list)  # the metrics.csv rows
+
+
+def _streams(ids: torch.Tensor | None, batch_size: int, split: str, device: torch.device) -> torch.Tensor | None:
+    if ids is None:
+        return None
+    try:
+        return batchify(ids, batch_size).to(device)  # [N, B]
+    except DataError as e:
+        raise DataError(f"{split} split: {e}") from None
+
+
+class _Run:
+    """One session of a run: the model, optimizer and streams, and the loop over them."""
+
+    def __init__(self, cfg: TrainConfig, corpus: Corpus, out: Path, device: torch.device,
+                 prior: Checkpoint | None, log: Log, progress_bar: bool):
+        self.cfg, self.corpus, self.out, self.device, self.log = cfg, corpus, out, device, log
+        self.model = StackedLSTM(cfg.model_config(len(corpus.vocab))).to(device)
+        self.params = list(self.model.parameters())
+        self.opt = make_optimizer(cfg, self.params)
+        self.train_data = _streams(corpus.train, cfg.batch_size, "train", device)  # [N, B]
+        self.valid_data = _streams(corpus.valid, cfg.eval_batch_size, "valid", device)  # [Nv, Bv]
+        self.n_batches = num_batches(self.train_data, cfg.bptt)
+        self.p = _Progress()
+        self.hidden: State | None = None  # the LSTM state mid-epoch, for last.pt
+        if prior is not None:
+            self._restore(prior)
+        self.bar = tqdm(total=self.n_batches, disable=not progress_bar, leave=False, dynamic_ncols=True,
+                        unit="batch")
+        self.t0, self.elapsed0 = time.monotonic(), self.p.elapsed_s
+        self.t_row, self.row_loss, self.row_tokens = self.t0, 0.0, 0  # since the last metrics row
+
+    def _restore(self, prior: Checkpoint) -> None:
+        prog = prior.progress
+        self.model.load_state_dict(prior.state_dict)
+        self.opt.load_state_dict(prog["optimizer"])
+        self.p = _Progress(**{f.name: prog[f.name] for f in fields(_Progress) if f.name in prog})
+        torch.set_rng_state(prog["rng"]["torch"])
+        if self.device.type == "cuda" and prog["rng"].get("cuda"):
+            torch.cuda.set_rng_state_all(prog["rng"]["cuda"])
+        if prog.get("hidden") and self.p.step_in_epoch:
+            h, c = prog["hidden"]
+            self.hidden = (h.to(self.device), c.to(self.device))
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self) -> bool:
+        """Train until the last epoch ends or a limit stops it; True when the last epoch ended."""
+        cfg, p = self.cfg, self.p
+        if p.epoch > cfg.epochs or (cfg.max_steps and p.global_step >= cfg.max_steps):
+            self.log(f"nothing to do: the run is at epoch {p.epoch}, step {p.global_step}")
+            return False
+        try:
+            while p.epoch <= cfg.epochs:
+                stop = self._epoch()
+                epoch = p.epoch
+                if p.step_in_epoch >= self.n_batches:  # the epoch is complete
+                    p.epoch, p.step_in_epoch, self.hidden = p.epoch + 1, 0, None
+                self._validate_and_save(epoch, stop)
+                if stop:
+                    break
+        finally:
+            self.bar.close()
+        return p.epoch > cfg.epochs
+
+    def _epoch(self) -> str | None:
+        cfg, p, model, opt = self.cfg, self.p, self.model, self.opt
+        lr = lr_at(cfg, p.epoch)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        model.train()
+        bsz = self.train_data.size(1)
+        state = self.hidden if self.hidden is not None else model.init_state(bsz, self.device)
+        self.bar.reset(total=self.n_batches)
+        self.bar.update(p.step_in_epoch)
+        self.bar.set_description(f"epoch {p.epoch}")
+        win_loss = torch.zeros((), device=self.device)  # nats summed since the last log line
+        win_tokens, t_win = 0, time.monotonic()
+        for k in range(p.step_in_epoch, self.n_batches):
+            x, y = get_batch(self.train_data, k * cfg.bptt, cfg.bptt)  # [T, B]
+            state = (state[0].detach(), state[1].detach())  # truncate BPTT at the batch edge
+            logits, state = model(x, state)  # [T, B, V]
+            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())  # mean nats per token
+            opt.zero_grad(set_to_none=True)
+            (loss * x.size(0) if cfg.loss_sum_over_time else loss).backward()
+            if cfg.clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_norm)
+            opt.step()
+            win_loss += loss.detach() * y.numel()  # stays on the device: no sync per step
+            win_tokens += y.numel()
+            p.step_in_epoch, p.global_step, p.tokens_seen = k + 1, p.global_step + 1, p.tokens_seen + y.numel()
+            self.bar.update()
+            if p.global_step % cfg.log_interval == 0:
+                self._flush_window(win_loss.item(), win_tokens, time.monotonic() - t_win, lr)
+                win_loss.zero_()
+                win_tokens, t_win = 0, time.monotonic()
+            stop = self._stop_reason()
+            if stop:
+                self.hidden = state
+                break
+            if cfg.save_every and p.global_step % cfg.save_every == 0:
+                self.hidden = state
+                self._save(LAST, self._metrics(None))
+        else:
+            stop = None
+        if win_tokens:
+            self._flush_window(win_loss.item(), win_tokens, time.monotonic() - t_win, lr)
+        return stop
+
+    def _flush_window(self, loss_sum: float, tokens: int, seconds: float, lr: float) -> None:
+        """Fold the loss since the last log into the metrics row and show it on the bar."""
+        self.row_loss += loss_sum
+        self.row_tokens += tokens
+        loss = loss_sum / tokens
+        if not math.isfinite(loss):
+            raise TrainError(f"training loss became {loss} at step {self.p.global_step}; "
+                             "try a lower --lr or a smaller --clip-norm")
+        self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}", tok_s=f"{tokens / max(seconds, 1e-9):,.0f}")
+
+    def _stop_reason(self) -> str | None:
+        if self.cfg.max_steps and self.p.global_step >= self.cfg.max_steps:
+            return f"max_steps={self.cfg.max_steps} reached"
+        if self.cfg.max_seconds and time.monotonic() - self.t0 >= self.cfg.max_seconds:
+            return f"max_seconds={self.cfg.max_seconds:g} reached"
+        return None
+
+    # -- validation, metrics and checkpoints ------------------------------------------------------
+    def _validate_and_save(self, epoch: int, stop: str | None) -> None:
+        cfg, p = self.cfg, self.p
+        train_s = time.monotonic() - self.t_row  # tokens/s counts training, not validation
+        val = evaluate(self.model, self.valid_data, cfg.bptt)
+        p.elapsed_s = self.elapsed0 + (time.monotonic() - self.t0)
+        row = {"epoch": epoch, "step": p.global_step,
+               "train_loss": self.row_loss / self.row_tokens if self.row_tokens else math.nan,
+               **figures(cfg.level, val), "lr": lr_at(cfg, epoch),
+               "tokens_per_s": self.row_tokens / max(train_s, 1e-9), "elapsed_s": p.elapsed_s}
+        self.t_row, self.row_loss, self.row_tokens = time.monotonic(), 0.0, 0
+        p.history.append(row)
+        self._append_csv(row)
+        improved = val < p.best_val_loss
+        if improved:
+            p.best_val_loss = val
+            self._save(BEST, self._metrics(val), resumable=False)
+        self._save(LAST, self._metrics(val))
+        unit = f"ppl {row['val_ppl']:.2f}" if cfg.level == "word" else f"{row['val_bpc']:.4f} bpc"
+        self.log(f"epoch {epoch} step {p.global_step} | train loss {row['train_loss']:.4f} | "
+                 f"val loss {val:.4f} ({unit}){' *best*' if improved else ''} | lr {row['lr']:.3g} | "
+                 f"{row['tokens_per_s']:,.0f} tok/s | {p.elapsed_s:.0f}s" + (f" | stop: {stop}" if stop else ""))
+
+    def _append_csv(self, row: dict) -> None:
+        path = self.out / METRICS_CSV
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
+
+    def _metrics(self, val: float | None) -> dict:
+        p, c = self.p, self.corpus
+        m = {"level": self.cfg.level, "global_step": p.global_step,
+             "epochs_trained": p.epoch - 1 + p.step_in_epoch / self.n_batches,  # 1.5: half of epoch 2
+             "tokens_seen": p.tokens_seen, "best_val_loss": p.best_val_loss,
+             "train_tokens": c.train.numel(), "valid_tokens": c.valid.numel(),
+             "test_tokens": c.test.numel() if c.test is not None else 0, "history": list(p.history)}
+        if val is not None:
+            m.update(figures(self.cfg.level, val))
+        return m
+
+    def _save(self, name: str, metrics: dict, resumable: bool = True) -> Path:
+        p = self.p
+        progress: dict = {"epoch": p.epoch, "step_in_epoch": p.step_in_epoch, "global_step": p.global_step}
+        if resumable:
+            progress.update(asdict(p))
+            progress["optimizer"] = self.opt.state_dict()
+            progress["rng"] = {"torch": torch.get_rng_state(),
+                               "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []}
+            if self.hidden is not None and p.step_in_epoch:
+                progress["hidden"] = [t.detach().cpu() for t in self.hidden]
+        state_dict = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        ckpt = Checkpoint(self.model.cfg, self.cfg, self.corpus.vocab, state_dict, progress, metrics,
+                          dict(self.corpus.source))
+        return save_checkpoint(ckpt, self.out / name)
+
+    def test_best(self) -> None:
+        """Evaluate best.pt on the test split (TF ptb_word_lm's final figure) and record it there."""
+        test_data = _streams(self.corpus.test, self.cfg.eval_batch_size, "test", self.device)
+        best = load_checkpoint(self.out / BEST)
+        model = best.build_model().to(self.device)
+        test = figures(self.cfg.level, evaluate(model, test_data, self.cfg.bptt), prefix="test")
+        best.metrics.update(test)
+        save_checkpoint(best, self.out / BEST)
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in test.items())
+        self.log(f"test (best.pt): {shown}")
+
+
+def _check_resumable(saved: TrainConfig, cfg: TrainConfig, path: Path) -> None:
+    changed = [f"{k} {getattr(saved, k)!r} -> {getattr(cfg, k)!r}"
+               for k in _FIXED_FIELDS if getattr(saved, k) != getattr(cfg, k)]
+    if changed:
+        raise TrainError(f"{path}: cannot resume with a different {', '.join(changed)}")
+
+
+def train(cfg: TrainConfig, data: str | None, out_dir: str | os.PathLike, *, resume: bool = False,
+          log: Log | None = None, progress_bar: bool = True) -> Path:
+    """Train (or, with resume=True, continue) the run in `out_dir` on `data` (a path, split prefix,
+    directory or http(s) URL; None when resuming: the run's own corpus). Returns best.pt's path.
+
+    Raises TrainError, DataError or CheckpointError with a message fit for the user.
+    """
+    log = log or tqdm.write
+    check_config(cfg)
+    out = Path(out_dir)
+    prior = None
+    if resume:
+        if not (out / LAST).is_file():
+            raise TrainError(f"{out / LAST}: nothing to resume (no {LAST} in {out})")
+        prior = load_checkpoint(out / LAST)
+        _check_resumable(prior.train_config, cfg, out / LAST)
+        if data is None:
+            data = prior.corpus.get("url") or prior.corpus.get("path") or prior.corpus.get("data")
+    elif (out / LAST).exists() or (out / BEST).exists():
+        raise TrainError(f"{out}: already holds a run; resume it (--resume) or choose another output directory")
+    if not data:
+        raise TrainError("no training data given")
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = load_corpus(data, cfg.level, cfg.valid_fraction, out / CACHE_DIR)
+    if prior is not None and (prior.vocab != corpus.vocab
+                              or prior.corpus.get("sha256", corpus.source["sha256"]) != corpus.source["sha256"]):
+        raise TrainError(f"{data}: the training text differs from the one {out / LAST} was trained on")
+    run = _Run(cfg, corpus, out, device, prior, log, progress_bar)
+    resolved = {"train": asdict(cfg), "model": asdict(run.model.cfg), "device": str(device),
+                "data": {k: v for k, v in corpus.source.items() if k != "files"}}
+    (out / CONFIG_JSON).write_text(json.dumps(resolved, indent=2) + "\n")
+    n_params = sum(t.numel() for t in run.params)
+    log("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
+    log(f"data: {data} ({corpus.source['layout']} layout; tokens "
+        + ", ".join(f"{k} {v:,}" for k, v in corpus.source["tokens"].items())
+        + f"; vocab {len(corpus.vocab)}) | model: {n_params:,} parameters on {device}"
+        + (f" | resuming at epoch {run.p.epoch}, step {run.p.global_step}" if prior else ""))
+    if run.run() and corpus.test is not None and (out / BEST).is_file():
+        run.test_best()
+    return out / BEST
