@@ -34,11 +34,16 @@ class Sequence:
         return len(self.prompt_ids) - self.primed
 
 
+def host(x) -> np.ndarray:
+    """A state array on the host: device-resident OrtValues (IO binding) are copied back."""
+    return x if isinstance(x, np.ndarray) else x.numpy()
+
+
 @dataclass(frozen=True)
 class Batch:
     seqs: list[Sequence]
     tokens: np.ndarray  # int64 [B]: each row's last sampled token, the next step's input
-    h: np.ndarray  # float32 [L, B, H]
+    h: np.ndarray  # float32 [L, B, H] (an OrtValue on the device between steps with IO binding)
     c: np.ndarray  # float32 [L, B, H]
     sampling: BatchSampling = field(repr=False)
 
@@ -56,8 +61,9 @@ class Batch:
         if len(keep) == len(self.seqs):
             return self
         idx = np.asarray(keep)
+        # Rows leave: the one time state crosses back to the host under IO binding.
         return Batch.create([self.seqs[i] for i in keep], self.tokens[idx],
-                            self.h[:, idx], self.c[:, idx])  # [L, B', H]
+                            host(self.h)[:, idx], host(self.c)[:, idx])  # [L, B', H]
 
     @staticmethod
     def concatenate(batches: list["Batch | None"]) -> "Batch | None":
@@ -68,5 +74,5 @@ class Batch:
             return batches[0]
         return Batch.create([s for b in batches for s in b.seqs],
                             np.concatenate([b.tokens for b in batches]),
-                            np.concatenate([b.h for b in batches], axis=1),  # [L, B1+B2, H]
-                            np.concatenate([b.c for b in batches], axis=1))
+                            np.concatenate([host(b.h) for b in batches], axis=1),  # [L, B1+B2, H]
+                            np.concatenate([host(b.c) for b in batches], axis=1))

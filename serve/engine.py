@@ -23,6 +23,11 @@ CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda
     intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per physical core)
+    # Idle ORT worker threads spin for the next call by default: good for latency on a quiet
+    # machine, bad when they compete with the event loop for few cores.
+    allow_spinning: bool = True
+    # IO binding keeps (h, c) on the device between steps: "auto" = on for CUDA.
+    io_binding: str = "auto"  # auto | on | off
     verify_checksums: bool = True
 
 
@@ -55,6 +60,8 @@ class Engine:
         if cfg.intra_op_threads:
             opts.intra_op_num_threads = cfg.intra_op_threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not cfg.allow_spinning:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.step_session = self._open(self.manifest.model_file, opts, providers)
         self.provider = self.step_session.get_providers()[0]
         if cfg.device == "cuda" and self.provider != CUDA:
@@ -65,6 +72,10 @@ class Engine:
         self.prompt_session = (self._open(self.manifest.prompt_model_file, opts, providers)
                                if self.manifest.prompt_model_file else None)
         self._check_contract()
+        self.io_binding = cfg.io_binding == "on" or (cfg.io_binding == "auto" and self.provider == CUDA)
+        self._state_device = "cuda" if self.provider == CUDA else "cpu"
+        if self.io_binding:
+            log.info("IO binding on: (h, c) stay on %s between steps; only logits come back", self._state_device)
 
     def _open(self, fname: str, opts: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
         path = self.bundle_dir / fname
@@ -100,12 +111,28 @@ class Engine:
         shape = (self.manifest.num_layers, batch, self.manifest.hidden_size)  # [L, B, H]
         return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
 
-    def step(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray):
-        """tokens int64 [B], h/c float32 [L, B, H] -> logits [B, V], h_out, c_out."""
+    def step(self, tokens: np.ndarray, h, c):
+        """tokens int64 [B], h/c float32 [L, B, H] -> logits [B, V] (numpy), h_out, c_out.
+
+        With IO binding, h/c may be OrtValues from the previous step and h_out/c_out come back
+        as OrtValues on the device; `host()` brings one back when the batch changes shape."""
         names = self.manifest.inputs
-        logits, h_out, c_out = self.step_session.run(
-            None, {names[0]: tokens, names[1]: h, names[2]: c})
-        return logits, h_out, c_out
+        if not self.io_binding:
+            return tuple(self.step_session.run(None, {names[0]: tokens, names[1]: h, names[2]: c}))
+        io = self.step_session.io_binding()
+        io.bind_cpu_input(names[0], tokens)
+        for name, x in ((names[1], h), (names[2], c)):
+            if isinstance(x, ort.OrtValue):
+                io.bind_ortvalue_input(name, x)  # already on the device: no copy
+            else:
+                io.bind_cpu_input(name, x)
+        out = self.manifest.outputs
+        io.bind_output(out[0], "cpu")  # sampling needs the logits on the host
+        io.bind_output(out[1], self._state_device)
+        io.bind_output(out[2], self._state_device)
+        self.step_session.run_with_iobinding(io)
+        logits, h_out, c_out = io.get_outputs()
+        return logits.numpy(), h_out, c_out
 
     def prime(self, tokens: np.ndarray, lengths: np.ndarray, h: np.ndarray, c: np.ndarray):
         """Right-padded prompts tokens int64 [B, T], lengths [B] (1..T) -> logits at each row's
