@@ -160,3 +160,63 @@ def test_deadline_exceeded_is_reported(client):
 
     with pytest.raises(DeadlineExceededError):
         client.generate("First", max_new_tokens=500, timeout=0.0005)
+
+
+def run_serve(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "lstmgen.cli", "serve", *args, "--port", "0"],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_missing_or_corrupt_bundle_fails_at_start_naming_the_file(bundles, tmp_path):
+    import shutil
+
+    r = run_serve(str(tmp_path / "nope"))
+    assert r.returncode == 2 and "nope" in r.stderr and "not found" in r.stderr
+    broken = tmp_path / "broken"
+    shutil.copytree(bundles["char"], broken)
+    with open(broken / "model.onnx", "r+b") as f:  # flip bytes: checksum no longer matches
+        f.seek(100)
+        f.write(b"\x00garbage\x00")
+    r = run_serve(str(broken))
+    assert r.returncode == 2 and "model.onnx" in r.stderr and "sha256" in r.stderr
+    (broken / "manifest.json").write_text("{ not json")
+    r = run_serve(str(broken))
+    assert r.returncode == 2 and "manifest.json" in r.stderr and "JSON" in r.stderr
+
+
+def test_server_process_has_no_torch(char_server):
+    maps = open(f"/proc/{char_server.proc.pid}/maps").read()
+    assert "libtorch" not in maps and "onnxruntime" in maps
+
+
+def test_sigterm_graceful_stop(bundles, tmp_path):
+    """SIGTERM: health NOT_SERVING, new streams UNAVAILABLE, the in-flight stream finishes, exit 0."""
+    import time
+
+    from lstmgen_client import UnavailableError
+    from tests.conftest import start_server
+
+    srv = start_server(bundles["char"], tmp_path / "srv.log", "--grace", "60", "--max-new-tokens", "100000")
+    try:
+        with Client(srv.target) as c:
+            stream = c.generate_stream("All", max_new_tokens=40000, seed=1, timeout=60)
+            first = next(stream)
+            srv.proc.send_signal(15)
+            signalled = time.monotonic()
+            time.sleep(0.3)
+            with grpc.insecure_channel(srv.target) as ch:
+                status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(UnavailableError):
+                c.generate("All", max_new_tokens=5)
+            rest = list(stream)
+            assert time.monotonic() - signalled > 0.5  # it really was in flight at the signal
+        assert rest[-1].finished.reason == "length"
+        assert first.token_count + sum(ch.token_count for ch in rest) == 40000
+        assert srv.proc.wait(30) == 0
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
