@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import subprocess
 import sys
 import sysconfig
@@ -37,7 +38,7 @@ def stdlib_corpus(out: Path, max_bytes: int = 2_000_000) -> Path:
 
 def lstmgen(*args: str, **kw) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "lstmgen.cli", *args]
-    print("$ lstmgen " + " ".join(args), flush=True)
+    print("$ lstmgen " + " ".join(shlex.quote(a) for a in args), flush=True)
     return subprocess.run(cmd, check=True, **kw)
 
 
