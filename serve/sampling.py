@@ -15,24 +15,29 @@ from lstmgen.serve.params import SamplingParams
 
 @dataclass(frozen=True)
 class BatchSampling:
-    """Per-row sampling parameters as arrays, built once when the batch changes."""
+    """Per-row sampling parameters as arrays, plus which stages any row needs; built once when
+    the batch changes, not once per step."""
 
     greedy: np.ndarray  # bool [B]
     inv_temperature: np.ndarray  # float32 [B, 1] (1 for greedy rows)
     top_k: np.ndarray  # int64 [B], 0 = off
     top_p: np.ndarray  # float32 [B], 1 = off
+    all_greedy: bool
+    any_greedy: bool
+    unit_temperature: bool
+    any_top_k: bool
+    any_top_p: bool
 
     @classmethod
     def from_params(cls, params: list[SamplingParams]) -> "BatchSampling":
         greedy = np.array([p.is_greedy for p in params], dtype=bool)
         temp = np.array([1.0 if p.is_greedy else p.temperature for p in params], dtype=np.float32)
-        return cls(greedy=greedy, inv_temperature=(1.0 / temp)[:, None],
-                   top_k=np.array([p.top_k for p in params], dtype=np.int64),
-                   top_p=np.array([p.top_p for p in params], dtype=np.float32))
-
-    @property
-    def all_greedy(self) -> bool:
-        return bool(self.greedy.all())
+        top_k = np.array([p.top_k for p in params], dtype=np.int64)
+        top_p = np.array([p.top_p for p in params], dtype=np.float32)
+        return cls(greedy=greedy, inv_temperature=(1.0 / temp)[:, None], top_k=top_k, top_p=top_p,
+                   all_greedy=bool(greedy.all()), any_greedy=bool(greedy.any()),
+                   unit_temperature=bool((temp == 1.0).all()), any_top_k=bool((top_k > 0).any()),
+                   any_top_p=bool((top_p < 1.0).any()))
 
 
 def apply_top_k(logits: np.ndarray, top_k: np.ndarray) -> np.ndarray:
@@ -70,14 +75,15 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def choose(logits: np.ndarray, sp: BatchSampling, uniforms: np.ndarray) -> np.ndarray:
     """logits float32 [B, V], uniforms float64 [B] in [0, 1) -> token ids int64 [B]."""
-    greedy_ids = logits.argmax(axis=1)
     if sp.all_greedy:
-        return greedy_ids
-    x = logits * sp.inv_temperature  # [B, V]
-    x = apply_top_k(x, sp.top_k)
-    probs = apply_top_p(softmax(x), sp.top_p)  # unnormalised after top-p; the CDF rescales
-    cdf = np.cumsum(probs, axis=1)  # [B, V]
-    target = uniforms[:, None] * cdf[:, -1:]  # [B, 1]
-    sampled = (cdf <= target).sum(axis=1)  # first index whose cdf exceeds the target
+        return logits.argmax(axis=1)
+    x = logits if sp.unit_temperature else logits * sp.inv_temperature  # [B, V]
+    if sp.any_top_k:
+        x = apply_top_k(x, sp.top_k)
+    weights = np.exp(x - x.max(axis=1, keepdims=True))  # unnormalised probabilities [B, V]
+    if sp.any_top_p:
+        weights = apply_top_p(weights / weights.sum(axis=1, keepdims=True), sp.top_p)
+    cdf = np.cumsum(weights, axis=1)  # [B, V]; the target below rescales, so no normalising
+    sampled = (cdf <= uniforms[:, None] * cdf[:, -1:]).sum(axis=1)  # first index past the target
     sampled = np.minimum(sampled, logits.shape[1] - 1)
-    return np.where(sp.greedy, greedy_ids, sampled).astype(np.int64)
+    return np.where(sp.greedy, logits.argmax(axis=1), sampled) if sp.any_greedy else sampled
