@@ -6,6 +6,7 @@ is imported when the command runs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
@@ -42,6 +43,7 @@ _OVERRIDES: dict[str, str] = {
     "log_interval": "update the progress bar's loss / lr / tokens-per-second every this many updates",
     "save_every": "also write last.pt every this many updates (0: only at validations)",
     "device": "auto (cuda when available), cpu or cuda",
+    "amp": "bf16: autocast the forward pass to bfloat16 on CUDA (ignored, with a message, on CPU)",
 }
 
 
@@ -70,8 +72,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Train a stacked LSTM language model with truncated BPTT (Zaremba et al. 2014).\n"
         "--data is a text file (the last --valid-fraction is held out), a directory or prefix with\n"
         "PTB (NAME.train.txt/.valid.txt/.test.txt) or WikiText (train.txt/valid.txt/test.txt) splits,\n"
-        "or an http(s) URL (downloaded into OUT/cache). OUT receives config.json, metrics.csv,\n"
-        "best.pt (lowest validation loss) and last.pt (for --resume).")
+        "or an http(s) URL (downloaded into OUT/cache). OUT receives config.json, metrics.csv (per\n"
+        "validation), steps.csv (per logged window), curves.png, best.pt (lowest validation loss)\n"
+        "and last.pt (for --resume).\n"
+        "Data-parallel: torchrun --standalone --nproc_per_node N -m lstmgen.cli train ... (gloo on CPU,\n"
+        "nccl on CUDA; --batch-size is the global batch, split evenly over the N processes).")
     parser.epilog = _preset_table()
     parser.add_argument("--data", help="corpus: file, directory, split prefix or http(s) URL "
                                        "(with --resume: defaults to the run's own corpus)")
@@ -128,5 +133,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"lstmgen train: interrupted; {last} holds the last save - continue with --resume",
               file=sys.stderr)
         return 130
-    print(f"best checkpoint: {best}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
+        print(f"best checkpoint: {best}")
     return 0

@@ -49,6 +49,8 @@ class TrainConfig:
     log_interval: int = 50
     save_every: int = 1000  # > 0: also write last.pt every this many updates (resume loses little)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
+    # bf16 autocast of the forward pass on CUDA (weights, optimizer and loss stay fp32); no-op on CPU
+    amp: Literal["off", "bf16"] = "off"
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         return ModelConfig(vocab_size, self.embedding_size, self.hidden_size, self.num_layers,

@@ -4,13 +4,15 @@ clipping, SGD with a per-epoch lr decay (or Adam), and a validation pass over th
 stream after every epoch.
 
 A run directory holds config.json (the resolved config), metrics.csv (one row per validation),
-best.pt (lowest validation loss) and last.pt (everything needed to resume: optimizer, epoch, step
-within the epoch, LSTM state, RNG states). A resumed run replays exactly what the uninterrupted run
-would have done, because batches are deterministic and the RNG and LSTM states are restored.
+steps.csv (the training loss per logged window), curves.png (both, plotted), best.pt (lowest
+validation loss) and last.pt (everything needed to resume: optimizer, epoch, step within the epoch,
+LSTM state, RNG states). A resumed run replays exactly what the uninterrupted run would have done,
+because batches are deterministic and the RNG and LSTM states are restored.
+
+Under torchrun the same code trains data-parallel (see distributed.py); only rank 0 writes files.
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -23,12 +25,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from lstmgen.train import distributed as ddp
+from lstmgen.train import runlog
 from lstmgen.train.checkpoint import BEST, LAST, Checkpoint, load_checkpoint, save_checkpoint
 from lstmgen.train.config import TrainConfig
 from lstmgen.train.data import Corpus, DataError, batchify, get_batch, load_corpus, num_batches
+from lstmgen.train.distributed import DistInfo
 from lstmgen.train.model import StackedLSTM, State
+from lstmgen.train.runlog import METRICS_CSV, STEPS_CSV
 
-CONFIG_JSON, METRICS_CSV, CACHE_DIR = "config.json", "metrics.csv", "cache"
+CONFIG_JSON, CACHE_DIR = "config.json", "cache"
 # A resumed run may change when it stops, its lr or dropout, but not what these fix: the model's
 # shape, the tokens, the optimizer state's meaning, or how the stream is cut into batches.
 _FIXED_FIELDS = ("embedding_size", "hidden_size", "num_layers", "tie_weights", "level",
@@ -55,7 +61,7 @@ def check_config(cfg: TrainConfig) -> None:
     if not 0 < cfg.valid_fraction < 1:
         problems.append(f"valid_fraction must be in (0, 1) (got {cfg.valid_fraction})")
     for k, allowed in (("optimizer", ("sgd", "adam")), ("level", ("char", "word")),
-                       ("device", ("auto", "cpu", "cuda"))):
+                       ("device", ("auto", "cpu", "cuda")), ("amp", ("off", "bf16"))):
         if getattr(cfg, k) not in allowed:
             problems.append(f"{k} must be one of {', '.join(allowed)} (got {getattr(cfg, k)!r})")
     if cfg.tie_weights and cfg.embedding_size != cfg.hidden_size:
@@ -65,13 +71,14 @@ def check_config(cfg: TrainConfig) -> None:
         raise TrainError("invalid config: " + "; ".join(problems))
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """cpu or cuda; under torchrun each process takes the GPU of its LOCAL_RANK."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise TrainError(f"device 'cuda' requested but CUDA is not available to torch {torch.__version__}; "
                          "use --device cpu or --device auto")
-    return torch.device(name)
+    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
@@ -93,8 +100,11 @@ def figures(level: str, loss: float, prefix: str = "val") -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(model: StackedLSTM, source: torch.Tensor, bptt: int) -> float:
-    """Mean nats per token over a whole [N, B] stream, the state carried across batches."""
+def evaluate_sum(model: StackedLSTM, source: torch.Tensor, bptt: int) -> tuple[float, int]:
+    """(nats summed, tokens predicted) over a whole [N, B] stream, the state carried across
+    batches. Chunking by bptt changes nothing but the float rounding: the state flows through."""
+    if source.size(1) == 0:  # a rank with no validation streams of its own
+        return 0.0, 0
     was_training = model.training
     model.eval()
     state = model.init_state(source.size(1), source.device)
@@ -104,7 +114,13 @@ def evaluate(model: StackedLSTM, source: torch.Tensor, bptt: int) -> float:
         logits, state = model(x, state)  # [T, B, V]
         total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
     model.train(was_training)
-    return total.item() / ((source.size(0) - 1) * source.size(1))
+    return total.item(), (source.size(0) - 1) * source.size(1)
+
+
+def evaluate(model: StackedLSTM, source: torch.Tensor, bptt: int) -> float:
+    """Mean nats per token over a whole [N, B] stream, the state carried across batches."""
+    total, count = evaluate_sum(model, source, bptt)
+    return total / count
 
 
 def saved_config(out_dir: str | os.PathLike) -> TrainConfig:
@@ -125,6 +141,9 @@ class _Progress:
     elapsed_s: float = 0.0  # wall time over every session of the run
     best_val_loss: float = math.inf
     history: list = field(default_factory=list)  # the metrics.csv rows
+    # training loss since the last metrics row, so a resumed run writes the same train_loss
+    row_loss: float = 0.0
+    row_tokens: int = 0
 
 
 def _streams(ids: torch.Tensor | None, batch_size: int, split: str, device: torch.device) -> torch.Tensor | None:
@@ -140,34 +159,45 @@ class _Run:
     """One session of a run: the model, optimizer and streams, and the loop over them."""
 
     def __init__(self, cfg: TrainConfig, corpus: Corpus, out: Path, device: torch.device,
-                 prior: Checkpoint | None, log: Log, progress_bar: bool):
+                 prior: Checkpoint | None, log: Log, progress_bar: bool, dist: DistInfo = DistInfo()):
         self.cfg, self.corpus, self.out, self.device, self.log = cfg, corpus, out, device, log
+        self.dist = dist
         self.model = StackedLSTM(cfg.model_config(len(corpus.vocab))).to(device)
         self.params = list(self.model.parameters())
         self.opt = make_optimizer(cfg, self.params)
-        self.train_data = _streams(corpus.train, cfg.batch_size, "train", device)  # [N, B]
+        # DDP averages the gradients in backward; self.model stays the plain module for eval/saving
+        self.net = self.model if not dist.enabled else torch.nn.parallel.DistributedDataParallel(
+            self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        if dist.rank:  # every rank built the same weights; dropout masks must differ between ranks
+            torch.manual_seed(cfg.seed + dist.rank)
+        self.shard = dist.shard(cfg.batch_size)  # this rank's streams of the global batch
+        self.train_data = _streams(corpus.train, cfg.batch_size, "train", device)[:, self.shard].contiguous()  # [N, b]
         self.valid_data = _streams(corpus.valid, cfg.eval_batch_size, "valid", device)  # [Nv, Bv]
         self.n_batches = num_batches(self.train_data, cfg.bptt)
+        self.amp = cfg.amp == "bf16" and device.type == "cuda"
         self.p = _Progress()
-        self.hidden: State | None = None  # the LSTM state mid-epoch, for last.pt
+        self.hidden: State | None = None  # this rank's LSTM state mid-epoch, for last.pt
         if prior is not None:
             self._restore(prior)
-        self.bar = tqdm(total=self.n_batches, disable=not progress_bar, leave=False, dynamic_ncols=True,
-                        unit="batch")
+        self.bar = tqdm(total=self.n_batches, disable=not progress_bar or not dist.is_main, leave=False,
+                        dynamic_ncols=True, unit="batch")
         self.t0, self.elapsed0 = time.monotonic(), self.p.elapsed_s
-        self.t_row, self.row_loss, self.row_tokens = self.t0, 0.0, 0  # since the last metrics row
+        self.t_row, self.row_session_tokens = self.t0, 0  # this session's share of the next metrics row
+        self.win_loss = torch.zeros((), device=device)  # nats summed since the last steps.csv row
+        self.win_tokens, self.t_win = 0, self.t0
 
     def _restore(self, prior: Checkpoint) -> None:
         prog = prior.progress
         self.model.load_state_dict(prior.state_dict)
         self.opt.load_state_dict(prog["optimizer"])
         self.p = _Progress(**{f.name: prog[f.name] for f in fields(_Progress) if f.name in prog})
-        torch.set_rng_state(prog["rng"]["torch"])
-        if self.device.type == "cuda" and prog["rng"].get("cuda"):
+        ranks = prog["rng"].get("ranks") or []
+        torch.set_rng_state(ranks[self.dist.rank] if len(ranks) == self.dist.world_size else prog["rng"]["torch"])
+        if self.device.type == "cuda" and prog["rng"].get("cuda") and not self.dist.enabled:
             torch.cuda.set_rng_state_all(prog["rng"]["cuda"])
         if prog.get("hidden") and self.p.step_in_epoch:
-            h, c = prog["hidden"]
-            self.hidden = (h.to(self.device), c.to(self.device))
+            h, c = (t[:, self.shard] for t in prog["hidden"])  # saved for the whole batch  [L, B, H]
+            self.hidden = (h.to(self.device).contiguous(), c.to(self.device).contiguous())
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> bool:
@@ -178,7 +208,7 @@ class _Run:
             return False
         try:
             while p.epoch <= cfg.epochs:
-                stop = self._epoch()
+                stop = self._amp_checked(self._epoch)
                 epoch = p.epoch
                 if p.step_in_epoch >= self.n_batches:  # the epoch is complete
                     p.epoch, p.step_in_epoch, self.hidden = p.epoch + 1, 0, None
@@ -189,98 +219,125 @@ class _Run:
             self.bar.close()
         return p.epoch > cfg.epochs
 
+    def _amp_checked(self, fn):
+        try:
+            return fn()
+        except RuntimeError as e:  # e.g. a cuDNN older than 9.13 has no bf16 LSTM
+            if self.amp and "BFloat16" in str(e):
+                raise TrainError(f"--amp bf16: this torch/CUDA build cannot train the model in bfloat16 "
+                                 f"({e}); train without --amp") from e
+            raise
+
     def _epoch(self) -> str | None:
-        cfg, p, model, opt = self.cfg, self.p, self.model, self.opt
+        cfg, p, opt = self.cfg, self.p, self.opt
         lr = lr_at(cfg, p.epoch)
         for g in opt.param_groups:
             g["lr"] = lr
-        model.train()
+        self.model.train()
         bsz = self.train_data.size(1)
-        state = self.hidden if self.hidden is not None else model.init_state(bsz, self.device)
+        state = self.hidden if self.hidden is not None else self.model.init_state(bsz, self.device)
         self.bar.reset(total=self.n_batches)
         self.bar.update(p.step_in_epoch)
         self.bar.set_description(f"epoch {p.epoch}")
-        win_loss = torch.zeros((), device=self.device)  # nats summed since the last log line
-        win_tokens, t_win = 0, time.monotonic()
+        world = self.dist.world_size
         for k in range(p.step_in_epoch, self.n_batches):
-            x, y = get_batch(self.train_data, k * cfg.bptt, cfg.bptt)  # [T, B]
-            state = (state[0].detach(), state[1].detach())  # truncate BPTT at the batch edge
-            logits, state = model(x, state)  # [T, B, V]
-            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())  # mean nats per token
+            x, y = get_batch(self.train_data, k * cfg.bptt, cfg.bptt)  # [T, b]
+            # truncate BPTT at the batch edge; fp32 so bf16 autocast never leaks into last.pt
+            state = (state[0].detach().float(), state[1].detach().float())
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                logits, state = self.net(x, state)  # [T, b, V]
+                # mean over this rank's equal shard: DDP's average over ranks is the global mean
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
             opt.zero_grad(set_to_none=True)
             (loss * x.size(0) if cfg.loss_sum_over_time else loss).backward()
             if cfg.clip_norm > 0:
                 torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_norm)
             opt.step()
-            win_loss += loss.detach() * y.numel()  # stays on the device: no sync per step
-            win_tokens += y.numel()
-            p.step_in_epoch, p.global_step, p.tokens_seen = k + 1, p.global_step + 1, p.tokens_seen + y.numel()
+            self.win_loss += loss.detach() * y.numel()  # stays on the device: no sync per step
+            self.win_tokens += y.numel()
+            p.step_in_epoch, p.global_step = k + 1, p.global_step + 1
+            p.tokens_seen += y.numel() * world
             self.bar.update()
             if p.global_step % cfg.log_interval == 0:
-                self._flush_window(win_loss.item(), win_tokens, time.monotonic() - t_win, lr)
-                win_loss.zero_()
-                win_tokens, t_win = 0, time.monotonic()
+                self._flush_window(lr)
             stop = self._stop_reason()
             if stop:
                 self.hidden = state
                 break
             if cfg.save_every and p.global_step % cfg.save_every == 0:
                 self.hidden = state
+                self._flush_window(lr)  # the window restarts at every save: a resume logs the same rows
                 self._save(LAST, self._metrics(None))
         else:
             stop = None
-        if win_tokens:
-            self._flush_window(win_loss.item(), win_tokens, time.monotonic() - t_win, lr)
+        self._flush_window(lr)
         return stop
 
-    def _flush_window(self, loss_sum: float, tokens: int, seconds: float, lr: float) -> None:
-        """Fold the loss since the last log into the metrics row and show it on the bar."""
-        self.row_loss += loss_sum
-        self.row_tokens += tokens
+    def _flush_window(self, lr: float) -> None:
+        """Fold the loss since the last log into the metrics row, steps.csv and the bar."""
+        if not self.win_tokens:
+            return
+        loss_sum, tokens = ddp.all_sum(self.dist, torch.stack(
+            [self.win_loss, torch.tensor(float(self.win_tokens), device=self.device)])).tolist()
+        seconds = time.monotonic() - self.t_win
+        self.win_loss.zero_()
+        self.win_tokens, self.t_win = 0, time.monotonic()
+        p = self.p
+        p.row_loss += loss_sum
+        p.row_tokens += int(tokens)
+        self.row_session_tokens += int(tokens)
         loss = loss_sum / tokens
         if not math.isfinite(loss):
-            raise TrainError(f"training loss became {loss} at step {self.p.global_step}; "
+            raise TrainError(f"training loss became {loss} at step {p.global_step}; "
                              "try a lower --lr or a smaller --clip-norm")
-        self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}", tok_s=f"{tokens / max(seconds, 1e-9):,.0f}")
+        tok_s = tokens / max(seconds, 1e-9)
+        self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}", tok_s=f"{tok_s:,.0f}")
+        if self.dist.is_main:
+            runlog.append_csv(self.out / STEPS_CSV, {
+                "step": p.global_step, "epoch": p.epoch, "loss": loss, "lr": lr, "tokens_per_s": tok_s,
+                "elapsed_s": self.elapsed0 + time.monotonic() - self.t0}, digits=10)
 
     def _stop_reason(self) -> str | None:
         if self.cfg.max_steps and self.p.global_step >= self.cfg.max_steps:
             return f"max_steps={self.cfg.max_steps} reached"
-        if self.cfg.max_seconds and time.monotonic() - self.t0 >= self.cfg.max_seconds:
-            return f"max_seconds={self.cfg.max_seconds:g} reached"
+        if self.cfg.max_seconds:  # clocks differ between ranks: stop when any rank's time is up
+            late = time.monotonic() - self.t0 >= self.cfg.max_seconds
+            if ddp.any_rank(self.dist, late, self.device):
+                return f"max_seconds={self.cfg.max_seconds:g} reached"
         return None
 
     # -- validation, metrics and checkpoints ------------------------------------------------------
+    def _evaluate(self, model: StackedLSTM, data: torch.Tensor) -> float:
+        """Mean nats per token over all of `data`'s streams, each rank taking a block of them."""
+        total, count = evaluate_sum(model, data[:, self.dist.shard(data.size(1))], self.cfg.bptt)
+        total, count = ddp.all_sum(self.dist, torch.tensor([total, count], dtype=torch.float64,
+                                                           device=self.device)).tolist()
+        return total / count
+
     def _validate_and_save(self, epoch: int, stop: str | None) -> None:
         cfg, p = self.cfg, self.p
         train_s = time.monotonic() - self.t_row  # tokens/s counts training, not validation
-        val = evaluate(self.model, self.valid_data, cfg.bptt)
+        val = self._evaluate(self.model, self.valid_data)
         p.elapsed_s = self.elapsed0 + (time.monotonic() - self.t0)
         row = {"epoch": epoch, "step": p.global_step,
-               "train_loss": self.row_loss / self.row_tokens if self.row_tokens else math.nan,
+               "train_loss": p.row_loss / p.row_tokens if p.row_tokens else math.nan,
                **figures(cfg.level, val), "lr": lr_at(cfg, epoch),
-               "tokens_per_s": self.row_tokens / max(train_s, 1e-9), "elapsed_s": p.elapsed_s}
-        self.t_row, self.row_loss, self.row_tokens = time.monotonic(), 0.0, 0
+               "tokens_per_s": self.row_session_tokens / max(train_s, 1e-9), "elapsed_s": p.elapsed_s}
+        p.row_loss, p.row_tokens = 0.0, 0
         p.history.append(row)
-        self._append_csv(row)
         improved = val < p.best_val_loss
         if improved:
             p.best_val_loss = val
             self._save(BEST, self._metrics(val), resumable=False)
         self._save(LAST, self._metrics(val))
+        if self.dist.is_main:  # a resume rewrites metrics.csv from last.pt's history anyway
+            runlog.append_csv(self.out / METRICS_CSV, row)
+            runlog.plot_curves(self.out, cfg.level, title=self.out.name)
         unit = f"ppl {row['val_ppl']:.2f}" if cfg.level == "word" else f"{row['val_bpc']:.4f} bpc"
         self.log(f"epoch {epoch} step {p.global_step} | train loss {row['train_loss']:.4f} | "
                  f"val loss {val:.4f} ({unit}){' *best*' if improved else ''} | lr {row['lr']:.3g} | "
                  f"{row['tokens_per_s']:,.0f} tok/s | {p.elapsed_s:.0f}s" + (f" | stop: {stop}" if stop else ""))
-
-    def _append_csv(self, row: dict) -> None:
-        path = self.out / METRICS_CSV
-        new = not path.exists()
-        with open(path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                w.writeheader()
-            w.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
+        self.t_row, self.row_session_tokens = time.monotonic(), 0  # saving and plotting are not training
 
     def _metrics(self, val: float | None) -> dict:
         p, c = self.p, self.corpus
@@ -293,16 +350,21 @@ class _Run:
             m.update(figures(self.cfg.level, val))
         return m
 
-    def _save(self, name: str, metrics: dict, resumable: bool = True) -> Path:
+    def _save(self, name: str, metrics: dict, resumable: bool = True) -> Path | None:
+        """Every rank calls this at the same points (it gathers state); rank 0 writes."""
         p = self.p
         progress: dict = {"epoch": p.epoch, "step_in_epoch": p.step_in_epoch, "global_step": p.global_step}
         if resumable:
             progress.update(asdict(p))
-            progress["optimizer"] = self.opt.state_dict()
-            progress["rng"] = {"torch": torch.get_rng_state(),
-                               "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []}
-            if self.hidden is not None and p.step_in_epoch:
-                progress["hidden"] = [t.detach().cpu() for t in self.hidden]
+            progress["optimizer"] = self.opt.state_dict()  # identical on every rank
+            ranks = ddp.gather_objects(self.dist, torch.get_rng_state())
+            progress["rng"] = {"torch": ranks[0], "ranks": ranks if self.dist.enabled else [],
+                               "cuda": torch.cuda.get_rng_state_all()
+                               if self.device.type == "cuda" and not self.dist.enabled else []}
+            if self.hidden is not None and p.step_in_epoch:  # the whole batch's state  [L, B, H]
+                progress["hidden"] = [ddp.gather_streams(self.dist, t.detach()).cpu() for t in self.hidden]
+        if not self.dist.is_main:
+            return None
         state_dict = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         ckpt = Checkpoint(self.model.cfg, self.cfg, self.corpus.vocab, state_dict, progress, metrics,
                           dict(self.corpus.source))
@@ -311,11 +373,13 @@ class _Run:
     def test_best(self) -> None:
         """Evaluate best.pt on the test split (TF ptb_word_lm's final figure) and record it there."""
         test_data = _streams(self.corpus.test, self.cfg.eval_batch_size, "test", self.device)
+        ddp.barrier(self.dist)  # rank 0 wrote best.pt
         best = load_checkpoint(self.out / BEST)
         model = best.build_model().to(self.device)
-        test = figures(self.cfg.level, evaluate(model, test_data, self.cfg.bptt), prefix="test")
-        best.metrics.update(test)
-        save_checkpoint(best, self.out / BEST)
+        test = figures(self.cfg.level, self._evaluate(model, test_data), prefix="test")
+        if self.dist.is_main:
+            best.metrics.update(test)
+            save_checkpoint(best, self.out / BEST)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in test.items())
         self.log(f"test (best.pt): {shown}")
 
@@ -332,10 +396,17 @@ def train(cfg: TrainConfig, data: str | None, out_dir: str | os.PathLike, *, res
     """Train (or, with resume=True, continue) the run in `out_dir` on `data` (a path, split prefix,
     directory or http(s) URL; None when resuming: the run's own corpus). Returns best.pt's path.
 
+    Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set) every process calls this; they train one
+    model data-parallel and rank 0 alone logs and writes the run directory.
+
     Raises TrainError, DataError or CheckpointError with a message fit for the user.
     """
-    log = log or tqdm.write
+    dist = ddp.from_env()
+    log = (log or tqdm.write) if dist.is_main else (lambda line: None)
     check_config(cfg)
+    if cfg.batch_size % dist.world_size:
+        raise TrainError(f"batch_size {cfg.batch_size} must divide evenly over {dist.world_size} processes "
+                         "(equal shards keep the averaged gradient equal to the single-process one)")
     out = Path(out_dir)
     prior = None
     if resume:
@@ -349,22 +420,46 @@ def train(cfg: TrainConfig, data: str | None, out_dir: str | os.PathLike, *, res
         raise TrainError(f"{out}: already holds a run; resume it (--resume) or choose another output directory")
     if not data:
         raise TrainError("no training data given")
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, dist.local_rank)
+    if cfg.amp != "off" and device.type != "cuda":
+        log(f"amp={cfg.amp} ignored: bf16 autocast is used on CUDA only; training in fp32 on {device}")
+    ddp.start(dist, device)
+    try:
+        return _train(cfg, data, out, prior, device, dist, log, progress_bar)
+    finally:
+        ddp.stop(dist)
+
+
+def _train(cfg: TrainConfig, data: str, out: Path, prior: Checkpoint | None, device: torch.device,
+           dist: DistInfo, log: Log, progress_bar: bool) -> Path:
     torch.manual_seed(cfg.seed)
-    out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        ddp.barrier(dist)  # rank 0 first: a URL is downloaded into the cache once
     corpus = load_corpus(data, cfg.level, cfg.valid_fraction, out / CACHE_DIR)
+    if dist.is_main:
+        ddp.barrier(dist)
     if prior is not None and (prior.vocab != corpus.vocab
                               or prior.corpus.get("sha256", corpus.source["sha256"]) != corpus.source["sha256"]):
         raise TrainError(f"{data}: the training text differs from the one {out / LAST} was trained on")
-    run = _Run(cfg, corpus, out, device, prior, log, progress_bar)
-    resolved = {"train": asdict(cfg), "model": asdict(run.model.cfg), "device": str(device),
-                "data": {k: v for k, v in corpus.source.items() if k != "files"}}
-    (out / CONFIG_JSON).write_text(json.dumps(resolved, indent=2) + "\n")
+    run = _Run(cfg, corpus, out, device, prior, log, progress_bar, dist)
+    if dist.is_main:
+        resolved = {"train": asdict(cfg), "model": asdict(run.model.cfg), "device": str(device),
+                    "world_size": dist.world_size,
+                    "data": {k: v for k, v in corpus.source.items() if k != "files"}}
+        (out / CONFIG_JSON).write_text(json.dumps(resolved, indent=2) + "\n")
+        if prior is not None:  # forget what a killed session logged past last.pt
+            runlog.write_csv(out / METRICS_CSV, run.p.history)
+            runlog.truncate_after(out / STEPS_CSV, run.p.global_step)
     n_params = sum(t.numel() for t in run.params)
     log("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
     log(f"data: {data} ({corpus.source['layout']} layout; tokens "
         + ", ".join(f"{k} {v:,}" for k, v in corpus.source["tokens"].items())
         + f"; vocab {len(corpus.vocab)}) | model: {n_params:,} parameters on {device}"
+        + (f" | {dist.world_size} processes (DDP), {cfg.batch_size // dist.world_size} streams each"
+           if dist.enabled else "")
+        + (" | bf16 autocast" if run.amp else "")
         + (f" | resuming at epoch {run.p.epoch}, step {run.p.global_step}" if prior else ""))
     if run.run() and corpus.test is not None and (out / BEST).is_file():
         run.test_best()
