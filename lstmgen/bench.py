@@ -45,18 +45,23 @@ def flops_per_token(cfg) -> int:
     return f + 2 * cfg.hidden_size * cfg.vocab_size
 
 
-def matmul_rate(seconds: float = 2.0, n: int = 1024) -> float:
-    """Sustained fp32 GEMM FLOP/s on all cores."""
+def matmul_rate(trials: int = 5, seconds: float = 0.5, n: int = 2048) -> float:
+    """Best sustained fp32 GEMM FLOP/s on all cores over a few trials (the machine is shared:
+    the best trial is the closest to what the hardware can do)."""
     import torch
 
+    torch.set_num_threads(os.cpu_count() or 1)
     a, b = torch.randn(n, n), torch.randn(n, n)
     for _ in range(3):
         a @ b
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        reps += 1
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
+    best = 0.0
+    for _ in range(trials):
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            a @ b
+            reps += 1
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
+    return best
 
 
 def make_bundle(cfg: BenchConfig, work: Path):

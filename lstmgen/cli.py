@@ -17,7 +17,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("lstmgen.serve.cli", "serve a bundle over gRPC on ONNX Runtime"),
     "generate": ("lstmgen_client.cli", "stream generated text from a running server"),
     "sample": ("lstmgen.serve.offline", "batch offline sampling from a bundle (no server)"),
+    "eval": ("lstmgen.evaluate", "loss / perplexity / bits per char of a bundle on a text file (no torch)"),
     "bench": ("lstmgen.bench", "benchmark eager PyTorch, raw ONNX Runtime and the server in one run"),
+    "loadtest": ("lstmgen_client.loadgen", "drive a running server with concurrent streams; report throughput, "
+                                           "latency, failures and the server's memory and rows"),
 }
 
 

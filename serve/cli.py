@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 from dataclasses import asdict
 
-from lstmgen.serve.params import Limits
+from lstmgen.serve.params import Limits, request_bytes_for
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,8 +28,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="streams generating at once (rows in the batch)")
     p.add_argument("--max-queued", type=int, default=d.max_queued_streams,
                    help="streams waiting for a slot; beyond this: RESOURCE_EXHAUSTED")
+    p.add_argument("--max-request-bytes", type=int, default=None,
+                   help="largest request message in bytes; bigger ones get RESOURCE_EXHAUSTED before they "
+                        "are parsed (unset: 4 bytes per --max-prompt-chars + 64 KiB)")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens primed per call per request")
+    p.add_argument("--tls-cert", metavar="PEM", help="certificate chain: serve TLS only (needs --tls-key)")
+    p.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    p.add_argument("--auth-token-file", metavar="FILE",
+                   help="require 'authorization: Bearer <token>' (the file's content) on every call but health")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port; unset: off)")
+    p.add_argument("--metrics-host", default=None, help="address for the metrics port (unset: --host's)")
     p.add_argument("--log-level", default="INFO", help="logging level")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="json: one object per line with time, level, logger, message and request_id")
+    # TEST HOOK (serve/faults.py), hidden from --help: every Nth decode step raises.
+    p.add_argument("--inject-step-failure-every", type=int, default=0, help=argparse.SUPPRESS)
 
 
 def config_from_args(args: argparse.Namespace):
@@ -40,27 +55,55 @@ def config_from_args(args: argparse.Namespace):
     limits = Limits(max_prompt_chars=args.max_prompt_chars, max_new_tokens=args.max_new_tokens,
                     default_new_tokens=min(args.default_new_tokens, args.max_new_tokens),
                     max_stop_sequences=d.max_stop_sequences, max_stop_sequence_chars=d.max_stop_sequence_chars,
-                    max_concurrent_streams=args.max_concurrent, max_queued_streams=args.max_queued)
+                    max_concurrent_streams=args.max_concurrent, max_queued_streams=args.max_queued,
+                    max_request_bytes=args.max_request_bytes or request_bytes_for(args.max_prompt_chars))
     return ServerConfig(bundle=args.bundle, host=args.host, port=args.port, grace_s=args.grace,
                         engine=EngineConfig(device=args.device, intra_op_threads=args.threads),
-                        limits=limits, scheduler=SchedulerConfig(prefill_chunk=args.prefill_chunk))
+                        limits=limits, scheduler=SchedulerConfig(prefill_chunk=args.prefill_chunk),
+                        tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token_file=args.auth_token_file,
+                        metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+                        inject_step_failure_every=args.inject_step_failure_every)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; `request_id` when the log call passed it in `extra`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+               "message": record.getMessage()}
+        if hasattr(record, "request_id"):
+            out["request_id"] = record.request_id
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("lstmgen serve: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    setup_logging(args.log_level, args.log_format)
     from lstmgen.bundle import BundleError
     from lstmgen.serve.server import run_until_signal
 
     cfg = config_from_args(args)
     logging.getLogger("lstmgen.server").info("config %s", asdict(cfg))
 
-    def ready(port: int) -> None:
-        print(f"lstmgen serving on {args.host}:{port}", flush=True)  # tests and scripts wait for this
+    def ready(server) -> None:  # tests and scripts wait for this line
+        metrics = (f" (metrics on http://{cfg.metrics_host or cfg.host}:{server.metrics_port}/metrics)"
+                   if cfg.metrics_port is not None else "")
+        print(f"lstmgen serving on {args.host}:{server.port}{metrics}", flush=True)
 
     try:
         asyncio.run(run_until_signal(cfg, ready))
-    except (BundleError, RuntimeError, OSError) as e:
+    except (BundleError, RuntimeError, OSError, ValueError) as e:
         print(f"lstmgen serve: {e}", file=sys.stderr)
         return 2
     return 0

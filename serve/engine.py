@@ -85,23 +85,32 @@ class Engine:
             raise BundleError(f"{path}: ONNX Runtime cannot load it: {e}") from e
 
     def _check_contract(self) -> None:
-        """The graphs must take and give what the manifest says (names, ranks, widths)."""
+        """The graphs must take and give what the manifest says (names, ranks, widths), so a
+        mismatched bundle fails at start naming the file, not on the first request."""
         m = self.manifest
-        path = self.bundle_dir / m.model_file
-        ins = {i.name: i for i in self.step_session.get_inputs()}
-        outs = {o.name: o for o in self.step_session.get_outputs()}
-        if tuple(ins) != m.inputs or tuple(outs) != m.outputs:
+        self._check_graph(self.step_session, m.model_file, m.inputs, rank=1)
+        if self.prompt_session is not None:
+            self._check_graph(self.prompt_session, m.prompt_model_file, m.prompt_inputs, rank=2)
+
+    def _check_graph(self, session: ort.InferenceSession, fname: str, want_inputs: tuple[str, ...],
+                     rank: int) -> None:
+        m = self.manifest
+        path = self.bundle_dir / fname
+        ins = {i.name: i for i in session.get_inputs()}
+        outs = {o.name: o for o in session.get_outputs()}
+        if tuple(ins) != want_inputs or tuple(outs) != m.outputs:
             raise BundleError(f"{path}: graph inputs {list(ins)} / outputs {list(outs)} differ from the "
-                              f"manifest's {list(m.inputs)} / {list(m.outputs)}")
-        tokens, h, c = (ins[n] for n in m.inputs)
+                              f"manifest's {list(want_inputs)} / {list(m.outputs)}")
+        tokens, h, c = ins[want_inputs[0]], ins[want_inputs[-2]], ins[want_inputs[-1]]
         logits = outs[m.outputs[0]]
-        if len(tokens.shape) != 1 or len(h.shape) != 3 or len(c.shape) != 3:
-            raise BundleError(f"{path}: expected tokens [B], h [L, B, H], c [L, B, H]; got "
+        if len(tokens.shape) != rank or len(h.shape) != 3 or len(c.shape) != 3:
+            want = "[B]" if rank == 1 else "[B, T]"
+            raise BundleError(f"{path}: expected tokens {want}, h [L, B, H], c [L, B, H]; got "
                               f"{tokens.shape}, {h.shape}, {c.shape}")
         for shape, name in ((h.shape, "h"), (c.shape, "c")):
             if shape[0] != m.num_layers or shape[2] != m.hidden_size:
                 raise BundleError(f"{path}: input {name} has shape {shape}; the manifest says "
-                                  f"[{m.num_layers}, B, {m.hidden_size}]")
+                                  f"[{m.num_layers}, B, {m.hidden_size}] (num_layers, hidden_size)")
         if logits.shape[-1] != m.vocab_size:
             raise BundleError(f"{path}: logits width {logits.shape[-1]} differs from the vocabulary "
                               f"size {m.vocab_size} in the manifest")

@@ -24,3 +24,7 @@ class Unavailable(GenerationError):
 
 class StepFailed(GenerationError):
     """The model step for this request failed (runtime error, non-finite logits) -> INTERNAL."""
+
+
+class Unauthenticated(GenerationError):
+    """The call lacks the server's bearer token, or carries a wrong one -> UNAUTHENTICATED."""

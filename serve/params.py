@@ -21,6 +21,14 @@ class Limits:
     max_stop_sequence_chars: int = 64
     max_concurrent_streams: int = 512
     max_queued_streams: int = 1_024
+    # Largest serialized request; gRPC refuses bigger ones before parsing (RESOURCE_EXHAUSTED).
+    # The default fits the longest prompt at 4 UTF-8 bytes per character plus 64 KiB for the rest.
+    max_request_bytes: int = 4 * 16_384 + 64 * 1024
+
+
+def request_bytes_for(max_prompt_chars: int) -> int:
+    """The default max_request_bytes for a prompt limit (see Limits.max_request_bytes)."""
+    return 4 * max_prompt_chars + 64 * 1024
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import numpy as np
 
@@ -59,6 +60,30 @@ class Stats:
     steps: int
     tokens_generated: int
     prompt_tokens: int
+
+
+class StepObserver(Protocol):
+    """Told about every model call from the worker thread (metrics). Called once per call, never
+    per row or token, so it must stay cheap and must not block."""
+
+    def on_decode(self, rows: int, seconds: float, gap_s: float | None) -> None:
+        """One decode step for `rows` rows took `seconds`; `gap_s` is the time since the previous
+        step's end (what each continuing row waited between tokens), None after an idle spell."""
+
+    def on_prime(self, rows: int, tokens: int, seconds: float) -> None:
+        """One prompt call primed `tokens` prompt tokens over `rows` rows in `seconds`."""
+
+
+class NoObserver:
+    def on_decode(self, rows: int, seconds: float, gap_s: float | None) -> None:
+        pass
+
+    def on_prime(self, rows: int, tokens: int, seconds: float) -> None:
+        pass
+
+
+def _ids(seqs) -> str:
+    return ",".join(s.request.request_id or "-" for s in seqs)
 
 
 class Stream:
@@ -112,11 +137,14 @@ class Stream:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, limits: Limits = Limits(), cfg: SchedulerConfig = SchedulerConfig()):
+    def __init__(self, engine: Engine, limits: Limits = Limits(), cfg: SchedulerConfig = SchedulerConfig(),
+                 observer: StepObserver | None = None):
         self.engine = engine
         self.limits = limits
         self.cfg = cfg
+        self.observer = observer or NoObserver()
         self.vocab = engine.manifest.vocab
+        self._pieces = [self.vocab.piece(i) for i in range(len(self.vocab))]  # token id -> text
         self._loop: asyncio.AbstractEventLoop | None = None
         self._cv = threading.Condition()
         self._incoming: list[Sequence] = []  # guarded by _cv
@@ -129,6 +157,8 @@ class Scheduler:
         self._priming: list[Sequence] = []
         self._batch: Batch | None = None
         self._steps = self._tokens_generated = self._prompt_tokens = 0
+        self._last_step_end: float | None = None  # None: no decode step since the batch was empty
+        self._abort_message = "server stopped before this stream finished"
 
     # -- lifecycle (event-loop thread) ----------------------------------------------------------
     def start(self) -> None:
@@ -147,8 +177,10 @@ class Scheduler:
             await asyncio.sleep(0.02)
         return self.in_system == 0
 
-    async def close(self) -> None:
-        """Stop the worker; requests still running end with UNAVAILABLE."""
+    async def close(self, message: str | None = None) -> None:
+        """Stop the worker; requests still running end with UNAVAILABLE and `message`."""
+        if message:
+            self._abort_message = message
         with self._cv:
             self._accepting = False
             self._closing = True
@@ -202,10 +234,12 @@ class Scheduler:
                 self._waiting.extend(self._incoming)
                 self._incoming.clear()
             self._iterate()
-        self._abort_all(Unavailable("server stopped before this stream finished"))
+        self._abort_all(Unavailable(self._abort_message))
 
     def _iterate(self) -> None:
         self._drop_cancelled()
+        if self._batch is None:
+            self._last_step_end = None  # an idle spell is not an inter-token gap
         room = self.limits.max_concurrent_streams - len(self._priming) - (len(self._batch) if self._batch else 0)
         while room > 0 and self._waiting:
             self._priming.append(self._waiting.popleft())
@@ -242,12 +276,15 @@ class Scheduler:
             tokens[i, : lengths[i]] = s.prompt_ids[s.primed : s.primed + lengths[i]]
             if s.partial is not None:
                 h[:, i], c[:, i] = s.partial
+        t0 = time.perf_counter()
         try:
             logits, h, c = self.engine.prime(tokens, lengths, h, c)
         except Exception as e:  # isolate: only these rows fail; the server goes on
-            log.exception("prompt step failed for %d request(s)", len(rows))
+            log.exception("prompt step failed for %d request(s) request_ids=%s", len(rows), _ids(rows))
             return self._fail(rows, StepFailed(f"model failed while reading the prompt: {e}"))
-        self._prompt_tokens += int(lengths.sum())
+        n_tokens = int(lengths.sum())
+        self.observer.on_prime(len(rows), n_tokens, time.perf_counter() - t0)
+        self._prompt_tokens += n_tokens
         done: list[int] = []
         for i, s in enumerate(rows):
             s.primed += int(lengths[i])
@@ -268,14 +305,19 @@ class Scheduler:
 
     def _decode_step(self) -> list:
         batch = self._batch
+        t0 = time.perf_counter()
         try:
             logits, h, c = self.engine.step(batch.tokens, batch.h, batch.c)
         except Exception as e:
-            log.exception("model step failed for %d request(s)", len(batch))
-            self._batch = None
+            log.exception("model step failed for %d request(s) request_ids=%s", len(batch), _ids(batch.seqs))
+            self._batch = self._last_step_end = None
             return self._fail(batch.seqs, StepFailed(f"model step failed: {e}"))
+        t1 = time.perf_counter()
+        gap = None if self._last_step_end is None else t1 - self._last_step_end
+        self.observer.on_decode(len(batch), t1 - t0, gap)
         self._steps += 1
         out, self._batch = self._sample_and_advance(replace(batch, h=h, c=c), logits)
+        self._last_step_end = t1 if self._batch is not None else None
         return out
 
     def _sample_and_advance(self, batch: Batch, logits: np.ndarray) -> tuple[list, Batch | None]:
@@ -285,12 +327,13 @@ class Scheduler:
         uniforms = np.array([s.rng.random() for s in batch.seqs])  # [B], one draw per row
         next_tokens = choose(safe_logits, batch.sampling, uniforms)  # [B]
         out, keep, failed = [], [], []
-        for i, s in enumerate(batch.seqs):
-            if not finite[i]:
+        pieces = self._pieces
+        # Python lists: indexing numpy arrays one element at a time costs more than the loop body.
+        for i, (s, ok, tok) in enumerate(zip(batch.seqs, finite.tolist(), next_tokens.tolist())):
+            if not ok:
                 failed.append(s)
                 continue
-            tok = int(next_tokens[i])
-            text, reason = s.stopper.add(tok, self.vocab.piece(tok))
+            text, reason = s.stopper.add(tok, pieces[tok])
             fin = None
             if reason is not None:
                 fin = Finished(reason, len(s.prompt_ids), s.stopper.generated, s.request.sampling.seed,
@@ -303,7 +346,7 @@ class Scheduler:
         if n_done:
             self._release(n_done)
         if failed:
-            log.error("non-finite logits for %d request(s); ending them", len(failed))
+            log.error("non-finite logits for %d request(s) request_ids=%s; ending them", len(failed), _ids(failed))
             out += self._fail(failed, StepFailed("the model produced non-finite logits; generation stopped"))
         return out, replace(batch, tokens=next_tokens).filter(keep)
 

@@ -1,14 +1,25 @@
-"""The gRPC edge: protobuf <-> plain dataclasses, and the one place errors become statuses."""
+"""The gRPC edge: protobuf <-> plain dataclasses, and the one place errors become statuses.
+
+Each Generate call gets a request id (the client's `x-request-id` metadata when it is a sane
+token, else a fresh one), echoed in the initial and trailing metadata and carried by every log
+line about the stream. One access line per stream: status, tokens, duration.
+"""
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import re
+import secrets
+import time
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from lstmgen.serve.errors import GenerationError, InvalidRequest, Overloaded, StepFailed, Unavailable
+from lstmgen.serve.errors import (GenerationError, InvalidRequest, Overloaded, StepFailed, Unauthenticated,
+                                  Unavailable)
+from lstmgen.serve.metrics import Metrics
 from lstmgen.serve.params import GenerationRequest, SamplingParams
 from lstmgen.serve.scheduler import Chunk, Scheduler
 from lstmgen.serve.stopping import FinishReason
@@ -22,7 +33,18 @@ _STATUS = {
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     StepFailed: grpc.StatusCode.INTERNAL,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
+# Why a call was refused before it generated anything (lstmgen_rejections_total{reason}).
+_REJECTION = {
+    InvalidRequest: "invalid_argument",
+    Overloaded: "overloaded",
+    Unavailable: "shutting_down",
+    Unauthenticated: "unauthenticated",
+}
+REQUEST_ID_KEY = "x-request-id"
+# Client ids go into logs and metadata: a bounded, printable token or we make our own.
+_SANE_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 _REASON = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
     FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
@@ -34,6 +56,34 @@ def status_for(error: Exception) -> grpc.StatusCode:
     return _STATUS.get(type(error), grpc.StatusCode.INTERNAL)
 
 
+def rejection_reason(error: Exception) -> str | None:
+    return _REJECTION.get(type(error))
+
+
+def request_id(metadata) -> str:
+    for key, value in metadata or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and _SANE_ID.fullmatch(value):
+            return value
+    return secrets.token_hex(8)
+
+
+def _lenient(message_cls):
+    """Deserializer that yields None for bytes that are not a valid message (bad wire format,
+    bad UTF-8 in a string field), so the handler can answer INVALID_ARGUMENT instead of gRPC's
+    generic failure. Unknown fields are kept and ignored, as protobuf does."""
+    def parse(data: bytes):
+        try:
+            return message_cls.FromString(data)
+        except DecodeError:
+            return None
+    return parse
+
+
+def _not_a_message(cls) -> InvalidRequest:
+    return InvalidRequest("request", f"is not a valid {cls.DESCRIPTOR.full_name} message "
+                                     "(malformed protobuf or invalid UTF-8 in a string field)")
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     # Messages per second the server aims to send in all; with many active streams each stream
@@ -41,7 +91,7 @@ class ServiceConfig:
     message_budget_per_s: float = 4000.0
 
 
-def request_from_pb(msg: pb.GenerateRequest) -> GenerationRequest:
+def request_from_pb(msg: pb.GenerateRequest, request_id: str = "") -> GenerationRequest:
     def opt(name: str, default):
         return getattr(msg, name) if msg.HasField(name) else default
 
@@ -51,7 +101,7 @@ def request_from_pb(msg: pb.GenerateRequest) -> GenerationRequest:
                               greedy=msg.greedy, seed=opt("seed", 0))
     return GenerationRequest(prompt=msg.prompt, max_new_tokens=opt("max_new_tokens", None),
                              sampling=sampling, seed_given=msg.HasField("seed"),
-                             stop=tuple(msg.stop), skip_unknown=msg.skip_unknown)
+                             stop=tuple(msg.stop), skip_unknown=msg.skip_unknown, request_id=request_id)
 
 
 def chunk_to_pb(chunk: Chunk) -> pb.GenerateResponse:
@@ -65,26 +115,69 @@ def chunk_to_pb(chunk: Chunk) -> pb.GenerateResponse:
 
 
 class GeneratorService(pb_grpc.GeneratorServicer):
-    def __init__(self, scheduler: Scheduler, cfg: ServiceConfig = ServiceConfig()):
+    def __init__(self, scheduler: Scheduler, cfg: ServiceConfig = ServiceConfig(), metrics: Metrics | None = None):
         self.scheduler = scheduler
         self.cfg = cfg
+        self.metrics = metrics or Metrics()
 
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
-        stream = None
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """As the generated add_GeneratorServicer_to_server, with lenient request parsing."""
+        handlers = {
+            "Generate": grpc.unary_stream_rpc_method_handler(
+                self.Generate, request_deserializer=_lenient(pb.GenerateRequest),
+                response_serializer=pb.GenerateResponse.SerializeToString),
+            "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+                self.GetModelInfo, request_deserializer=_lenient(pb.ModelInfoRequest),
+                response_serializer=pb.ModelInfo.SerializeToString),
+        }
+        name = pb.DESCRIPTOR.services_by_name["Generator"].full_name
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+        server.add_registered_method_handlers(name, handlers)
+
+    async def Generate(self, request: pb.GenerateRequest | None, context: grpc.aio.ServicerContext):
+        rid = request_id(context.invocation_metadata())
+        t0 = time.perf_counter()
+        stream, status, tokens, error = None, "CANCELLED", 0, ""
+        self.metrics.open_streams.inc()
         try:
-            stream = self.scheduler.submit(request_from_pb(request))
+            context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
+            if request is None:
+                raise _not_a_message(pb.GenerateRequest)
+            stream = self.scheduler.submit(request_from_pb(request, rid))
+            # Only once admitted: a rejection stays one cheap write (the id rides in the trailers).
+            await context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
             async for chunk in stream:
+                if tokens == 0 and chunk.token_count:
+                    self.metrics.ttft.observe(time.perf_counter() - t0)
+                tokens += chunk.token_count
                 yield chunk_to_pb(chunk)
                 if chunk.finished is None:
                     await self._pace()
-        except GenerationError as e:
+            status = "OK"
+        except Exception as e:  # a GenerationError's own status; anything else is a bug: INTERNAL
             code = status_for(e)
-            if code == grpc.StatusCode.INTERNAL:
-                log.error("request failed: %s", e)
-            await context.abort(code, str(e))
+            status, error = code.name, str(e)
+            if not isinstance(e, GenerationError):
+                log.exception("unexpected error request_id=%s", rid, extra={"request_id": rid})
+                error = f"internal error ({type(e).__name__}); the server log has it under request_id={rid}"
+            elif stream is None and rejection_reason(e):
+                self.metrics.rejected(rejection_reason(e))
+            await context.abort(code, error)
         finally:
             if stream is not None:
                 stream.cancel()  # no-op once finished; frees the row if the client went away
+            left = context.time_remaining()  # None: the call had no deadline
+            if status == "CANCELLED" and left is not None and left <= 0:
+                status = "DEADLINE_EXCEEDED"
+            self._ended(rid, status, tokens, time.perf_counter() - t0, error)
+
+    def _ended(self, rid: str, status: str, tokens: int, seconds: float, error: str) -> None:
+        """Once per stream: the open gauge, the status counter and the access log line."""
+        self.metrics.open_streams.dec()
+        self.metrics.stream_ended(status)
+        level = logging.ERROR if status == "INTERNAL" else logging.INFO
+        log.log(level, "stream end request_id=%s status=%s tokens=%d duration_ms=%.1f%s", rid, status, tokens,
+                seconds * 1e3, f" error={error!r}" if error else "", extra={"request_id": rid})
 
     async def _pace(self) -> None:
         """Let tokens pile up between messages when many streams are active."""
@@ -92,7 +185,10 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         if wait > 0.001:
             await asyncio.sleep(wait)
 
-    async def GetModelInfo(self, request: pb.ModelInfoRequest, context) -> pb.ModelInfo:
+    async def GetModelInfo(self, request: pb.ModelInfoRequest | None, context) -> pb.ModelInfo:
+        if request is None:
+            e = _not_a_message(pb.ModelInfoRequest)
+            await context.abort(status_for(e), str(e))
         s = self.scheduler
         m, lim = s.engine.manifest, s.limits
         return pb.ModelInfo(
@@ -107,4 +203,4 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                 default_new_tokens=lim.default_new_tokens, max_stop_sequences=lim.max_stop_sequences,
                 max_stop_sequence_chars=lim.max_stop_sequence_chars,
                 max_concurrent_streams=lim.max_concurrent_streams,
-                max_queued_streams=lim.max_queued_streams))
+                max_queued_streams=lim.max_queued_streams, max_request_bytes=lim.max_request_bytes))

@@ -7,10 +7,11 @@
 """
 from lstmgen_client.client import AsyncClient, Client
 from lstmgen_client.errors import (CancelledError, DeadlineExceededError, InternalError, InvalidArgumentError,
-                                   LstmgenError, OverloadedError, UnauthenticatedError, UnavailableError)
+                                   LstmgenError, OverloadedError, RequestTooLargeError, UnauthenticatedError,
+                                   UnavailableError)
 from lstmgen_client.types import Finished, GenerateResult, Limits, ModelInfo, StreamChunk
 
 __all__ = ["AsyncClient", "CancelledError", "Client", "DeadlineExceededError", "Finished", "GenerateResult",
            "InternalError", "InvalidArgumentError", "Limits", "LstmgenError", "ModelInfo", "OverloadedError",
-           "StreamChunk", "UnauthenticatedError", "UnavailableError"]
+           "RequestTooLargeError", "StreamChunk", "UnauthenticatedError", "UnavailableError"]
 __version__ = "0.1.0"

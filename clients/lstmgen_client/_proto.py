@@ -66,6 +66,7 @@ def parse_model_info(msg: pb.ModelInfo) -> ModelInfo:
         execution_provider=msg.execution_provider, model_sha256=msg.model_sha256,
         has_prompt_graph=msg.has_prompt_graph,
         limits=Limits(lim.max_prompt_chars, lim.max_new_tokens, lim.default_new_tokens, lim.max_stop_sequences,
-                      lim.max_stop_sequence_chars, lim.max_concurrent_streams, lim.max_queued_streams),
+                      lim.max_stop_sequence_chars, lim.max_concurrent_streams, lim.max_queued_streams,
+                      lim.max_request_bytes),
         provenance=json.loads(msg.provenance_json) if msg.provenance_json else {},
         vocabulary=tuple(msg.vocabulary))

@@ -21,6 +21,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-echo", action="store_true", help="do not print the prompt before the generated text")
     p.add_argument("--json", action="store_true", help="print one JSON object with the result instead of streaming")
     p.add_argument("--info", action="store_true", help="print the served model's description and exit")
+    add_connection_arguments(p)
+
+
+def add_connection_arguments(p: argparse.ArgumentParser) -> None:
+    """TLS and token flags, shared with `lstmgen loadtest`."""
+    p.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's root certificates")
+    p.add_argument("--tls-ca", metavar="PEM", help="connect with TLS, trusting this CA certificate (implies --tls)")
+    p.add_argument("--auth-token-file", metavar="FILE", help="send the file's content as 'authorization: Bearer ...'")
+
+
+def connection_kwargs(args: argparse.Namespace) -> dict:
+    """Client(...) keyword arguments from the flags above."""
+    from pathlib import Path
+
+    return dict(tls=args.tls, root_certificates=Path(args.tls_ca).read_bytes() if args.tls_ca else None,
+                token=Path(args.auth_token_file).read_text().strip() if args.auth_token_file else None)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,7 +47,12 @@ def run(args: argparse.Namespace) -> int:
                   top_p=args.top_p, seed=args.seed, greedy=args.greedy, stop=args.stop,
                   skip_unknown=args.skip_unknown)
     try:
-        with Client(args.server, timeout=args.timeout) as client:
+        conn = connection_kwargs(args)
+    except OSError as e:
+        print(f"lstmgen generate: {e}", file=sys.stderr)
+        return 2
+    try:
+        with Client(args.server, timeout=args.timeout, **conn) as client:
             if args.info:
                 info = client.model_info()
                 print(json.dumps(info.__dict__, default=lambda o: o.__dict__, indent=2))

@@ -24,6 +24,13 @@ class OverloadedError(LstmgenError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class RequestTooLargeError(LstmgenError):
+    """The request message is bigger than the server accepts (ModelInfo.limits.max_request_bytes).
+    Same status as overload, but retrying the same request cannot help."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class UnavailableError(LstmgenError):
     code = grpc.StatusCode.UNAVAILABLE
 
@@ -53,4 +60,6 @@ def from_rpc_error(e: grpc.RpcError) -> LstmgenError:
     code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
     details = e.details() if hasattr(e, "details") else str(e)
     cls = _BY_CODE.get(code, LstmgenError)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (details or ""):
+        cls = RequestTooLargeError  # gRPC's own message-size check, not the server's admission control
     return cls(f"{code.name}: {details}", code)

@@ -2,20 +2,73 @@
 
 Each stream issues requests back to back. Reported: tokens/s over the window, time to first
 token, inter-token latency (a message's gap spread over the tokens it carries), messages/s,
-completed and failed requests by status. `python -m lstmgen_client.loadgen --help`.
+request latency, completed, cancelled and failed requests by status. With `--cancel-fraction F`
+that share of requests is abandoned at a random point (after a random number of tokens); with
+`--metrics URL` the server's RSS and row/queue gauges are scraped before and after the run; with
+`--probe-rate R` a separate connection fires R short calls per second on a fixed schedule (open
+loop) and reports how fast each was answered, by status: at a full server, the rejection latency.
+`lstmgen loadtest --help` (or `python -m lstmgen_client.loadgen --help`).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import random
+import re
 import statistics
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 
 from lstmgen_client.client import AsyncClient
 from lstmgen_client.errors import LstmgenError
+
+# Gauges read from the server's /metrics (serve/metrics.py) -> keys of the report.
+SERVER_GAUGES = {"process_resident_memory_bytes": "rss_bytes", "lstmgen_active_rows": "active_rows",
+                 "lstmgen_queued_streams": "queued", "lstmgen_streams_in_system": "in_system",
+                 "lstmgen_open_streams": "open_streams"}
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{.*\})?)\s+(\S+)")
+
+
+def scrape_metrics(url: str, timeout: float = 5.0) -> dict[str, float]:
+    """Prometheus text format -> {'name{labels}': value} (stdlib only)."""
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if m and not line.startswith("#"):
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
+def server_state(url: str) -> dict[str, float]:
+    m = scrape_metrics(url)
+    return {key: m.get(name) for name, key in SERVER_GAUGES.items()}
+
+
+def settle(url: str, timeout: float = 10.0) -> tuple[dict, float]:
+    """Poll until the server holds no rows and no streams (cancellations land between steps)."""
+    t0 = time.perf_counter()
+    while True:
+        state = server_state(url)
+        idle = not state["active_rows"] and not state["in_system"] and not state["open_streams"]
+        if idle or time.perf_counter() - t0 > timeout:
+            return state, time.perf_counter() - t0
+        time.sleep(0.05)
+
+
+def pct(xs: list, q: float):
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return round(xs[min(len(xs) - 1, int(q * len(xs)))], 3)
+
+
+def percentiles(xs: list) -> dict:
+    return {"p50": pct(xs, 0.5), "p90": pct(xs, 0.9), "p99": pct(xs, 0.99), "max": pct(xs, 1.0)}
 
 
 @dataclass
@@ -24,17 +77,17 @@ class LoadResult:
     seconds: float
     tokens: int = 0
     messages: int = 0
+    requests: int = 0
     completed: int = 0
+    cancelled: int = 0
     failed: dict = field(default_factory=dict)
     ttft_ms: list = field(default_factory=list)
     itl_ms: list = field(default_factory=list)
+    latency_ms: list = field(default_factory=list)  # whole request, completed ones
+    failed_ms: dict = field(default_factory=dict)  # status -> times from the call to its error
 
     def summary(self) -> dict:
-        def pct(xs, q):
-            if not xs:
-                return None
-            xs = sorted(xs)
-            return round(xs[min(len(xs) - 1, int(q * len(xs)))], 3)
+        # The first keys are read by lstmgen/bench.py: keep them.
         return {
             "streams": self.streams, "seconds": round(self.seconds, 3),
             "tokens_per_s": round(self.tokens / self.seconds, 1),
@@ -44,71 +97,162 @@ class LoadResult:
             "ttft_ms": pct(self.ttft_ms, 0.5), "ttft_p99_ms": pct(self.ttft_ms, 0.99),
             "p50_ms": pct(self.itl_ms, 0.5), "p99_ms": pct(self.itl_ms, 0.99),
             "itl_mean_ms": round(statistics.fmean(self.itl_ms), 3) if self.itl_ms else None,
+            "requests": self.requests, "cancelled": self.cancelled, "failed_total": sum(self.failed.values()),
+            "latency_ms": percentiles(self.latency_ms),
+            "failed_latency_ms": {code: percentiles(xs) for code, xs in self.failed_ms.items()},
         }
 
 
-async def one_stream(client: AsyncClient, res: LoadResult, stop_at: float, prompt: str, params: dict,
-                     seed: int) -> None:
+@dataclass(frozen=True)
+class LoadPlan:
+    streams: int
+    seconds: float
+    prompt: str
+    params: dict
+    warmup: float = 1.0
+    cancel_fraction: float = 0.0  # share of requests abandoned after a random number of tokens
+    max_requests: int = 0  # 0: no cap; else stop issuing once this many were started
+    backoff: float = 0.0  # mean seconds a stream pauses after a failed request (uniform 0.5x-1.5x)
+    probe_rate: float = 0.0  # open-loop calls per second on their own connection (0: none)
+
+
+async def one_stream(client: AsyncClient, res: LoadResult, stop_at: float, plan: LoadPlan, seed: int) -> None:
+    rng = random.Random(seed)
+    longest = plan.params.get("max_new_tokens") or 256
     n = 0
-    while time.perf_counter() < stop_at:
+    while time.perf_counter() < stop_at and not (plan.max_requests and res.requests >= plan.max_requests):
+        res.requests += 1
+        cancel_at = rng.randrange(longest) if rng.random() < plan.cancel_fraction else None
         t0 = last = time.perf_counter()
-        first = True
+        got = 0
         try:
-            async for chunk in client.generate_stream(prompt, seed=seed * 100_003 + n, **params):
+            async for chunk in client.generate_stream(plan.prompt, seed=seed * 100_003 + n, **plan.params):
                 now = time.perf_counter()
                 if now > stop_at:  # count only what arrived inside the window
                     break
                 res.tokens += chunk.token_count
                 res.messages += 1
-                if first:
+                if not got:
                     res.ttft_ms.append((now - t0) * 1e3)
-                    first = False
                 elif chunk.token_count:
                     res.itl_ms.extend([(now - last) * 1e3 / chunk.token_count] * chunk.token_count)
+                got += chunk.token_count
                 last = now
                 if chunk.finished is not None:
                     res.completed += 1
+                    res.latency_ms.append((now - t0) * 1e3)
+                elif cancel_at is not None and got >= cancel_at:
+                    res.cancelled += 1  # leaving the loop cancels the call: the server frees the row
+                    break
         except LstmgenError as e:
             res.failed[e.code.name] = res.failed.get(e.code.name, 0) + 1
+            res.failed_ms.setdefault(e.code.name, []).append((time.perf_counter() - t0) * 1e3)
+            if plan.backoff:  # jittered, so rejected streams do not come back as one herd
+                await asyncio.sleep(plan.backoff * (0.5 + rng.random()))
         n += 1
 
 
+async def probe(target: str, stop_at: float, rate: float, prompt: str, client_kw: dict) -> dict:
+    """Calls of one token at `rate` per second whatever the answers (open loop), on their own
+    channel: their latency is the server's, not this process's queue of streams."""
+    times: dict[str, list] = {}
+
+    async def one(client: AsyncClient) -> None:
+        t0 = time.perf_counter()
+        try:
+            await client.generate(prompt, max_new_tokens=1)
+            code = "OK"
+        except LstmgenError as e:
+            code = e.code.name
+        times.setdefault(code, []).append((time.perf_counter() - t0) * 1e3)
+
+    async with AsyncClient(target, timeout=30, **client_kw) as client:
+        await client.model_info()
+        tasks, next_at = [], time.perf_counter()
+        while next_at < stop_at:
+            tasks.append(asyncio.ensure_future(one(client)))
+            next_at += 1 / rate
+            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+        await asyncio.gather(*tasks)
+    return {"rate": rate, **{code: {"count": len(xs), **percentiles(xs)} for code, xs in times.items()}}
+
+
 async def run_load(target: str, streams: int, seconds: float, prompt: str, params: dict,
-                   warmup: float = 1.0) -> LoadResult:
-    async with AsyncClient(target, timeout=seconds + warmup + 60) as client:
+                   warmup: float = 1.0, *, cancel_fraction: float = 0.0, max_requests: int = 0, backoff: float = 0.0,
+                   probe_rate: float = 0.0, metrics_url: str | None = None,
+                   **client_kw) -> tuple[LoadResult, dict]:
+    """Returns the result and extra report sections: "server" (its state before and after, with
+    metrics_url) and "probe" (with probe_rate)."""
+    plan = LoadPlan(streams, seconds, prompt, params, warmup, cancel_fraction, max_requests, backoff, probe_rate)
+    extra: dict = {}
+    async with AsyncClient(target, timeout=seconds + warmup + 60, **client_kw) as client:
         await client.model_info()  # connected and serving before the clock starts
         if warmup:
             warm = LoadResult(streams, warmup)
             end = time.perf_counter() + warmup
-            await asyncio.gather(*(one_stream(client, warm, end, prompt, params, 10_000 + i)
+            await asyncio.gather(*(one_stream(client, warm, end, LoadPlan(streams, warmup, prompt, params), 10_000 + i)
                                    for i in range(streams)))
+        before = (await asyncio.to_thread(settle, metrics_url))[0] if metrics_url else None
         res = LoadResult(streams, seconds)
         start = time.perf_counter()
-        await asyncio.gather(*(one_stream(client, res, start + seconds, prompt, params, i) for i in range(streams)))
+        probing = [probe(target, start + seconds, probe_rate, prompt, client_kw)] if probe_rate else []
+        done = await asyncio.gather(*probing, *(one_stream(client, res, start + seconds, plan, i)
+                                                for i in range(streams)))
         res.seconds = time.perf_counter() - start
-        return res
+        if probing:
+            extra["probe"] = done[0]
+    if metrics_url:
+        after, settle_s = await asyncio.to_thread(settle, metrics_url)
+        rss0, rss1 = before["rss_bytes"], after["rss_bytes"]
+        extra["server"] = {"before": before, "after": after, "settle_s": round(settle_s, 3),
+                           "rss_growth": round(rss1 / rss0 - 1, 4) if rss0 and rss1 else None}
+    return res, extra
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--target", required=True, help="HOST:PORT")
-    p.add_argument("--streams", type=int, default=8)
-    p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--warmup", type=float, default=1.0)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from lstmgen_client.cli import add_connection_arguments
+
+    p.add_argument("--target", required=True, help="HOST:PORT of the server")
+    p.add_argument("--streams", type=int, default=8, help="concurrent streams, each issuing requests back to back")
+    p.add_argument("--seconds", type=float, default=10.0, help="length of the measured window")
+    p.add_argument("--requests", type=int, default=0, help="stop after this many requests (0: only --seconds)")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds of load before the window (not counted)")
+    p.add_argument("--cancel-fraction", type=float, default=0.0,
+                   help="share of requests the client abandons after a random number of tokens")
+    p.add_argument("--backoff", type=float, default=0.0,
+                   help="mean seconds a stream pauses after a failed request (jittered 0.5x-1.5x)")
+    p.add_argument("--probe-rate", type=float, default=0.0,
+                   help="also fire this many 1-token calls per second on a fixed schedule, on their own connection, "
+                        "and report their latency by status")
+    p.add_argument("--metrics", metavar="URL", help="the server's /metrics: report RSS and rows before and after")
     p.add_argument("--prompt", default="The ")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--json", default="-", help="file for the JSON summary ('-': stdout)")
-    args = p.parse_args(argv)
+    add_connection_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lstmgen_client.cli import connection_kwargs
+
     params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
-    res = asyncio.run(run_load(args.target, args.streams, args.seconds, args.prompt, params, args.warmup))
-    out = json.dumps(res.summary())
+    res, extra = asyncio.run(run_load(
+        args.target, args.streams, args.seconds, args.prompt, params, args.warmup,
+        cancel_fraction=args.cancel_fraction, max_requests=args.requests, backoff=args.backoff,
+        probe_rate=args.probe_rate, metrics_url=args.metrics, **connection_kwargs(args)))
+    out = json.dumps({**res.summary(), **extra})
     if args.json == "-":
         print(out)
     else:
         with open(args.json, "w") as f:
             f.write(out + "\n")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

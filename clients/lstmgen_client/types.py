@@ -44,6 +44,7 @@ class Limits:
     max_stop_sequence_chars: int
     max_concurrent_streams: int
     max_queued_streams: int
+    max_request_bytes: int = 0  # 0: a server older than this field
 
 
 @dataclass(frozen=True)

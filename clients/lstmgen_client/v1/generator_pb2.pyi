@@ -71,7 +71,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self, include_vocabulary: _Optional[bool] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_prompt_chars", "max_new_tokens", "default_new_tokens", "max_stop_sequences", "max_stop_sequence_chars", "max_concurrent_streams", "max_queued_streams")
+    __slots__ = ("max_prompt_chars", "max_new_tokens", "default_new_tokens", "max_stop_sequences", "max_stop_sequence_chars", "max_concurrent_streams", "max_queued_streams", "max_request_bytes")
     MAX_PROMPT_CHARS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class Limits(_message.Message):
     MAX_STOP_SEQUENCE_CHARS_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_STREAMS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     max_prompt_chars: int
     max_new_tokens: int
     default_new_tokens: int
@@ -86,7 +87,8 @@ class Limits(_message.Message):
     max_stop_sequence_chars: int
     max_concurrent_streams: int
     max_queued_streams: int
-    def __init__(self, max_prompt_chars: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., default_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_stop_sequence_chars: _Optional[int] = ..., max_concurrent_streams: _Optional[int] = ..., max_queued_streams: _Optional[int] = ...) -> None: ...
+    max_request_bytes: int
+    def __init__(self, max_prompt_chars: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., default_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_stop_sequence_chars: _Optional[int] = ..., max_concurrent_streams: _Optional[int] = ..., max_queued_streams: _Optional[int] = ..., max_request_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("level", "vocab_size", "num_layers", "hidden_size", "embedding_size", "quantization", "execution_provider", "model_sha256", "limits", "provenance_json", "vocabulary", "has_prompt_graph")

@@ -54,7 +54,11 @@ class GeneratorServicer:
     def Generate(self, request, context):
         """Primes the model with the prompt, then streams the generated text. The stream ends with one
         message whose `finished` is set. Bad requests fail with INVALID_ARGUMENT before any message;
-        an overloaded server answers RESOURCE_EXHAUSTED, a stopping one UNAVAILABLE.
+        an overloaded server answers RESOURCE_EXHAUSTED, a stopping one UNAVAILABLE. A server run
+        with a token answers UNAUTHENTICATED unless the call carries `authorization: Bearer <token>`.
+        The server echoes the call's `x-request-id` metadata (or one it made up) in the trailing
+        metadata, and in the initial metadata once the stream is admitted; its log lines about the
+        stream carry the same id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

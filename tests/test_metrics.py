@@ -1,0 +1,135 @@
+"""Observability through the real server: /metrics scraped over HTTP, request ids in metadata and
+JSON logs, and `lstmgen loadtest` reporting the server's memory and rows."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+from lstmgen_client import Client, InvalidArgumentError
+from lstmgen_client.loadgen import scrape_metrics
+from lstmgen_client.v1 import generator_pb2 as pb
+from tests.conftest import start_server
+
+
+def metrics_url(srv) -> str:
+    """The server logs its metrics address before it prints the ready line."""
+    m = re.search(r"metrics on (http://\S+/metrics)", srv.log.read_text())
+    assert m, srv.log.read_text()
+    return m.group(1)
+
+
+def wait_idle(url: str, timeout: float = 10.0) -> dict:
+    """Metrics once the server holds no rows, no queued or open streams (or the last scrape)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = scrape_metrics(url)
+        idle = m["lstmgen_active_rows"] == m["lstmgen_streams_in_system"] == m["lstmgen_open_streams"] == 0
+        if idle or time.monotonic() > deadline:
+            return m
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def srv(bundles, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "metrics_server.log"
+    s = start_server(bundles["char"], log, "--metrics-port", "0", "--log-format", "json")
+    yield s
+    s.stop()
+
+
+def delta(after: dict, before: dict, key: str) -> float:
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def test_metrics_move_with_traffic(srv):
+    url = metrics_url(srv)
+    before = wait_idle(url)
+    with Client(srv.target, timeout=30) as c:
+        results = [c.generate("First", max_new_tokens=25, seed=i) for i in range(3)]
+        with pytest.raises(InvalidArgumentError):
+            c.generate("First", max_new_tokens=0)
+    after = wait_idle(url)
+    assert all(r.finished.generated_tokens == 25 for r in results)
+    assert delta(after, before, "lstmgen_generated_tokens_total") == 75
+    assert delta(after, before, "lstmgen_prompt_tokens_total") == 15
+    assert delta(after, before, 'lstmgen_requests_total{status="OK"}') == 3
+    assert delta(after, before, 'lstmgen_requests_total{status="INVALID_ARGUMENT"}') == 1
+    assert delta(after, before, 'lstmgen_rejections_total{reason="invalid_argument"}') == 1
+    assert delta(after, before, "lstmgen_time_to_first_token_seconds_count") == 3
+    # the first token comes from the prompt call, the other 24 from decode steps, one row each
+    assert delta(after, before, 'lstmgen_step_seconds_count{kind="decode"}') == 72
+    assert delta(after, before, 'lstmgen_batch_rows_sum{kind="decode"}') == 72
+    assert delta(after, before, 'lstmgen_step_seconds_count{kind="prompt"}') == 3
+    # inter-token gaps: every decode step after the first of each request
+    assert delta(after, before, "lstmgen_inter_token_latency_seconds_count") == 69
+    assert after['lstmgen_inter_token_latency_seconds_bucket{le="+Inf"}'] == \
+        after["lstmgen_inter_token_latency_seconds_count"]
+    assert after["process_resident_memory_bytes"] > 10e6
+    assert after["lstmgen_active_rows"] == after["lstmgen_queued_streams"] == 0
+
+
+def test_request_id_echoed_and_logged(srv):
+    with grpc.insecure_channel(srv.target) as ch:
+        call = ch.unary_stream("/lstmgen.v1.Generator/Generate",
+                               request_serializer=pb.GenerateRequest.SerializeToString,
+                               response_deserializer=pb.GenerateResponse.FromString)
+        stream = call(pb.GenerateRequest(prompt="All", max_new_tokens=5), timeout=10,
+                      metadata=(("x-request-id", "req-42.a"),))
+        assert list(stream)[-1].finished.generated_tokens == 5
+        assert ("x-request-id", "req-42.a") in [tuple(m) for m in stream.initial_metadata()]
+        assert ("x-request-id", "req-42.a") in [tuple(m) for m in stream.trailing_metadata()]
+        # an id that could forge log lines is replaced by one the server makes up
+        with pytest.raises(grpc.RpcError) as e:
+            list(call(pb.GenerateRequest(prompt=""), timeout=10, metadata=(("x-request-id", "a b=c " * 40),)))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        rid = dict(tuple(m) for m in e.value.trailing_metadata())["x-request-id"]
+        assert re.fullmatch(r"[0-9a-f]{16}", rid)
+    ours, bad = log_records(srv, "req-42.a"), log_records(srv, rid)  # the status goes out before the log line
+    assert ours and "status=OK" in ours[-1]["message"] and ours[-1]["logger"] == "lstmgen.service"
+    assert bad and "status=INVALID_ARGUMENT" in bad[-1]["message"] and "prompt" in bad[-1]["message"]
+
+
+def log_records(srv, request_id: str, timeout: float = 5.0) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = [json.loads(line) for line in srv.log.read_text().splitlines() if line.startswith("{")]
+        found = [r for r in lines if r.get("request_id") == request_id]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def test_loadtest_command_reports_server_state(srv, tmp_path):
+    out = tmp_path / "load.json"
+    r = subprocess.run([sys.executable, "-m", "lstmgen.cli", "loadtest", "--target", srv.target, "--streams", "8",
+                        "--seconds", "2", "--warmup", "0.3", "--cancel-fraction", "0.3", "--prompt", "First",
+                        "--max-new-tokens", "40", "--probe-rate", "20", "--metrics", metrics_url(srv),
+                        "--json", str(out)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    s = json.loads(out.read_text())
+    for key in ("tokens_per_s", "p50_ms", "p99_ms", "ttft_ms", "ttft_p99_ms", "tokens_per_message", "failed"):
+        assert key in s  # lstmgen/bench.py reads these
+    assert s["completed"] > 0 and s["cancelled"] > 0 and s["failed"] == {} and s["tokens_per_s"] > 0
+    assert s["requests"] >= s["completed"] + s["cancelled"]
+    assert s["latency_ms"]["p50"] <= s["latency_ms"]["p99"] <= s["latency_ms"]["max"]
+    server = s["server"]
+    assert server["before"]["rss_bytes"] > 0 and server["after"]["rss_bytes"] > 0
+    assert server["after"]["active_rows"] == server["after"]["in_system"] == 0
+    probe = s["probe"]  # 20 one-token calls a second on their own connection, all admitted here
+    assert probe["rate"] == 20 and 30 <= probe["OK"]["count"] <= 41 and probe["OK"]["max"] < 5000
+
+
+def test_loadtest_needs_only_the_client():
+    code = ("import sys\nfrom lstmgen.cli import main\n"
+            "try:\n    main(['loadtest', '--help'])\nexcept SystemExit:\n    pass\n"
+            "bad = {m.split('.')[0] for m in sys.modules} & {'numpy', 'onnxruntime', 'torch'}\n"
+            "assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and "--cancel-fraction" in r.stdout, r.stderr
