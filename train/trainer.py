@@ -425,7 +425,11 @@ def train(cfg: TrainConfig, data: str | None, out_dir: str | os.PathLike, *, res
         log(f"amp={cfg.amp} ignored: bf16 autocast is used on CUDA only; training in fp32 on {device}")
     ddp.start(dist, device)
     try:
-        return _train(cfg, data, out, prior, device, dist, log, progress_bar)
+        best = _train(cfg, data, out, prior, device, dist, log, progress_bar)
+        # every rank reaches teardown together: gloo aborts a process whose peer closes the
+        # connection while it is still tearing down (seen as SIGABRT on a loaded CI machine)
+        ddp.barrier(dist)
+        return best
     finally:
         ddp.stop(dist)
 
