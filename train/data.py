@@ -205,7 +205,10 @@ def load_corpus(data: str, level: Level, valid_fraction: float = 0.1,
         source["valid_fraction"] = valid_fraction
         if not texts["train"].strip() or not texts["valid"].strip():
             raise DataError(f"{files['train']}: too little text to hold out {valid_fraction:.0%} for validation")
-    vocab = Vocab.build(level, [texts["train"]])
+    # chars: the alphabet of the whole corpus, as char-rnn and nanoGPT build it (a held-out tail may
+    # hold a symbol the training text lacks, e.g. Anna Karenina's licence text); words: PTB style,
+    # the training vocabulary, held-out words -> <unk>
+    vocab = Vocab.build(level, texts.values() if level == "char" else [texts["train"]])
     ids = {"train": vocab.encode_corpus(texts["train"])}
     for split in ("valid", "test"):
         if split in texts:
