@@ -12,12 +12,24 @@ from lstmgen.serve.params import Limits, request_bytes_for
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from lstmgen.serve.service import ServiceConfig
+
     p.add_argument("bundle", metavar="BUNDLE_DIR", help="bundle folder made by `lstmgen export`")
     p.add_argument("--host", default="0.0.0.0", help="address to bind")
     p.add_argument("--port", type=int, default=50051, help="port to bind; 0 picks a free one")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="execution provider: auto = CUDA when onnxruntime-gpu finds a GPU, else CPU")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+    p.add_argument("--spin", action=argparse.BooleanOptionalAction, default=False,
+                   help="let idle ONNX Runtime threads spin for the next step: lower step latency when "
+                        "they have cores of their own (see --threads); off, they leave the cores to the "
+                        "event loop, gRPC and other processes")
+    s = ServiceConfig()
+    p.add_argument("--message-budget", type=float, default=s.message_budget_per_s,
+                   help="messages per second aimed at across all streams; more active streams -> "
+                        "more tokens per message")
+    p.add_argument("--min-message-interval-ms", type=float, default=s.min_message_interval_s * 1e3,
+                   help="least time between one stream's messages after its first token (0: no floor)")
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight streams get on SIGTERM")
     d = Limits()
     p.add_argument("--max-prompt-chars", type=int, default=d.max_prompt_chars, help="longest prompt accepted")
@@ -50,6 +62,7 @@ def config_from_args(args: argparse.Namespace):
     from lstmgen.serve.engine import EngineConfig
     from lstmgen.serve.scheduler import SchedulerConfig
     from lstmgen.serve.server import ServerConfig
+    from lstmgen.serve.service import ServiceConfig
 
     d = Limits()
     limits = Limits(max_prompt_chars=args.max_prompt_chars, max_new_tokens=args.max_new_tokens,
@@ -58,7 +71,10 @@ def config_from_args(args: argparse.Namespace):
                     max_concurrent_streams=args.max_concurrent, max_queued_streams=args.max_queued,
                     max_request_bytes=args.max_request_bytes or request_bytes_for(args.max_prompt_chars))
     return ServerConfig(bundle=args.bundle, host=args.host, port=args.port, grace_s=args.grace,
-                        engine=EngineConfig(device=args.device, intra_op_threads=args.threads),
+                        engine=EngineConfig(device=args.device, intra_op_threads=args.threads,
+                                            allow_spinning=args.spin),
+                        service=ServiceConfig(message_budget_per_s=args.message_budget,
+                                              min_message_interval_s=args.min_message_interval_ms / 1e3),
                         limits=limits, scheduler=SchedulerConfig(prefill_chunk=args.prefill_chunk),
                         tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token_file=args.auth_token_file,
                         metrics_port=args.metrics_port, metrics_host=args.metrics_host,

@@ -3,8 +3,8 @@
 A worker thread owns the model and the batch. Each iteration it (1) admits waiting requests,
 (2) primes new prompts a chunk at a time through the prompt graph and samples their first token,
 (3) runs ONE step for every generating row and samples each row's next token with its own
-parameters and generator, then (4) hands all output to the event loop in a single
-`call_soon_threadsafe`. Requests join and leave between steps; cancelled ones leave at the next.
+parameters and generator, then (4) appends the output to each request's Stream and wakes the
+event loop once, for the readers that wait (see Stream). Requests join and leave between steps; cancelled ones leave at the next.
 The event loop never blocks on the model: ORT and numpy run on the worker thread.
 """
 from __future__ import annotations
@@ -87,39 +87,56 @@ def _ids(seqs) -> str:
 
 
 class Stream:
-    """The consumer's end of one request. Output piles up between reads and is taken all at
-    once, so a reader that falls behind gets fewer, larger messages instead of a backlog."""
+    """The consumer's end of one request. The worker thread appends output under a lock; the
+    reader takes everything piled up since its last read, so a reader that falls behind (or
+    paces itself) gets fewer, larger messages instead of a backlog. The event loop is woken only
+    for a reader that is waiting: a pacing reader costs the loop nothing per token."""
 
     def __init__(self, seq: Sequence | None = None):
         self.seq = seq
-        self._text: list[str] = []
+        self._lock = threading.Lock()
+        self._text: list[str] = []  # guarded by _lock, as are the three below
         self._tokens = 0
         self._finished: Finished | None = None
         self._error: GenerationError | None = None
-        self._ready = asyncio.Event()
+        self._reader_waiting = False  # the reader awaits _ready; the next push must wake it
+        self._ready = asyncio.Event()  # event-loop side only
         self.done = False
 
-    def _push(self, text: str, tokens: int, finished: Finished | None, error: GenerationError | None) -> None:
-        if text:
-            self._text.append(text)
-        self._tokens += tokens
-        self._finished = finished or self._finished
-        self._error = error or self._error
-        self._ready.set()
+    def push(self, text: str, tokens: int, finished: Finished | None, error: GenerationError | None) -> bool:
+        """Worker thread: add output. True when the reader is waiting and must be woken."""
+        with self._lock:
+            if text:
+                self._text.append(text)
+            self._tokens += tokens
+            self._finished = finished or self._finished
+            self._error = error or self._error
+            wake, self._reader_waiting = self._reader_waiting, False
+        return wake
+
+    def _take(self) -> Chunk | None:
+        """Everything since the last read, or None (and the reader marked waiting) when empty."""
+        with self._lock:
+            if self._error is not None:
+                self.done = True
+                raise self._error
+            if not (self._tokens or self._text or self._finished):
+                self._reader_waiting = True
+                return None
+            chunk = Chunk("".join(self._text), self._tokens, self._finished)
+            self._text, self._tokens = [], 0
+        self.done = chunk.finished is not None
+        return chunk
 
     async def next(self) -> Chunk | None:
         """The next chunk of output; None once the stream has ended. Raises the request's error."""
-        if self.done:
-            return None
-        await self._ready.wait()
-        self._ready.clear()
-        if self._error is not None:
-            self.done = True
-            raise self._error
-        chunk = Chunk("".join(self._text), self._tokens, self._finished)
-        self._text, self._tokens = [], 0
-        self.done = self._finished is not None
-        return chunk
+        while not self.done:
+            chunk = self._take()
+            if chunk is not None:
+                return chunk
+            await self._ready.wait()
+            self._ready.clear()
+        return None
 
     def __aiter__(self):
         return self
@@ -371,10 +388,12 @@ class Scheduler:
             self._in_system -= n
 
     def _deliver(self, out: list) -> None:
-        if out and self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(_push_all, out)
+        """Hand output to the streams; one loop wake-up per step, and none when no reader waits."""
+        woken = [sink for sink, text, tokens, finished, error in out if sink.push(text, tokens, finished, error)]
+        if woken and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(_wake_all, woken)
 
 
-def _push_all(out: list) -> None:
-    for sink, text, tokens, finished, error in out:
-        sink._push(text, tokens, finished, error)
+def _wake_all(streams: list[Stream]) -> None:
+    for stream in streams:
+        stream._ready.set()

@@ -88,7 +88,11 @@ def _not_a_message(cls) -> InvalidRequest:
 class ServiceConfig:
     # Messages per second the server aims to send in all; with many active streams each stream
     # waits active/budget seconds between messages, and the tokens made meanwhile ride together.
-    message_budget_per_s: float = 4000.0
+    message_budget_per_s: float = 2000.0
+    # Floor on the gap between one stream's messages after its first: a char model makes a token
+    # every ~0.1-0.2 ms, far faster than anyone reads, and each message costs the server and the
+    # client more CPU than a model step. 0: send as fast as tokens come.
+    min_message_interval_s: float = 0.002
 
 
 def request_from_pb(msg: pb.GenerateRequest, request_id: str = "") -> GenerationRequest:
@@ -181,7 +185,8 @@ class GeneratorService(pb_grpc.GeneratorServicer):
 
     async def _pace(self) -> None:
         """Let tokens pile up between messages when many streams are active."""
-        wait = self.scheduler.stats().active_rows / self.cfg.message_budget_per_s
+        wait = max(self.scheduler.stats().active_rows / self.cfg.message_budget_per_s,
+                   self.cfg.min_message_interval_s)
         if wait > 0.001:
             await asyncio.sleep(wait)
 

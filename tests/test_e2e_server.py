@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 
 import grpc
 import pytest
@@ -28,6 +29,29 @@ def test_stream_delivers_text_and_final_message(client):
     assert sum(c.token_count for c in chunks) == 60
     text = "".join(c.text for c in chunks)
     assert len(text) == 60 and set(text) <= set(CHAR_TEXT)
+
+
+def test_messages_coalesce_after_the_first_token(bundles, tmp_path):
+    """After the first message a stream's messages are at least --min-message-interval-ms apart,
+    so a fast model's tokens ride many to a message; the text is the same with or without."""
+    from tests.conftest import start_server
+
+    texts = {}
+    for ms in ("0", "20"):
+        srv = start_server(bundles["char"], tmp_path / f"srv{ms}.log", "--min-message-interval-ms", ms,
+                           "--max-new-tokens", "2000")
+        try:
+            with Client(srv.target, timeout=60) as c:
+                t0 = time.monotonic()
+                chunks = list(c.generate_stream("All", max_new_tokens=2000, seed=3))
+                seconds = time.monotonic() - t0
+        finally:
+            srv.stop()
+        assert chunks[0].finished is None and sum(ch.token_count for ch in chunks) == 2000
+        texts[ms] = "".join(ch.text for ch in chunks)
+        if ms == "20":  # (here ~8 messages; ~340 without the floor)
+            assert len(chunks) <= 2 + seconds / 0.020 and max(ch.token_count for ch in chunks) > 10
+    assert texts["0"] == texts["20"]
 
 
 def test_same_seed_same_text_and_server_picks_seed(client):
@@ -194,7 +218,6 @@ def test_server_process_has_no_torch(char_server):
 
 def test_sigterm_graceful_stop(bundles, tmp_path):
     """SIGTERM: health NOT_SERVING, new streams UNAVAILABLE, the in-flight stream finishes, exit 0."""
-    import time
 
     from lstmgen_client import UnavailableError
     from tests.conftest import start_server

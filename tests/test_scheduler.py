@@ -180,3 +180,31 @@ def test_io_binding_path_matches_plain_run(bundles, engine):
     assert bound.io_binding
     reqs = [req(p, n=20 + 3 * i, seed=i) for i, p in enumerate(PROMPTS)]
     assert run_all(bound, reqs, stagger=0.001) == run_all(engine, reqs)
+
+
+def test_waiting_reader_gets_first_token_at_once_slow_reader_gets_fewer_larger_chunks(engine):
+    """A waiting reader is woken per token; a reader that lags takes everything piled up since its
+    last read in one chunk, and the text is the same either way."""
+    async def read(stream, pause):
+        chunks = []
+        async for chunk in stream:
+            chunks.append(chunk)
+            await asyncio.sleep(pause)
+        return chunks
+
+    async def main():
+        s = Scheduler(engine)
+        s.start()
+        try:
+            fast = await read(s.submit(req("All", n=200, seed=5, temperature=0.9)), 0)
+            slow = await read(s.submit(req("All", n=200, seed=5, temperature=0.9)), 0.02)
+        finally:
+            await s.close()
+        return fast, slow
+
+    fast, slow = asyncio.run(main())
+    for chunks in (fast, slow):
+        assert chunks[0].token_count == 1  # the first token is not held back
+        assert sum(c.token_count for c in chunks) == 200 and chunks[-1].finished.generated_tokens == 200
+    assert "".join(c.text for c in fast) == "".join(c.text for c in slow)
+    assert len(slow) < len(fast) / 3 and max(c.token_count for c in slow) > 10
