@@ -8,6 +8,7 @@ average (of per-rank means over equal shards) is the single-process mean's gradi
 """
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -54,7 +55,11 @@ def start(info: DistInfo, device: torch.device) -> None:
 
 
 def stop(info: DistInfo) -> None:
+    """Leave the process group while the interpreter is fully alive. DistributedDataParallel holds
+    the group in reference cycles; left to interpreter shutdown, gloo's threads are torn down
+    mid-finalisation and the process dies with SIGABRT (seen on a loaded CI machine)."""
     if info.enabled and dist.is_initialized():
+        gc.collect()  # the trainer's DDP wrapper is garbage by now: free it and its hold on the group
         dist.destroy_process_group()
 
 
