@@ -41,6 +41,17 @@ def make_checkpoint(path: Path, level: str, text: str, *, hidden: int = 16, embe
     return save_checkpoint(ckpt, path)
 
 
+@pytest.fixture
+def torch_one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box threads stall each other."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def export(ckpt: Path, out: Path, **kw) -> Path:
     from lstmgen.export.bundle import export_bundle
 

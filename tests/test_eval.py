@@ -22,12 +22,7 @@ from lstmgen.train.trainer import evaluate, train
 BATCH, BPTT = 10, 35  # the eval defaults: the comparison uses the same streams on both sides
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def sentences(n: int, seed: int) -> str:

@@ -15,13 +15,7 @@ SMALL = ["--preset", "tiny", "--embedding-size", "16", "--hidden-size", "32", "-
          "--bptt", "16", "--eval-batch-size", "4", "--device", "cpu", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box threads stall each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture

@@ -12,12 +12,7 @@ from lstmgen.train.runlog import truncate_after, write_csv
 from lstmgen.train.trainer import TrainError, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def small(**kw):

@@ -16,13 +16,7 @@ from lstmgen.train.model import StackedLSTM
 from lstmgen.train.trainer import TrainError, check_config, evaluate, lr_at, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box threads stall each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def corpus_file(path, lines: int = 300, seed: int = 0):
