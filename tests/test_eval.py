@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from lstmgen.cli import main
 from lstmgen.evaluate import EvalConfig, EvalError, evaluate_bundle

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from lstmgen.cli import main
 from lstmgen.train.checkpoint import load_checkpoint
