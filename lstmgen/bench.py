@@ -211,7 +211,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         },
         "model": {**asdict(mc), "parameters": params, "flops_per_token": fpt, "quantization":
                   "int8-dynamic" if cfg.int8 else "fp32", "preset": cfg.preset, "checkpoint": cfg.checkpoint},
-        "machine": {"matmul_flops_per_s": rate, "matmul_flops_per_s_by_library": rates, "cpus": os.cpu_count(), "processor": platform.processor(),
+        "machine": {"matmul_flops_per_s": rate, "matmul_flops_per_s_by_library": rates,
+                    "cpus": os.cpu_count(), "processor": platform.processor(),
                     "platform": platform.platform(), "python": platform.python_version(),
                     "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__},
         "config": asdict(cfg),

@@ -4,8 +4,9 @@ A worker thread owns the model and the batch. Each iteration it (1) admits waiti
 (2) primes new prompts a chunk at a time through the prompt graph and samples their first token,
 (3) runs ONE step for every generating row and samples each row's next token with its own
 parameters and generator, then (4) appends the output to each request's Stream and wakes the
-event loop once, for the readers that wait (see Stream). Requests join and leave between steps; cancelled ones leave at the next.
-The event loop never blocks on the model: ORT and numpy run on the worker thread.
+event loop once, for the readers that wait (see Stream). Requests join and leave between steps;
+cancelled ones leave at the next. The event loop never blocks on the model: ORT and numpy run on
+the worker thread.
 """
 from __future__ import annotations
 

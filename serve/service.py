@@ -185,9 +185,9 @@ class GeneratorService(pb_grpc.GeneratorServicer):
 
     async def _pace(self) -> None:
         """Let tokens pile up between messages when many streams are active."""
-        wait = max(self.scheduler.stats().active_rows / self.cfg.message_budget_per_s,
-                   self.cfg.min_message_interval_s)
-        if wait > 0.001:
+        share = self.scheduler.stats().active_rows / self.cfg.message_budget_per_s
+        wait = max(share if share > 0.001 else 0.0, self.cfg.min_message_interval_s)
+        if wait > 0:
             await asyncio.sleep(wait)
 
     async def GetModelInfo(self, request: pb.ModelInfoRequest | None, context) -> pb.ModelInfo:
