@@ -20,10 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="execution provider: auto = CUDA when onnxruntime-gpu finds a GPU, else CPU")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
-    p.add_argument("--spin", action=argparse.BooleanOptionalAction, default=False,
-                   help="let idle ONNX Runtime threads spin for the next step: lower step latency when "
-                        "they have cores of their own (see --threads); off, they leave the cores to the "
-                        "event loop, gRPC and other processes")
+    p.add_argument("--spin", choices=("on", "run", "off"), default="run",
+                   help="ONNX Runtime threads busy-wait for work: on = also between steps (only with cores "
+                        "to spare, see --threads), run = only inside a step, off = never")
     s = ServiceConfig()
     p.add_argument("--message-budget", type=float, default=s.message_budget_per_s,
                    help="messages per second aimed at across all streams; more active streams -> "
@@ -72,7 +71,7 @@ def config_from_args(args: argparse.Namespace):
                     max_request_bytes=args.max_request_bytes or request_bytes_for(args.max_prompt_chars))
     return ServerConfig(bundle=args.bundle, host=args.host, port=args.port, grace_s=args.grace,
                         engine=EngineConfig(device=args.device, intra_op_threads=args.threads,
-                                            allow_spinning=args.spin),
+                                            spin=args.spin),
                         service=ServiceConfig(message_budget_per_s=args.message_budget,
                                               min_message_interval_s=args.min_message_interval_ms / 1e3),
                         limits=limits, scheduler=SchedulerConfig(prefill_chunk=args.prefill_chunk),

@@ -19,13 +19,18 @@ log = logging.getLogger("lstmgen.engine")
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 
 
+SPIN_MODES = ("on", "run", "off")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda
     intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per physical core)
-    # Idle ORT worker threads spin for the next call by default: good for latency on a quiet
-    # machine, bad when they compete with the event loop for few cores.
-    allow_spinning: bool = True
+    # ORT's pool threads busy-wait for work instead of sleeping. "on" (ORT's default): also between
+    # calls, which steals the cores an event loop and other processes need; "run": only inside a
+    # call (session.force_spinning_stop), most of the latency gain at batch 1 without the theft;
+    # "off": never.
+    spin: str = "on"  # on | run | off
     # IO binding keeps (h, c) on the device between steps: "auto" = on for CUDA.
     io_binding: str = "auto"  # auto | on | off
     verify_checksums: bool = True
@@ -60,8 +65,12 @@ class Engine:
         if cfg.intra_op_threads:
             opts.intra_op_num_threads = cfg.intra_op_threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if not cfg.allow_spinning:
+        if cfg.spin not in SPIN_MODES:
+            raise ValueError(f"spin must be one of {', '.join(SPIN_MODES)}, got {cfg.spin!r}")
+        if cfg.spin == "off":
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        elif cfg.spin == "run":
+            opts.add_session_config_entry("session.force_spinning_stop", "1")
         self.step_session = self._open(self.manifest.model_file, opts, providers)
         self.provider = self.step_session.get_providers()[0]
         if cfg.device == "cuda" and self.provider != CUDA:

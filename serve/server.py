@@ -33,9 +33,9 @@ class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 50051  # 0: any free port (the bound one is logged and printed)
     grace_s: float = 10.0  # in-flight streams get this long to finish on SIGTERM
-    # No spinning: idle ORT threads that spin steal the cores the event loop, gRPC and the clients
-    # need; turning it off measured +30-45% server tokens/s on 2 cores (docs/benchmark.md).
-    engine: EngineConfig = field(default_factory=lambda: EngineConfig(allow_spinning=False))
+    # ORT threads spin inside a step only: spinning between steps too steals the cores the event
+    # loop, gRPC and the clients need (measured in docs/benchmark.md).
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(spin="run"))
     limits: Limits = field(default_factory=Limits)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)

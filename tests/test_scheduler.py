@@ -208,3 +208,20 @@ def test_waiting_reader_gets_first_token_at_once_slow_reader_gets_fewer_larger_c
         assert sum(c.token_count for c in chunks) == 200 and chunks[-1].finished.generated_tokens == 200
     assert "".join(c.text for c in fast) == "".join(c.text for c in slow)
     assert len(slow) < len(fast) / 3 and max(c.token_count for c in slow) > 10
+
+
+def test_spin_modes_reach_onnx_runtime(bundles):
+    """--spin on|run|off: the session options ORT actually got; anything else is refused by name."""
+    def entry(opts, key):  # None when unset (ORT's default)
+        try:
+            return opts.get_session_config_entry(key)
+        except RuntimeError:
+            return None
+
+    want = {"on": (None, None), "run": (None, "1"), "off": ("0", None)}
+    for mode, expected in want.items():
+        opts = Engine(bundles["char"], EngineConfig(device="cpu", spin=mode)).step_session.get_session_options()
+        got = (entry(opts, "session.intra_op.allow_spinning"), entry(opts, "session.force_spinning_stop"))
+        assert got == expected, mode
+    with pytest.raises(ValueError, match="spin must be one of on, run, off"):
+        Engine(bundles["char"], EngineConfig(device="cpu", spin="sometimes"))
