@@ -270,18 +270,25 @@ class Scheduler:
             self._deliver(self._decode_step())
 
     def _drop_cancelled(self) -> None:
-        gone = [s for s in self._waiting if s.cancelled]
-        gone += [s for s in self._priming if s.cancelled]
-        if gone:
-            self._waiting = deque(s for s in self._waiting if not s.cancelled)
-            self._priming = [s for s in self._priming if not s.cancelled]
+        # `cancelled` is set from the event-loop thread at any moment: read each flag ONCE, so a
+        # row dropped is a row released and vice versa (reading it twice, a cancel landing in
+        # between released a row that stayed in the batch, and released it again a step later).
+        n_gone = 0
+        if self._waiting or self._priming:
+            waiting = [(s, s.cancelled) for s in self._waiting]
+            priming = [(s, s.cancelled) for s in self._priming]
+            dropped = sum(c for _, c in waiting) + sum(c for _, c in priming)
+            if dropped:
+                self._waiting = deque(s for s, c in waiting if not c)
+                self._priming = [s for s, c in priming if not c]
+                n_gone += dropped
         if self._batch is not None:
             keep = [i for i, s in enumerate(self._batch.seqs) if not s.cancelled]
             if len(keep) != len(self._batch):
-                gone += [s for s in self._batch.seqs if s.cancelled]
+                n_gone += len(self._batch) - len(keep)
                 self._batch = self._batch.filter(keep)
-        if gone:
-            self._release(len(gone))
+        if n_gone:
+            self._release(n_gone)
 
     def _prime_chunk(self) -> list:
         """One prompt-graph call advancing up to max_prefill_rows prompts by a chunk each."""

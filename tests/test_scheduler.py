@@ -226,3 +226,34 @@ def test_spin_modes_reach_onnx_runtime(bundles):
         assert got == expected, mode
     with pytest.raises(ValueError, match="spin must be one of on, run, off"):
         Engine(bundles["char"], EngineConfig(device="cpu", spin="sometimes"))
+
+
+def test_a_cancel_racing_the_worker_releases_each_row_once(engine):
+    """The consumer's thread may cancel between two reads of the flag by the worker: whatever it
+    reads, each admitted row is released exactly once (streams-in-system never goes negative)."""
+    from dataclasses import fields
+
+    from lstmgen.serve.batch import Batch, Sequence
+
+    class CancelledOnSecondRead(Sequence):
+        @property
+        def cancelled(self):
+            self.reads = getattr(self, "reads", 0) + 1
+            return self.reads > 1
+
+        @cancelled.setter
+        def cancelled(self, value):
+            pass
+
+    s = Scheduler(engine)
+    s.submit(req("All", seed=1))
+    s.submit(req("All", seed=2))
+    a, b = s._incoming
+    s._incoming.clear()
+    a.cancelled = True
+    b = CancelledOnSecondRead(**{f.name: getattr(b, f.name) for f in fields(Sequence) if f.name != "cancelled"})
+    h, c = engine.zeros(2)
+    s._batch = Batch.create([a, b], np.zeros(2, np.int64), h, c)
+    for _ in range(3):
+        s._drop_cancelled()
+    assert s._batch is None and s.in_system == 0
