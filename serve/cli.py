@@ -12,6 +12,7 @@ from lstmgen.serve.params import Limits, request_bytes_for
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from lstmgen.serve.engine import SPIN_MODES
     from lstmgen.serve.service import ServiceConfig
 
     p.add_argument("bundle", metavar="BUNDLE_DIR", help="bundle folder made by `lstmgen export`")
@@ -20,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="execution provider: auto = CUDA when onnxruntime-gpu finds a GPU, else CPU")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
-    p.add_argument("--spin", choices=("on", "run", "off"), default="run",
+    p.add_argument("--spin", choices=SPIN_MODES, default="run",
                    help="ONNX Runtime threads busy-wait for work: on = also between steps (only with cores "
                         "to spare, see --threads), run = only inside a step, off = never")
     s = ServiceConfig()

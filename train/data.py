@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from lstmgen.bundle import sha256_file
 from lstmgen.vocab import EOS, Level, Vocab
 
 SPLITS = ("train", "valid", "test")
@@ -62,14 +63,6 @@ def read_text(path: str | os.PathLike) -> str:
     if not text.strip():
         raise DataError(f"{p}: file is empty")
     return text
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def is_url(data: str) -> bool:
@@ -218,7 +211,7 @@ def load_corpus(data: str, level: Level, valid_fraction: float = 0.1,
                 raise DataError(f"{files.get(split, files['train'])}: {e}") from None
     source.update(
         layout=layout, level=level, vocab_size=len(vocab),
-        files={s: {"path": str(p.resolve()), "sha256": sha256_of(p), "bytes": p.stat().st_size}
+        files={s: {"path": str(p.resolve()), "sha256": sha256_file(p), "bytes": p.stat().st_size}
                for s, p in files.items()},
         tokens={s: len(v) for s, v in ids.items()},
     )
