@@ -24,6 +24,7 @@ class Limits:
     # Largest serialized request; gRPC refuses bigger ones before parsing (RESOURCE_EXHAUSTED).
     # The default fits the longest prompt at 4 UTF-8 bytes per character plus 64 KiB for the rest.
     max_request_bytes: int = 4 * 16_384 + 64 * 1024
+    max_top_logprobs: int = 20  # most alternatives a request may ask for per token
 
 
 def request_bytes_for(max_prompt_chars: int) -> int:
@@ -31,17 +32,34 @@ def request_bytes_for(max_prompt_chars: int) -> int:
     return 4 * max_prompt_chars + 64 * 1024
 
 
+# Temperatures below this decode greedily: logits / 1e-40 overflow float32 to inf, then NaN.
+MIN_TEMPERATURE = 1e-4
+MAX_REPETITION_PENALTY = 100.0
+MAX_OPENAI_PENALTY = 2.0  # |frequency_penalty|, |presence_penalty| (OpenAI's range)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
+    """Applied in this order (Hugging Face / TGI): repetition_penalty, frequency and presence
+    penalties, temperature, top_k, top_p, min_p; then one draw from the request's generator."""
+
     temperature: float = 1.0
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
+    min_p: float = 0.0  # 0: off
+    repetition_penalty: float = 1.0  # 1: off (HF: over prompt and generated tokens)
+    frequency_penalty: float = 0.0  # 0: off (OpenAI: x count in generated tokens)
+    presence_penalty: float = 0.0  # 0: off (OpenAI: once a token was generated)
     greedy: bool = False
     seed: int = 0
 
     @property
     def is_greedy(self) -> bool:
-        return self.greedy or self.temperature == 0.0
+        return self.greedy or self.temperature < MIN_TEMPERATURE
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +71,8 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     skip_unknown: bool = False
     request_id: str = ""
+    logprobs: bool = False  # report each generated token's log-probability
+    top_logprobs: int = 0  # ... and this many most likely alternatives (needs logprobs)
 
 
 def validate(req: GenerationRequest, limits: Limits) -> int:
@@ -72,6 +92,19 @@ def validate(req: GenerationRequest, limits: Limits) -> int:
             raise InvalidRequest("top_p", f"is {s.top_p}; allowed (0, 1]")
         if s.top_k < 0:
             raise InvalidRequest("top_k", f"is {s.top_k}; allowed >= 0 (0 = off)")
+        if math.isnan(s.min_p) or not 0.0 <= s.min_p <= 1.0:
+            raise InvalidRequest("min_p", f"is {s.min_p}; allowed [0, 1] (0 = off)")
+    if math.isnan(s.repetition_penalty) or not 0.0 < s.repetition_penalty <= MAX_REPETITION_PENALTY:
+        raise InvalidRequest("repetition_penalty", f"is {s.repetition_penalty}; allowed (0, "
+                                                   f"{MAX_REPETITION_PENALTY:g}] (1 = off)")
+    for name in ("frequency_penalty", "presence_penalty"):
+        v = getattr(s, name)
+        if math.isnan(v) or not -MAX_OPENAI_PENALTY <= v <= MAX_OPENAI_PENALTY:
+            raise InvalidRequest(name, f"is {v}; allowed [-{MAX_OPENAI_PENALTY:g}, {MAX_OPENAI_PENALTY:g}] (0 = off)")
+    if not 0 <= req.top_logprobs <= limits.max_top_logprobs:
+        raise InvalidRequest("top_logprobs", f"is {req.top_logprobs}; allowed 0..{limits.max_top_logprobs}")
+    if req.top_logprobs and not req.logprobs:
+        raise InvalidRequest("top_logprobs", "needs logprobs to be set")
     if not 0 <= s.seed < 2**64:
         raise InvalidRequest("seed", f"is {s.seed}; allowed 0..2^64-1")
     if len(req.stop) > limits.max_stop_sequences:
