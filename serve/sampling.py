@@ -1,8 +1,22 @@
-"""Vectorised next-token choice for a batch of rows, each with its own parameters and generator.
+"""Next-token choice for a batch of rows, each with its own parameters and generator.
 
-Like TGI's NextTokenChooser, each processing stage runs only when some row needs it. Every stage
-is row-wise, and each row's randomness is one uniform draw from that request's own generator, so
-a row's token depends only on its own logits and seed, never on what shares the batch.
+The distribution each row samples from is defined exactly (tests/test_sampling_exact.py holds a
+float64 full-sort reference that the fast path must match):
+
+1. penalties (serve/penalties.py) change the logits of tokens the request has seen;
+2. greedy rows (greedy, or temperature < MIN_TEMPERATURE) take the first argmax;
+3. p = softmax(logits / temperature) over the whole vocabulary;
+4. top_k keeps the tokens with p >= the k-th largest p (ties at the k-th value stay, as in Hugging
+   Face and vLLM); top_p then keeps the shortest prefix of the kept tokens, ordered by (p
+   descending, token id ascending), whose mass reaches top_p of the kept mass (a token stays when
+   the mass before it is < top_p x kept mass); min_p then keeps p >= min_p x max p;
+5. one uniform u from the request's own generator picks the kept token where the cumulative mass,
+   in token-id order, first exceeds u x kept mass.
+
+Like TGI's NextTokenChooser, a stage runs only when some row needs it; every stage is row-wise,
+so a row's token depends only on its own logits, history and seed, never on what shares the
+batch. The per-row selection runs in numba kernels without the GIL (serve/sampling_kernels.py):
+a few passes over the vocabulary, never a sort of it.
 """
 from __future__ import annotations
 
@@ -11,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from lstmgen.serve.params import SamplingParams
+from lstmgen.serve.penalties import TokenHistory, apply_penalties
+from lstmgen.serve.sampling_kernels import sample_rows
 
 
 @dataclass(frozen=True)
@@ -21,69 +37,53 @@ class BatchSampling:
     greedy: np.ndarray  # bool [B]
     inv_temperature: np.ndarray  # float32 [B, 1] (1 for greedy rows)
     top_k: np.ndarray  # int64 [B], 0 = off
-    top_p: np.ndarray  # float32 [B], 1 = off
+    top_p: np.ndarray  # float64 [B], 1 = off
+    min_p: np.ndarray  # float64 [B], 0 = off
+    penalty_rows: tuple[int, ...]  # rows with any penalty
+    repetition: np.ndarray  # float32 [len(penalty_rows)]
+    frequency: np.ndarray  # float32 [len(penalty_rows)]
+    presence: np.ndarray  # float32 [len(penalty_rows)]
     all_greedy: bool
     any_greedy: bool
-    unit_temperature: bool
-    any_top_k: bool
-    any_top_p: bool
+    sampled_rows: np.ndarray  # int64 [S]: the rows that are not greedy
 
     @classmethod
     def from_params(cls, params: list[SamplingParams]) -> "BatchSampling":
         greedy = np.array([p.is_greedy for p in params], dtype=bool)
         temp = np.array([1.0 if p.is_greedy else p.temperature for p in params], dtype=np.float32)
-        top_k = np.array([p.top_k for p in params], dtype=np.int64)
-        top_p = np.array([p.top_p for p in params], dtype=np.float32)
-        return cls(greedy=greedy, inv_temperature=(1.0 / temp)[:, None], top_k=top_k, top_p=top_p,
-                   all_greedy=bool(greedy.all()), any_greedy=bool(greedy.any()),
-                   unit_temperature=bool((temp == 1.0).all()), any_top_k=bool((top_k > 0).any()),
-                   any_top_p=bool((top_p < 1.0).any()))
+        pen = tuple(i for i, p in enumerate(params) if p.has_penalties)
+        f32 = lambda name: np.array([getattr(params[i], name) for i in pen], np.float32)  # noqa: E731
+        return cls(greedy=greedy, inv_temperature=(1.0 / temp)[:, None],
+                   top_k=np.array([p.top_k for p in params], dtype=np.int64),
+                   top_p=np.array([p.top_p for p in params], dtype=np.float64),
+                   min_p=np.array([p.min_p for p in params], dtype=np.float64),
+                   penalty_rows=pen, repetition=f32("repetition_penalty"), frequency=f32("frequency_penalty"),
+                   presence=f32("presence_penalty"), all_greedy=bool(greedy.all()), any_greedy=bool(greedy.any()),
+                   sampled_rows=np.flatnonzero(~greedy).astype(np.int64))
 
 
-def apply_top_k(logits: np.ndarray, top_k: np.ndarray) -> np.ndarray:
-    """Mask all but each row's k largest logits (k = 0: row untouched). Ties at the k-th value stay."""
-    v = logits.shape[1]
-    k = np.where((top_k > 0) & (top_k < v), top_k, v)  # [B]
-    if (k == v).all():
-        return logits
-    neg = -logits
-    # One partition when every row asks for the same k (the usual case); a full sort otherwise.
-    part = np.partition(neg, k[0] - 1, axis=1) if (k == k[0]).all() else np.sort(neg, axis=1)
-    thresh = -np.take_along_axis(part, (k - 1)[:, None], axis=1)  # [B, 1] each row's k-th largest
-    return np.where(logits < thresh, -np.inf, logits)
+def unnormalised_probs(logits: np.ndarray, inv_temperature: np.ndarray) -> np.ndarray:
+    """exp((logits - row max) / T), float32 [B, V]: the max is taken first, so huge logits or a
+    tiny temperature underflow to 0 instead of overflowing to inf (and NaN)."""
+    z = logits - logits.max(axis=1, keepdims=True)  # [B, V], <= 0
+    with np.errstate(over="ignore"):  # a huge gap / tiny T is -inf: weight 0, as it should be
+        z *= inv_temperature
+    return np.exp(z, out=z)
 
 
-def apply_top_p(probs: np.ndarray, top_p: np.ndarray) -> np.ndarray:
-    """Keep the smallest set of most likely tokens whose mass reaches top_p (always >= 1 token)."""
-    active = top_p < 1.0
-    if not active.any():
-        return probs
-    order = np.argsort(-probs, axis=1, kind="stable")  # [B, V]
-    sorted_p = np.take_along_axis(probs, order, axis=1)
-    cum_before = np.cumsum(sorted_p, axis=1) - sorted_p  # mass strictly before each token
-    drop_sorted = (cum_before >= top_p[:, None]) & active[:, None]
-    drop = np.empty_like(drop_sorted)
-    np.put_along_axis(drop, order, drop_sorted, axis=1)
-    return np.where(drop, 0.0, probs)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def choose(logits: np.ndarray, sp: BatchSampling, uniforms: np.ndarray) -> np.ndarray:
-    """logits float32 [B, V], uniforms float64 [B] in [0, 1) -> token ids int64 [B]."""
+def choose(logits: np.ndarray, sp: BatchSampling, uniforms: np.ndarray,
+           histories: list[TokenHistory | None] | None = None) -> np.ndarray:
+    """logits float32 [B, V] with a finite max per row (penalised in place when a row asks for
+    it), uniforms float64 [B] in [0, 1), histories: each row's TokenHistory (rows with penalties
+    need one) -> token ids int64 [B]."""
+    if sp.penalty_rows:
+        logits = np.array(logits, dtype=np.float32)  # never write into the caller's array
+        apply_penalties(logits, list(sp.penalty_rows), [histories[i] for i in sp.penalty_rows],
+                        sp.repetition, sp.frequency, sp.presence)
     if sp.all_greedy:
         return logits.argmax(axis=1)
-    x = logits if sp.unit_temperature else logits * sp.inv_temperature  # [B, V]
-    if sp.any_top_k:
-        x = apply_top_k(x, sp.top_k)
-    weights = np.exp(x - x.max(axis=1, keepdims=True))  # unnormalised probabilities [B, V]
-    if sp.any_top_p:
-        weights = apply_top_p(weights / weights.sum(axis=1, keepdims=True), sp.top_p)
-    cdf = np.cumsum(weights, axis=1)  # [B, V]; the target below rescales, so no normalising
-    sampled = (cdf <= uniforms[:, None] * cdf[:, -1:]).sum(axis=1)  # first index past the target
-    sampled = np.minimum(sampled, logits.shape[1] - 1)
-    return np.where(sp.greedy, logits.argmax(axis=1), sampled) if sp.any_greedy else sampled
+    rows = sp.sampled_rows
+    out = logits.argmax(axis=1) if sp.any_greedy else np.empty(len(logits), np.int64)
+    probs = unnormalised_probs(logits, sp.inv_temperature)  # [B, V]
+    sample_rows(probs, np.ascontiguousarray(uniforms, np.float64), sp.top_k, sp.top_p, sp.min_p, rows, out)
+    return out

@@ -1,0 +1,300 @@
+"""Per-row sampling kernels: numba, compiled once and cached on disk, run without the GIL.
+
+A row's work is a handful of passes over its V probabilities, never a sort of the vocabulary.
+
+* The kept set (after top_k, top_p, min_p) is always a prefix of the tokens ordered by
+  (probability descending, token id ascending). It is written `(vc, ties)`: every token with
+  p > vc, plus the `ties` lowest-id tokens with p == vc (`ties` < 0: all of them).
+* Its boundary is found by *weighted selection*: SPLITS geometric thresholds split the values in
+  play into bands, one pass counts the tokens and sums the mass above each threshold, the band
+  holding the boundary is gathered, and the loop repeats on it; only a band of at most SORT_BAND
+  values (or of equal values) is sorted. A trained model's nucleus boundary takes one pass over
+  the vocabulary and a few over a shrinking band (llama.cpp's bucket samplers do the same in C;
+  vLLM's top-k window needs a full sort when the nucleus spills out of it, this never does).
+* The draw is an inverse CDF over the kept tokens in token-id order: masked sums of blocks of
+  BLOCK tokens find the crossing block, then one block is scanned.
+
+serve/sampling.py states the semantics; tests/test_sampling_exact.py holds a float64 full-sort
+reference that these must match.
+"""
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+BLOCK = 256  # tokens per block summed ahead of the inverse-CDF scan
+SPLITS = 8  # thresholds per selection round
+SORT_BAND = 64  # a band this small is sorted outright
+
+_jit = dict(cache=True, nogil=True)
+
+
+# Round one's thresholds, relative to the row's largest probability (1 by construction): bands of
+# a factor 4 cover seven octave pairs, and the last threshold (the smallest positive float32)
+# takes everything else, so its count and mass are the row's positive tokens and total mass.
+TINY = np.float32(1e-45)
+FIRST = np.array([4.0 ** -(j + 1) for j in range(SPLITS - 1)] + [1e-45], np.float32)
+
+
+CHUNK = 2048  # float32 partial sums over this many values, added up in float64
+
+
+@nb.njit(fastmath=True, **_jit)
+def _above(vals, th, with_mass):
+    """Count (and, with_mass, mass) of vals >= th[j] for the SPLITS (= 8) thresholds, in one pass:
+    eight independent accumulators vectorise; eight passes would read the row eight times. Masses
+    are float32 within a chunk and float64 across chunks: a nucleus edge deep in a 33k-word tail
+    is a difference of 1e-7."""
+    t0, t1, t2, t3, t4, t5, t6, t7 = th[0], th[1], th[2], th[3], th[4], th[5], th[6], th[7]
+    cnt = np.zeros(SPLITS, np.int64)
+    mass = np.zeros(SPLITS, np.float64)
+    z = np.float32(0.0)
+    for a in range(0, vals.shape[0], CHUNK):
+        b = min(a + CHUNK, vals.shape[0])
+        c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = np.int32(0)
+        m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = z
+        if with_mass:
+            for i in range(a, b):
+                x = vals[i]
+                m0 += x if x >= t0 else z
+                c0 += np.int32(x >= t0)
+                m1 += x if x >= t1 else z
+                c1 += np.int32(x >= t1)
+                m2 += x if x >= t2 else z
+                c2 += np.int32(x >= t2)
+                m3 += x if x >= t3 else z
+                c3 += np.int32(x >= t3)
+                m4 += x if x >= t4 else z
+                c4 += np.int32(x >= t4)
+                m5 += x if x >= t5 else z
+                c5 += np.int32(x >= t5)
+                m6 += x if x >= t6 else z
+                c6 += np.int32(x >= t6)
+                m7 += x if x >= t7 else z
+                c7 += np.int32(x >= t7)
+        else:
+            for i in range(a, b):
+                x = vals[i]
+                c0 += np.int32(x >= t0)
+                c1 += np.int32(x >= t1)
+                c2 += np.int32(x >= t2)
+                c3 += np.int32(x >= t3)
+                c4 += np.int32(x >= t4)
+                c5 += np.int32(x >= t5)
+                c6 += np.int32(x >= t6)
+                c7 += np.int32(x >= t7)
+        cnt[0] += c0
+        cnt[1] += c1
+        cnt[2] += c2
+        cnt[3] += c3
+        cnt[4] += c4
+        cnt[5] += c5
+        cnt[6] += c6
+        cnt[7] += c7
+        mass[0] += m0
+        mass[1] += m1
+        mass[2] += m2
+        mass[3] += m3
+        mass[4] += m4
+        mass[5] += m5
+        mass[6] += m6
+        mass[7] += m7
+    return cnt, mass
+
+
+@nb.njit(**_jit)
+def _band(vals, lo, hi):
+    """The values in [lo, hi), in order (one pass into a buffer as long as vals)."""
+    buf = np.empty(vals.shape[0], np.float32)
+    n = 0
+    for i in range(vals.shape[0]):
+        x = vals[i]
+        if lo <= x and x < hi:
+            buf[n] = x
+            n += 1
+    return buf[:n]
+
+
+@nb.njit(**_jit)
+def _select(vals, th, cnt, mass, floor, by_mass, target, need_mass):
+    """Walk the values >= floor (> 0) in descending order, accumulating a count (or their mass,
+    by_mass) until it reaches target; return that value v and the count and mass of the values
+    > v and of the values >= v. th, cnt, mass: the first round (_above(vals, th)); th[-1] must be
+    <= floor. If the walk never reaches target (float rounding of a mass target), v is the
+    smallest value in play. The masses returned are right only with need_mass (or by_mass), and
+    then the first round's must be too."""
+    with_mass = by_mass or need_mass
+    hi = np.float32(np.inf)  # the boundary is < hi; everything >= hi is in the prefix
+    c_hi, m_hi = 0, 0.0
+    first = True
+    while True:
+        n = vals.shape[0]
+        if not first:
+            if n <= SORT_BAND:
+                break
+            vmax, vmin = np.float32(0.0), np.float32(np.inf)
+            for i in range(n):
+                x = vals[i]
+                vmax = x if x > vmax else vmax
+                vmin = x if x < vmin else vmin
+            if vmax <= vmin:
+                break
+            th = np.empty(SPLITS, np.float32)  # geometric between the band's ends, th[-1] == vmin
+            ratio = (np.float64(vmin) / np.float64(vmax)) ** (1.0 / SPLITS)
+            for j in range(SPLITS - 1):
+                th[j] = np.float32(vmax * ratio ** (j + 1))
+            th[SPLITS - 1] = vmin
+            cnt, mass = _above(vals, th, with_mass)
+        first_round, first = first, False
+        j = 0
+        while j < SPLITS - 1 and (m_hi + mass[j] if by_mass else c_hi + cnt[j]) < target:
+            j += 1
+        lo = max(th[j], floor)
+        if j > 0:
+            c_hi += cnt[j - 1]
+            m_hi += mass[j - 1]
+            hi = th[j - 1]
+        band = _band(vals, lo, hi)
+        if band.shape[0] >= n and not first_round:  # no progress (equal values): sort what is left
+            vals = band
+            break
+        vals = band
+    s = np.sort(vals)[::-1]  # the last band, descending
+    c, m = c_hi, m_hi
+    i = 0
+    while i < s.shape[0] - 1 and (m + s[i] if by_mass else c + 1) < target:
+        c += 1
+        m += s[i]
+        i += 1
+    if s.shape[0] == 0:
+        return floor, c, m, c, m
+    x = s[i]
+    lo = i  # the run of values equal to x is s[lo:up]
+    while lo > 0 and s[lo - 1] == x:
+        lo -= 1
+    up = i + 1
+    while up < s.shape[0] and s[up] == x:
+        up += 1
+    c_gt, m_gt = c - (i - lo), m - np.float64(x) * (i - lo)
+    return x, c_gt, m_gt, c_gt + (up - lo), m_gt + np.float64(x) * (up - lo)
+
+
+@nb.njit(**_jit)
+def _cut(p, k, top_p, min_p):
+    """The kept set (vc, ties) after top_k, then top_p, then min_p (Hugging Face's order).
+    p's largest value must be 1 (see sampling.unnormalised_probs)."""
+    vc, ties = np.float32(0.0), -1  # everything
+    if k <= 0 and top_p >= 1.0:  # min_p alone: a threshold, nothing to select
+        return (np.float32(min_p), -1) if min_p > 0.0 else (vc, ties)
+    th = FIRST.copy()
+    # cnt[-1], mass[-1]: the row's positive tokens and total mass (mass only when top_p needs it)
+    cnt, mass = _above(p, th, top_p < 1.0)
+    kept = mass[SPLITS - 1]
+    if 0 < k < cnt[SPLITS - 1]:
+        # ties at the k-th value all stay (Hugging Face, vLLM): keep p >= v
+        v, c_gt, m_gt, c_ge, m_ge = _select(p, th, cnt, mass, TINY, False, k, top_p < 1.0)
+        vc, kept = v, m_ge
+    if top_p < 1.0:
+        target = top_p * kept
+        if vc > 0:  # top_p works within what top_k kept: those values only
+            vals = _band(p, vc, np.float32(np.inf))
+            th2 = np.full(SPLITS, vc, np.float32)  # a first round that puts all of them in one band
+            cnt2, mass2 = _above(vals, th2, True)
+            v, c_gt, m_gt, c_ge, m_ge = _select(vals, th2, cnt2, mass2, vc, True, target, True)
+        else:
+            v, c_gt, m_gt, c_ge, m_ge = _select(p, th, cnt, mass, TINY, True, target, True)
+        if c_ge - c_gt == 1 or m_ge < target:
+            vc, ties = v, -1  # one token at the boundary value (or rounding ran the walk out)
+        else:
+            # several tokens equal v: keep them in id order while the mass before each is < target
+            n_keep, acc = 0, m_gt
+            for i in range(p.shape[0]):
+                if p[i] == v and acc < target:
+                    acc += p[i]
+                    n_keep += 1
+            vc, ties = v, n_keep
+    if min_p > 0.0:
+        th_min = np.float32(min_p)  # x the largest probability, 1
+        if th_min > vc:
+            vc, ties = th_min, -1  # keep p >= min_p (a subset of what is kept so far)
+    return vc, ties
+
+
+@nb.njit(fastmath=True, **_jit)
+def _block_sums(p, vc):
+    """Mass of the tokens with p >= vc in each block of BLOCK tokens."""
+    n_blocks = (p.shape[0] + BLOCK - 1) // BLOCK
+    out = np.empty(n_blocks, np.float64)
+    for b in range(n_blocks):
+        s = np.float32(0.0)  # 256 values: float32 is exact enough, and twice as wide
+        for i in range(b * BLOCK, min((b + 1) * BLOCK, p.shape[0])):
+            x = p[i]
+            s += x if x >= vc else np.float32(0.0)
+        out[b] = s
+    return out
+
+
+@nb.njit(**_jit)
+def _draw(p, vc, ties, u):
+    """Inverse CDF over the kept tokens (vc, ties) in token-id order."""
+    V = p.shape[0]
+    if ties >= 0:  # some tokens equal to vc are dropped: one plain pass for the mass, one to draw
+        total, seen = 0.0, 0
+        for i in range(V):
+            x = p[i]
+            if x > vc or (x == vc and seen < ties):
+                total += x
+            seen += x == vc
+        t, c, last, seen = u * total, 0.0, -1, 0
+        for i in range(V):
+            x = p[i]
+            if x > vc or (x == vc and seen < ties):
+                if x > 0:
+                    c += x
+                    last = i
+                    if c > t:
+                        return i
+            seen += x == vc
+        return last
+    sums = _block_sums(p, vc)
+    t = u * sums.sum()
+    c, b = 0.0, 0
+    while b < sums.shape[0] - 1 and c + sums[b] <= t:
+        c += sums[b]
+        b += 1
+    last = -1
+    for i in range(b * BLOCK, min((b + 1) * BLOCK, V)):
+        x = p[i]
+        if x >= vc and x > 0:
+            c += x
+            last = i
+            if c > t:
+                return i
+    if last >= 0:
+        return last
+    for i in range(V - 1, -1, -1):  # rounding ran past the end: the last kept token with mass
+        if p[i] >= vc and p[i] > 0:
+            return i
+    return 0
+
+
+@nb.njit(**_jit)
+def sample_rows(p, u, top_k, top_p, min_p, rows, out):
+    """p float32 [B, V] (probabilities, need not be normalised), u float64 [B] in [0, 1),
+    top_k int64 [B] (0: off), top_p float64 [B] (1: off), min_p float64 [B] (0: off): writes the
+    token of each row in `rows` to out int64 [B]."""
+    for j in range(rows.shape[0]):
+        r = rows[j]
+        if top_k[r] <= 0 and top_p[r] >= 1.0 and min_p[r] <= 0.0:
+            out[r] = _draw(p[r], np.float32(0.0), -1, u[r])
+        else:
+            vc, ties = _cut(p[r], top_k[r], top_p[r], min_p[r])
+            out[r] = _draw(p[r], vc, ties, u[r])
+
+
+@nb.njit(**_jit)
+def kept_sets(p, top_k, top_p, min_p, rows, vc_out, ties_out):
+    """The kept set (vc, ties) of each row in `rows`, as sample_rows computes it (for tests)."""
+    for j in range(rows.shape[0]):
+        r = rows[j]
+        vc_out[r], ties_out[r] = _cut(p[r], top_k[r], top_p[r], min_p[r])

@@ -1,0 +1,234 @@
+"""The fast sampler draws from exactly the distribution serve/sampling.py defines.
+
+The reference below is the definition written the slow, obvious way: float64, a full stable sort
+of the vocabulary, masks, a cumulative sum. The fast path (numba kernels, no sort) must keep the
+same tokens and, for the same uniform draw, pick the same token, except where float32 rounding
+puts u within a hair of a CDF boundary.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from lstmgen.serve.params import SamplingParams
+from lstmgen.serve.penalties import TokenHistory
+from lstmgen.serve.sampling import BatchSampling, choose, unnormalised_probs
+from lstmgen.serve.sampling_kernels import kept_sets
+
+
+def reference_kept(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
+    """float64 [V]: the unnormalised kept distribution of one row (0 for dropped tokens)."""
+    x = logits.astype(np.float64)
+    probs = np.exp((x - x.max()) / p.temperature)
+    v = len(probs)
+    order = np.lexsort((np.arange(v), -probs))  # p descending, token id ascending
+    kept = probs > 0
+    if 0 < p.top_k < kept.sum():
+        kept &= probs >= probs[order[p.top_k - 1]]  # ties at the k-th value stay
+    if p.top_p < 1.0:
+        in_order = order[kept[order]]
+        mass = probs[in_order]
+        before = np.cumsum(mass) - mass
+        nucleus = np.zeros(v, bool)
+        nucleus[in_order[before < p.top_p * mass.sum()]] = True
+        kept &= nucleus
+    if p.min_p > 0.0:
+        kept &= probs >= p.min_p * probs.max()
+    return np.where(kept, probs, 0.0)
+
+
+def reference_token(kept: np.ndarray, u: float) -> int:
+    cdf = np.cumsum(kept)
+    return int(np.searchsorted(cdf, u * cdf[-1], side="right"))
+
+
+def fast_kept(logits: np.ndarray, params: list[SamplingParams]) -> np.ndarray:
+    """bool [B, V]: the tokens the kernels keep, from their (vc, ties) description."""
+    sp = BatchSampling.from_params(params)
+    probs = unnormalised_probs(logits.astype(np.float32), sp.inv_temperature)
+    b = len(params)
+    vc, ties = np.zeros(b, np.float32), np.zeros(b, np.int64)
+    kept_sets(probs, sp.top_k, sp.top_p, sp.min_p, np.arange(b), vc, ties)
+    out = np.zeros(probs.shape, bool)
+    for r in range(b):
+        row = probs[r]
+        eq = row == vc[r]
+        keep_eq = eq if ties[r] < 0 else eq & (np.cumsum(eq) <= ties[r])
+        out[r] = ((row > vc[r]) | keep_eq) & (row > 0)
+    return out
+
+
+def check(logits: np.ndarray, params: list[SamplingParams], n_draws: int = 200, seed: int = 0) -> None:
+    logits = np.asarray(logits, np.float32)
+    kept = fast_kept(logits, params)
+    refs = [reference_kept(logits[r], p) for r, p in enumerate(params)]
+    for r, p in enumerate(params):
+        if (kept[r] == (refs[r] > 0)).all():
+            continue
+        # only float32 rounding at a boundary may differ: the fast set lies between the reference
+        # sets of a hair smaller and a hair larger top_p / min_p
+        tight = reference_kept(logits[r], replace(p, top_p=p.top_p * (1 - 1e-6), min_p=p.min_p * (1 + 1e-6))) > 0
+        loose = reference_kept(logits[r], replace(p, top_p=min(1.0, p.top_p * (1 + 1e-6)),
+                                                  min_p=p.min_p * (1 - 1e-6))) > 0
+        assert (tight <= kept[r]).all() and (kept[r] <= loose).all(), (
+            f"row {r} {p}: fast keeps {np.flatnonzero(kept[r])[:20]} ({kept[r].sum()}), "
+            f"reference {np.flatnonzero(refs[r])[:20]} ({(refs[r] > 0).sum()})")
+    rng = np.random.default_rng(seed)
+    sp = BatchSampling.from_params(params)
+    mismatches = 0
+    for _ in range(n_draws):
+        u = rng.random(len(params))
+        got = choose(logits, sp, u)
+        for r in range(len(params)):
+            want = reference_token(refs[r], u[r])
+            if got[r] != want:
+                cdf = np.cumsum(refs[r]) / refs[r].sum()
+                assert np.min(np.abs(cdf - u[r])) < 1e-5, f"row {r} {params[r]} u={u[r]}: {got[r]} != {want}"
+                mismatches += 1
+    assert mismatches <= n_draws * len(params) // 100
+
+
+SETTINGS = [
+    SamplingParams(),
+    SamplingParams(temperature=0.8),
+    SamplingParams(temperature=0.8, top_k=40),
+    SamplingParams(temperature=0.8, top_p=0.9),
+    SamplingParams(temperature=0.8, top_k=40, top_p=0.9),
+    SamplingParams(temperature=1.3, top_k=1),
+    SamplingParams(min_p=0.05),
+    SamplingParams(temperature=0.7, top_p=0.95, min_p=0.02),
+    SamplingParams(top_k=200, top_p=0.5, min_p=0.1),
+    SamplingParams(top_p=1e-6),
+    SamplingParams(top_p=0.999999),
+]
+
+
+@pytest.mark.parametrize("vocab", [1, 2, 7, 83, 1000, 10_000, 33_278])
+@pytest.mark.parametrize("scale", [0.1, 3.0, 8.0])
+def test_random_logits_match_reference(vocab, scale):
+    rng = np.random.default_rng(vocab)
+    logits = rng.standard_normal((len(SETTINGS), vocab)).astype(np.float32) * scale
+    check(logits, SETTINGS, n_draws=30 if vocab > 5000 else 100)
+
+
+def test_trained_like_zipf_logits():
+    """A word model's rows: a heavy head and a long tail (Zipf), shuffled over the ids."""
+    rng = np.random.default_rng(3)
+    v = 10_000
+    rows = []
+    for _ in range(len(SETTINGS)):
+        z = -1.1 * np.log(np.arange(1, v + 1)) + rng.normal(0, 0.3, v)
+        rows.append(rng.permutation(z))
+    check(np.array(rows, np.float32), SETTINGS, n_draws=50)
+
+
+def test_ties_at_the_kth_value_all_stay():
+    logits = np.array([[5, 4, 3, 3, 3, 3, 1, 0]] * 3, np.float32)
+    params = [SamplingParams(top_k=3), SamplingParams(top_k=4), SamplingParams(top_k=6)]
+    kept = fast_kept(logits, params)
+    assert kept.sum(axis=1).tolist() == [6, 6, 6]
+    check(logits, params)
+
+
+def test_ties_at_the_nucleus_edge_kept_in_id_order():
+    """Ten equal tokens after a leader: the nucleus ends inside the tie; lowest ids stay."""
+    rng = np.random.default_rng(0)
+    rows, params = [], []
+    for top_p in (0.35, 0.52, 0.81, 0.9):
+        row = np.zeros(300, np.float32) - 30
+        idx = rng.permutation(300)[:11]
+        row[idx[0]] = 1.0
+        row[idx[1:]] = 0.0
+        rows.append(row)
+        params.append(SamplingParams(top_p=top_p))
+    check(np.array(rows), params)
+    # a big tie spread over a large vocabulary: the band never shrinks, the exact path sorts it
+    big = np.zeros((2, 5000), np.float32)
+    big[:, 17] = 2.0
+    check(big, [SamplingParams(top_p=0.5), SamplingParams(top_k=70, top_p=0.5)])
+
+
+@pytest.mark.parametrize("vocab", [1, 5, 4096])
+def test_all_equal_rows(vocab):
+    logits = np.full((len(SETTINGS), vocab), 0.25, np.float32)
+    check(logits, SETTINGS, n_draws=50)
+
+
+def test_minus_infinity_and_huge_ranges():
+    v = 500
+    rng = np.random.default_rng(5)
+    rows = rng.normal(size=(6, v)).astype(np.float32)
+    rows[0, ::2] = -np.inf  # half the vocabulary impossible
+    rows[1, :] = -np.inf
+    rows[1, 42] = 0.0  # one possible token
+    rows[2] *= 1e30  # huge range: (x - max) / T must not overflow
+    rows[3] = rows[3] * 1e-30  # tiny range: nearly uniform
+    rows[4, :] = 3e38
+    rows[4, 7] = 3.4e38
+    rows[5, 3] = 80.0  # one token dominates
+    params = [SamplingParams(temperature=0.8, top_k=40, top_p=0.9)] * 6
+    check(rows, params)
+    params = [SamplingParams(temperature=0.05, top_p=0.3, min_p=0.5)] * 6
+    check(rows, params)
+
+
+def test_top_k_larger_than_vocab_and_top_p_one_are_off():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(2, 50)).astype(np.float32)
+    kept = fast_kept(logits, [SamplingParams(top_k=500), SamplingParams(top_p=1.0)])
+    assert kept.all()
+
+
+def test_tiny_temperature_is_greedy_and_never_nan():
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(3, 100)).astype(np.float32)
+    params = [SamplingParams(temperature=1e-40), SamplingParams(temperature=1e-5, top_p=0.5),
+              SamplingParams(temperature=2e-4, top_k=3)]
+    sp = BatchSampling.from_params(params)
+    for u in (0.0, 0.5, 0.999999):
+        out = choose(logits, sp, np.full(3, u))
+        assert out[:2].tolist() == logits[:2].argmax(axis=1).tolist()
+        assert out[2] == logits[2].argmax()  # 2e-4: the leader's weight is e^(gap/2e-4)
+
+
+def test_greedy_is_exactly_the_first_argmax():
+    logits = np.array([[1, 3, 3, 0], [7, 7, 7, 7]], np.float32)
+    out = choose(logits, BatchSampling.from_params([SamplingParams(greedy=True)] * 2), np.array([0.9, 0.9]))
+    assert out.tolist() == [1, 0]
+
+
+def test_penalties_match_definition():
+    """HF repetition penalty over prompt + generated; OpenAI frequency/presence over generated."""
+    logits = np.array([[2.0, -1.0, 0.5, 3.0, 0.0]], np.float32)
+    hist = TokenHistory([0, 1])  # prompt tokens 0 and 1
+    for t in (3, 3, 2):
+        hist.add(t)
+    p = SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25, greedy=True)
+    sp = BatchSampling.from_params([p])
+    work = logits.copy()
+    choose(work, sp, np.zeros(1), [hist])
+    assert (work == logits).all()  # the caller's array is untouched
+    from lstmgen.serve.penalties import apply_penalties
+    apply_penalties(work, [0], [hist], sp.repetition, sp.frequency, sp.presence)
+    want = [2.0 / 2, -1.0 * 2, 0.5 / 2 - 0.5 - 0.25, 3.0 / 2 - 2 * 0.5 - 0.25, 0.0]
+    assert np.allclose(work[0], want)
+    assert choose(logits, sp, np.zeros(1), [hist])[0] == 0  # 1.0 beats 0.25
+
+
+def test_distribution_is_sampled_in_proportion():
+    """Frequencies over many seeded draws follow the kept distribution (a chi-square bound)."""
+    rng = np.random.default_rng(7)
+    logits = rng.normal(size=(1, 30)).astype(np.float32) * 2
+    p = SamplingParams(temperature=0.9, top_k=12, top_p=0.8)
+    ref = reference_kept(logits[0], p)
+    ref /= ref.sum()
+    sp = BatchSampling.from_params([p])
+    n = 20_000
+    draws = np.array([choose(logits, sp, rng.random(1))[0] for _ in range(n)])
+    counts = np.bincount(draws, minlength=30)
+    assert (counts[ref == 0] == 0).all()
+    expected = ref[ref > 0] * n
+    chi2 = float((((counts[ref > 0] - expected) ** 2) / expected).sum())
+    assert chi2 < 3 * (ref > 0).sum() + 30
