@@ -25,6 +25,7 @@ import numpy as np
 BLOCK = 256  # tokens per block summed ahead of the inverse-CDF scan
 SPLITS = 8  # thresholds per selection round
 SORT_BAND = 64  # a band this small is sorted outright
+SMALL_VOCAB = 256  # rows this short (char models) are sorted outright: selection's fixed cost is more
 
 _jit = dict(cache=True, nogil=True)
 
@@ -186,7 +187,9 @@ def _cut(p, k, top_p, min_p):
     vc, ties = np.float32(0.0), -1  # everything
     if k <= 0 and top_p >= 1.0:  # min_p alone: a threshold, nothing to select
         return (np.float32(min_p), -1) if min_p > 0.0 else (vc, ties)
-    th = FIRST.copy()
+    if p.shape[0] <= SMALL_VOCAB:
+        return _cut_sorted(p, k, top_p, min_p)
+    th = FIRST
     # cnt[-1], mass[-1]: the row's positive tokens and total mass (mass only when top_p needs it)
     cnt, mass = _above(p, th, top_p < 1.0)
     kept = mass[SPLITS - 1]
@@ -217,6 +220,39 @@ def _cut(p, k, top_p, min_p):
         th_min = np.float32(min_p)  # x the largest probability, 1
         if th_min > vc:
             vc, ties = th_min, -1  # keep p >= min_p (a subset of what is kept so far)
+    return vc, ties
+
+
+@nb.njit(**_jit)
+def _cut_sorted(p, k, top_p, min_p):
+    """_cut for a short row: sort its values once (descending) and walk them; ties at the cut are
+    then settled in id order as _cut does."""
+    s = np.sort(p)[::-1]
+    n = 0  # tokens with p > 0
+    while n < s.shape[0] and s[n] > 0:
+        n += 1
+    q = n  # the kept prefix: s[:q]
+    if 0 < k < n:
+        q = k
+        while q < n and s[q] == s[k - 1]:  # ties at the k-th value stay
+            q += 1
+    vc, ties = (s[q - 1] if q else np.float32(0.0)), -1
+    if top_p < 1.0 and q:
+        kept = 0.0
+        for i in range(q):
+            kept += s[i]
+        target, acc, a = top_p * kept, 0.0, 0
+        while a < q and acc < target:
+            acc += s[a]
+            a += 1
+        vc = s[a - 1]
+        lo = a - 1  # the tokens equal to vc in the walk: s[lo:a]; more may follow
+        while lo > 0 and s[lo - 1] == vc:
+            lo -= 1
+        if a < s.shape[0] and s[a] == vc:
+            ties = a - lo  # in id order, as many as the walk took
+    if min_p > 0.0 and np.float32(min_p) > vc:
+        return np.float32(min_p), -1
     return vc, ties
 
 

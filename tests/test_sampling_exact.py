@@ -154,6 +154,10 @@ def test_ties_at_the_nucleus_edge_kept_in_id_order():
 def test_all_equal_rows(vocab):
     logits = np.full((len(SETTINGS), vocab), 0.25, np.float32)
     check(logits, SETTINGS, n_draws=50)
+    # every weight is exactly 1: the nucleus mass lands exactly on top_p x total, where "the mass
+    # before a token < target" and "<=" part ways
+    exact = [SamplingParams(top_p=0.5), SamplingParams(top_p=0.25), SamplingParams(top_k=2, top_p=0.5)]
+    check(np.zeros((3, max(vocab, 4)), np.float32), exact, n_draws=50)
 
 
 def test_minus_infinity_and_huge_ranges():

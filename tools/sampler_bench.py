@@ -1,0 +1,120 @@
+"""The figures behind the sampler's design (docs/benchmark.md, "Sampling"), side by side in one run.
+
+    python tools/sampler_bench.py [--json FILE]
+
+For a char vocabulary (83) and word vocabularies (10,000 and 33,278), at batch 1, 64 and 256, on
+logits shaped like a trained model's (a Zipf head and tail, ~3.8 nats at temperature 0.8), it
+times per call:
+  sort      the previous sampler: top_k by np.partition, top_p by a full argsort of [B, V]
+  kernel    serve/sampling.py: numpy exp, then the numba kernels (weighted selection, no sort)
+  exp       the numpy exp alone (the kernel's input), and the same in a small ONNX Runtime graph
+  ort_topk  the candidate-window step vLLM uses (TopK of 64 per row) in ONNX Runtime, alone
+Needs the train extra (onnx) for the two ONNX Runtime graphs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+from lstmgen.serve.params import SamplingParams
+from lstmgen.serve.sampling import BatchSampling, choose, unnormalised_probs
+
+MODES = {"plain": SamplingParams(temperature=0.8), "top_k": SamplingParams(temperature=0.8, top_k=40),
+         "top_p": SamplingParams(temperature=0.8, top_p=0.9)}
+
+
+def sort_sampler(logits, inv_t, top_k, top_p, u):
+    """The sampler before: what the issue measured (partition for top_k, full argsort for top_p)."""
+    x = logits * inv_t
+    if top_k:
+        kth = -np.partition(-x, top_k - 1, axis=1)[:, top_k - 1 : top_k]
+        x = np.where(x < kth, -np.inf, x)
+    w = np.exp(x - x.max(axis=1, keepdims=True))
+    if top_p < 1:
+        p = w / w.sum(axis=1, keepdims=True)
+        order = np.argsort(-p, axis=1, kind="stable")
+        sp = np.take_along_axis(p, order, axis=1)
+        drop_sorted = (np.cumsum(sp, axis=1) - sp) >= top_p
+        drop = np.empty_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, axis=1)
+        w = np.where(drop, 0.0, p)
+    cdf = np.cumsum(w, axis=1)
+    return np.minimum((cdf <= u[:, None] * cdf[:, -1:]).sum(axis=1), x.shape[1] - 1)
+
+
+def zipf_logits(b: int, v: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    z = -1.1 * np.log(np.arange(1, v + 1))
+    return np.stack([rng.permutation(z + rng.normal(0, 0.3, v)) for _ in range(b)]).astype(np.float32)
+
+
+def best_ms(f, n: int = 15) -> float:
+    """Best of n: on a shared machine the best run is the closest to the code's own cost."""
+    f()
+    best = float("inf")
+    for _ in range(n):
+        t0 = time.perf_counter()
+        f()
+        best = min(best, time.perf_counter() - t0)
+    return 1e3 * best
+
+
+def ort_graphs():
+    """(exp graph, TopK graph) sessions, or None without the onnx package."""
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+    except ImportError:
+        return None
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "V"])
+    it = helper.make_tensor_value_info("it", TensorProto.FLOAT, ["B", 1])
+    k = helper.make_tensor_value_info("k", TensorProto.INT64, [1])
+    e = helper.make_tensor_value_info("e", TensorProto.FLOAT, ["B", "V"])
+    vals = helper.make_tensor_value_info("v", TensorProto.FLOAT, ["B", "K"])
+    idx = helper.make_tensor_value_info("i", TensorProto.INT64, ["B", "K"])
+    exp = helper.make_graph([helper.make_node("ReduceMax", ["x"], ["m"], axes=[1], keepdims=1),
+                             helper.make_node("Sub", ["x", "m"], ["d"]), helper.make_node("Mul", ["d", "it"], ["z"]),
+                             helper.make_node("Exp", ["z"], ["e"])], "exp", [x, it], [e])
+    topk = helper.make_graph([helper.make_node("TopK", ["x", "k"], ["v", "i"], axis=1)], "topk", [x, k], [vals, idx])
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
+    make = lambda g: ort.InferenceSession(  # noqa: E731
+        helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString(),
+        opts, providers=["CPUExecutionProvider"])
+    return make(exp), make(topk)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    graphs = ort_graphs()
+    rows = []
+    for v in (83, 10_000, 33_278):
+        for b in (1, 64, 256):
+            x = zipf_logits(b, v)
+            u = np.random.default_rng(1).random(b)
+            inv_t = np.full((b, 1), 1 / 0.8, np.float32)
+            r = {"vocab": v, "batch": b, "exp_numpy": best_ms(lambda: unnormalised_probs(x, inv_t))}
+            if graphs:
+                r["exp_ort"] = best_ms(lambda: graphs[0].run(None, {"x": x, "it": inv_t}))
+                r["ort_topk64"] = best_ms(lambda: graphs[1].run(None, {"x": x, "k": np.array([min(64, v)])}))
+            for name, sp in MODES.items():
+                bs = BatchSampling.from_params([sp] * b)
+                r[f"sort_{name}"] = best_ms(lambda: sort_sampler(x, inv_t, sp.top_k, sp.top_p, u), 5)
+                r[f"kernel_{name}"] = best_ms(lambda: choose(x, bs, u))
+            rows.append(r)
+            print(f"V={v:>6} B={b:>3}: exp numpy {r['exp_numpy']:.3f} ms"
+                  + (f", ORT {r['exp_ort']:.3f}, ORT TopK-64 {r['ort_topk64']:.3f}" if graphs else "") + "; "
+                  + ", ".join(f"{m} sort {r[f'sort_{m}']:.3f} -> kernel {r[f'kernel_{m}']:.3f} ms "
+                              f"({r[f'sort_{m}'] / r[f'kernel_{m}']:.1f}x)" for m in MODES), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
