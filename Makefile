@@ -18,7 +18,7 @@ help:
 $(STAMP): pyproject.toml clients/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e clients -e ".[cpu,train,dev]"
+	$(BIN)/pip install -q -e clients -e ".[cpu,train,dev,ray]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -29,9 +29,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The descriptor keeps the repository's file name (lstmgen/v1/generator.proto): see tools/gen_proto.py
 proto: $(STAMP)
-	$(BIN)/python -m grpc_tools.protoc -Ilstmgen_client/v1=proto/lstmgen/v1 \
-		--python_out=clients --grpc_python_out=clients --pyi_out=clients proto/lstmgen/v1/generator.proto
+	$(BIN)/python tools/gen_proto.py
 
 clean:
 	rm -rf .demo .pytest_cache

@@ -14,16 +14,18 @@ import onnx
 
 from lstmgen import __version__
 from lstmgen.bundle import MANIFEST, Manifest, sha256_file, write_manifest
+from lstmgen.errors import UsageError, UserError
 from lstmgen.export import parity
 from lstmgen.export.onnx_graph import DEFAULT_OPSET, build_prompt_graph, build_step_graph
 from lstmgen.export.quantize import quantize_int8
+from lstmgen.onnx_wire import external_tensors
 from lstmgen.train.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint
 
 MODEL, PROMPT_MODEL = "model.onnx", "prompt.onnx"
 INT8 = "int8-dynamic"  # Manifest.quantization of a --int8 bundle
 
 
-class ExportError(Exception):
+class ExportError(UserError):
     """The export cannot go ahead (bad destination, invalid graph); the message says why."""
 
 
@@ -42,7 +44,7 @@ def export_bundle(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
                   verify_steps: int = parity.DEFAULT_STEPS, verify_prompt: str | None = None,
                   int8: bool = False) -> tuple[Manifest, parity.ParityReport | None]:
     """Export a checkpoint file or run directory into the bundle folder `out_dir` (replacing a
-    previous bundle there). Raises CheckpointError, ExportError, ParityError or ValueError."""
+    previous bundle there). Raises a UserError: CheckpointError, ExportError, ParityError, UsageError."""
     cfg = ExportConfig(opset, prompt_graph, verify, verify_steps, verify_prompt, int8)
     ckpt_path = resolve_checkpoint(checkpoint)
     ckpt = load_checkpoint(ckpt_path)
@@ -63,11 +65,11 @@ def _build(ckpt: Checkpoint, ckpt_path: Path, tmp: Path,
            cfg: ExportConfig) -> tuple[Manifest, parity.ParityReport | None]:
     mc = ckpt.model_config
     if cfg.verify_steps < 1:
-        raise ValueError(f"verify_steps must be at least 1, got {cfg.verify_steps}")
+        raise UsageError(f"verify_steps must be at least 1, got {cfg.verify_steps}")
     first = (ckpt.vocab.encode(cfg.verify_prompt) if cfg.verify_prompt is not None
              else parity.default_prompt(mc.vocab_size))
     if not first:
-        raise ValueError(f"the verification prompt {cfg.verify_prompt!r} holds no tokens")
+        raise UsageError(f"the verification prompt {cfg.verify_prompt!r} holds no tokens")
     step_path = _save(build_step_graph(ckpt.state_dict, mc, cfg.opset), tmp / MODEL)
     prompt_path = (_save(build_prompt_graph(ckpt.state_dict, mc, cfg.opset), tmp / PROMPT_MODEL)
                    if cfg.prompt_graph else None)
@@ -79,6 +81,7 @@ def _build(ckpt: Checkpoint, ckpt_path: Path, tmp: Path,
     if cfg.int8:
         for path in filter(None, (step_path, prompt_path)):
             quantize_int8(path, path)
+            _check_self_contained(path)
         if model is not None:
             report = replace(report, int8=parity.check_graphs(model, step_path, prompt_path, first,
                                                               cfg.verify_steps, quantization=INT8))
@@ -98,12 +101,22 @@ def _build(ckpt: Checkpoint, ckpt_path: Path, tmp: Path,
 def _save(model: onnx.ModelProto, path: Path) -> Path:
     part = path.with_name(path.name + ".part")
     onnx.save(model, part)
+    _check_self_contained(part, path.name)
     try:
         onnx.checker.check_model(str(part), full_check=True)
     except onnx.checker.ValidationError as e:
         raise ExportError(f"{path.name}: the built ONNX graph is invalid: {e}") from e
     os.replace(part, path)
     return path
+
+
+def _check_self_contained(path: Path, name: str | None = None) -> None:
+    """The manifest checksums one file per graph, and the server refuses graphs with external data
+    (lstmgen/bundle.py read_graph): a graph that keeps tensors elsewhere must not become a bundle."""
+    external = external_tensors(path.read_bytes())
+    if external:
+        raise ExportError(f"{name or path.name}: the graph keeps tensor(s) {', '.join(map(repr, external[:3]))} "
+                          "in external data files; a bundle's graphs must be self-contained (under 2 GB)")
 
 
 def _check_destination(out: Path) -> None:

@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lstmgen import __version__
 from lstmgen.bundle import PROMPT_INPUTS, STEP_INPUTS, STEP_OUTPUTS
+from lstmgen.errors import UsageError, UserError
 from lstmgen.train.config import ModelConfig
 
 DEFAULT_OPSET = 17
@@ -32,7 +33,7 @@ EMBED = "embed.weight"
 TORCH_TO_ONNX_GATES = (0, 3, 1, 2)
 
 
-class GraphError(ValueError):
+class GraphError(UserError, ValueError):
     """The state_dict does not fit the model config (missing or misshapen tensors)."""
 
 
@@ -152,7 +153,7 @@ def _state_io(cfg: ModelConfig) -> tuple[list[onnx.ValueInfoProto], list[onnx.Va
 def _model(g: _Builder, name: str, doc: str, inputs, outputs, cfg: ModelConfig, kind: str,
            opset: int) -> onnx.ModelProto:
     if opset < MIN_OPSET:
-        raise ValueError(f"opset {opset} is too old; lstmgen exports opset {MIN_OPSET} or newer")
+        raise UsageError(f"opset {opset} is too old; lstmgen exports opset {MIN_OPSET} or newer")
     graph = helper.make_graph(g.nodes, name, inputs, outputs, initializer=g.inits, doc_string=doc)
     opsets = [helper.make_opsetid("", opset)]
     model = helper.make_model(graph, opset_imports=opsets, producer_name="lstmgen",

@@ -19,6 +19,7 @@ import onnxruntime as ort
 import torch
 
 from lstmgen.bundle import PROMPT_INPUTS, STEP_INPUTS
+from lstmgen.errors import UsageError, UserError
 from lstmgen.train.model import StackedLSTM
 
 BATCH_SIZES = (1, 7)
@@ -27,8 +28,12 @@ LOGIT_TOL = 1e-3  # fp32 step graph vs PyTorch, relative to max(1, max |logit|)
 PROMPT_TOL = 1e-4  # fp32 prompt graph vs fp32 step graph (same kernels: usually exactly 0)
 
 
-class ParityError(AssertionError):
+class ParityError(UserError, AssertionError):
     """The exported graph does not compute what the PyTorch model computes."""
+
+
+class GraphLoadError(UserError, RuntimeError):
+    """ONNX Runtime refuses a graph just built: usually an --opset newer than this onnxruntime knows."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +96,7 @@ def session(path: str | os.PathLike) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT's pybind errors (Fail, InvalidGraph, ...) derive from Exception only
-        raise RuntimeError(f"{path}: ONNX Runtime cannot load the graph: {e}") from e
+        raise GraphLoadError(f"{path}: ONNX Runtime cannot load the graph: {e}") from e
 
 
 @contextmanager
@@ -111,7 +116,7 @@ def verification_prompts(first: Sequence[int], vocab_size: int, batch: int) -> l
     (at least 1 left) with every id shifted by r."""
     n = len(first)
     if n == 0:
-        raise ValueError("the verification prompt holds no tokens")
+        raise UsageError("the verification prompt holds no tokens")
     return [[(t + r) % vocab_size for t in first[:max(1, n - 2 * r)]] for r in range(batch)]
 
 

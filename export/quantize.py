@@ -15,7 +15,13 @@ from pathlib import Path
 import onnx
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
+from lstmgen.errors import UserError
+
 OP_TYPES = ("LSTM", "MatMul", "Gather")  # Gemm counts as MatMul: dynamic mode rewrites it first
+
+
+class QuantizeError(UserError, RuntimeError):
+    """This onnxruntime's quantizer cannot make an int8 LSTM (its version decides, not the input)."""
 
 
 @contextmanager
@@ -32,7 +38,7 @@ def _quiet_root_logger():
 
 def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Counter:
     """Quantize `src` into `dst` (may be the same file); returns the node op types of the result.
-    Raises RuntimeError when no LSTM op was quantized."""
+    Raises QuantizeError when no LSTM op was quantized."""
     dst = Path(dst)
     part = dst.with_name(dst.name + ".int8.part")
     with _quiet_root_logger():
@@ -44,6 +50,6 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Counter:
     ops = Counter(n.op_type for n in model.graph.node)
     if ops["DynamicQuantizeLSTM"] == 0:
         part.unlink()
-        raise RuntimeError(f"{src}: quantize_dynamic left the LSTM ops unquantized ({dict(ops)})")
+        raise QuantizeError(f"{src}: quantize_dynamic left the LSTM ops unquantized ({dict(ops)})")
     os.replace(part, dst)
     return ops

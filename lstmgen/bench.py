@@ -2,8 +2,15 @@
 
 1. the machine's fp32 matmul rate and the model's ceiling in tokens/s (FLOPs per token from its
    shapes); 2. PyTorch eager generation one request at a time (the seeds' sampling loop);
-3. raw ONNX Runtime step throughput at several batch sizes; 4. the real gRPC server under 1..256
-concurrent streams driven by a separate client process; 5. time to first token for a long prompt.
+3. raw ONNX Runtime step throughput at several batch sizes, and beside each step the time the
+sampler takes for that batch in every sampling mode asked for; 4. the real gRPC server under 1..256
+concurrent streams driven by a separate client process, per sampling mode, against raw ORT at the
+same batch; 5. time to first token for a long prompt.
+
+Random weights give nearly uniform logits, which no trained model has (a nucleus would hold almost
+the whole vocabulary). The output layer is scaled until the mean entropy per token matches a
+trained model's (word level 4.8 nats, as a PTB model; char level 1.4 nats, as char-rnn on Tiny
+Shakespeare); the uniform worst case of the sampler is reported on a line of its own.
 """
 from __future__ import annotations
 
@@ -24,16 +31,34 @@ from pathlib import Path
 class BenchConfig:
     preset: str = "char-rnn"
     checkpoint: str | None = None  # default: random weights in the preset's shape
-    vocab_size: int = 83  # for random weights (Anna Karenina has 83 symbols)
+    vocab_size: int = 83  # for random weights (Anna Karenina has 83 symbols); word-level above 256
     work_dir: str = "bench-out"
     concurrency: tuple[int, ...] = (1, 8, 64, 256)
-    batches: tuple[int, ...] = (1, 8, 32, 128)
+    batches: tuple[int, ...] = (1, 8, 32, 64, 128, 256)
     seconds: float = 8.0  # per server point
     max_new_tokens: int = 256
     prompt_chars: int = 1000
     eager_tokens: int = 400
     int8: bool = False
     threads: int = 0  # ORT intra-op threads in the server (0: default)
+    sampling: tuple[str, ...] = ("plain",)  # modes of SAMPLING_MODES, each measured in one run
+    entropy: float | None = None  # target mean entropy (nats) for random weights; None: by level
+
+
+# What users run (temperature 0.8, top_k 40, top_p 0.9); "mixed" cycles rows through different
+# settings in one batch, penalties included: the realistic case for a shared server.
+SAMPLING_MODES: dict[str, list[dict]] = {
+    "greedy": [dict(greedy=True)],
+    "plain": [dict(temperature=0.8)],
+    "top_k": [dict(temperature=0.8, top_k=40)],
+    "top_p": [dict(temperature=0.8, top_p=0.9)],
+    "mixed": [dict(greedy=True), dict(temperature=0.8), dict(temperature=0.8, top_k=40),
+              dict(temperature=0.8, top_p=0.9), dict(temperature=0.8, top_k=40, top_p=0.9),
+              dict(temperature=0.7, min_p=0.05), dict(temperature=0.8, top_p=0.9, repetition_penalty=1.2),
+              dict(temperature=0.9, top_p=0.95, frequency_penalty=0.5, presence_penalty=0.3)],
+}
+WORD_LEVEL_FROM = 257  # --vocab-size above this makes a word-level vocabulary
+TARGET_ENTROPY = {"word": 4.8, "char": 1.4}  # nats per token of trained models (docs/results.md)
 
 
 def flops_per_token(cfg) -> int:
@@ -79,6 +104,49 @@ def matmul_rates(trials: int = 5, seconds: float = 0.5, n: int = 2048) -> dict[s
     return rates
 
 
+def bench_vocab(size: int):
+    """A char vocabulary of printable symbols, or (size >= WORD_LEVEL_FROM) a word vocabulary
+    with <unk> and <eos>, so any prompt encodes."""
+    from lstmgen.vocab import EOS, UNK, Vocab
+
+    if size < WORD_LEVEL_FROM:
+        symbols = (" \n" + string.ascii_letters + string.punctuation + string.digits)[:size]
+        return Vocab("char", tuple(sorted(symbols)))
+    common = ["the", "of", "and", "to", "a", "in", "is", "that", "it", "was"]
+    words = [EOS, UNK] + common + [f"w{i}" for i in range(size - 2 - len(common))]
+    return Vocab("word", tuple(words))
+
+
+def mean_entropy(logits) -> float:
+    """Mean entropy (nats) of softmax over the last axis; logits a torch tensor [N, V]."""
+    import torch
+
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    return float(-(logp.exp() * logp).sum(-1).mean())
+
+
+def shape_logits(model, vocab_size: int, target: float) -> tuple[float, float]:
+    """Scale the output layer so the mean entropy of the model's next-token distributions over a
+    random token stream is `target` nats; returns (scale, entropy reached)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocab_size, (64, 16), generator=g)  # [T, B]
+    with torch.no_grad():
+        y, _ = model(tokens, model.init_state(16))  # [T, B, V]
+        y = y.reshape(-1, vocab_size)
+        bias = model.head.bias.detach().clone()
+        base = y - bias  # the head's matmul part; logits = s * base + s * bias
+        lo, hi = 1e-3, 1e3
+        for _ in range(60):  # entropy falls as the scale grows: bisection in log space
+            mid = (lo * hi) ** 0.5
+            lo, hi = (mid, hi) if mean_entropy(mid * (base + bias)) > target else (lo, mid)
+        scale = (lo * hi) ** 0.5
+        model.head.weight.mul_(scale)
+        model.head.bias.mul_(scale)
+    return scale, mean_entropy(scale * (base + bias))
+
+
 def make_bundle(cfg: BenchConfig, work: Path):
     import torch
 
@@ -86,22 +154,59 @@ def make_bundle(cfg: BenchConfig, work: Path):
     from lstmgen.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
     from lstmgen.train.config import preset
     from lstmgen.train.model import StackedLSTM
-    from lstmgen.vocab import Vocab
 
+    entropy = None
     if cfg.checkpoint:
         ckpt = load_checkpoint(cfg.checkpoint)
     else:
-        symbols = (" \n" + string.ascii_letters + string.punctuation + string.digits)[: cfg.vocab_size]
-        vocab = Vocab("char", tuple(sorted(symbols)))
+        vocab = bench_vocab(cfg.vocab_size)
         tc = preset(cfg.preset)
         torch.manual_seed(0)
-        model = StackedLSTM(tc.model_config(len(vocab)))
+        model = StackedLSTM(tc.model_config(len(vocab))).eval()
+        target = cfg.entropy if cfg.entropy is not None else TARGET_ENTROPY[vocab.level]
+        scale, entropy = shape_logits(model, len(vocab), target)
         ckpt = Checkpoint(tc.model_config(len(vocab)), tc, vocab, model.state_dict(),
-                          corpus={"source": f"random weights, {cfg.preset} shape"})
+                          corpus={"source": f"random weights, {cfg.preset} shape, output layer x{scale:.3g} "
+                                            f"for {entropy:.2f} nats/token"})
         save_checkpoint(ckpt, work / "model.pt")
     path = cfg.checkpoint or work / "model.pt"
     export_bundle(path, work / "bundle", int8=cfg.int8)
-    return ckpt, work / "bundle"
+    return ckpt, work / "bundle", entropy
+
+
+def mode_params(mode: str, batch: int):
+    """The SamplingParams of each row of a batch in this mode (rows cycle through the settings)."""
+    from lstmgen.serve.params import SamplingParams
+
+    settings = SAMPLING_MODES[mode]
+    return [SamplingParams(seed=i, **settings[i % len(settings)]) for i in range(batch)]
+
+
+def time_sampling(logits, mode: str, repeats: int = 20) -> float:
+    """Median seconds of one sampler call on logits [B, V] in this mode (histories of 100 seen
+    tokens for the rows with penalties, as after a 100-token generation)."""
+    import numpy as np
+
+    from lstmgen.serve.penalties import TokenHistory
+    from lstmgen.serve.sampling import BatchSampling, choose
+
+    b, v = logits.shape
+    rng = np.random.default_rng(0)
+    params = mode_params(mode, b)
+    sp = BatchSampling.from_params(params)
+    histories = []
+    for _ in range(b):
+        h = TokenHistory(rng.integers(0, v, 20).tolist())
+        for t in rng.integers(0, v, 100).tolist():
+            h.add(t)
+        histories.append(h)
+    times = []
+    for _ in range(repeats + 2):
+        u = rng.random(b)
+        t0 = time.perf_counter()
+        choose(logits, sp, u, histories)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[2:]))
 
 
 def torch_eager(ckpt, tokens: int) -> float:
@@ -122,24 +227,39 @@ def torch_eager(ckpt, tokens: int) -> float:
         return tokens / (time.perf_counter() - t0)
 
 
-def ort_steps(bundle: Path, batches, seconds: float = 1.5) -> dict[str, float]:
+def ort_steps(bundle: Path, batches, seconds: float = 1.5, modes=()) -> tuple[dict, dict]:
+    """Raw step tokens/s by batch, and {batch: {"step_ms", "sampling_ms": {mode: ms}}}: the model
+    step and the sampler on that step's logits, side by side."""
     import numpy as np
 
     from lstmgen.serve.engine import Engine, EngineConfig
 
     engine = Engine(bundle, EngineConfig(device="cpu"))
-    out = {}
+    out, detail = {}, {}
+    rng = np.random.default_rng(0)
     for b in batches:
-        tokens = np.zeros(b, np.int64)
+        tokens = rng.integers(0, engine.manifest.vocab_size, b).astype(np.int64)
         h, c = engine.zeros(b)
         for _ in range(5):
-            engine.step(tokens, h, c)
+            logits, h, c = engine.step(tokens, h, c)
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
-            _, h, c = engine.step(tokens, h, c)
+            logits, h, c = engine.step(tokens, h, c)
             n += 1
-        out[str(b)] = b * n / (time.perf_counter() - t0)
-    return out
+        dt = time.perf_counter() - t0
+        out[str(b)] = b * n / dt
+        detail[str(b)] = {"step_ms": 1e3 * dt / n,
+                          "sampling_ms": {m: 1e3 * time_sampling(logits, m) for m in modes}}
+    return out, detail
+
+
+def uniform_worst_case(vocab_size: int, batch: int, modes) -> dict[str, float]:
+    """Sampler ms per call on nearly uniform logits (random weights, unscaled): a nucleus then
+    holds most of the vocabulary."""
+    import numpy as np
+
+    logits = np.random.default_rng(1).normal(0, 0.05, (batch, vocab_size)).astype(np.float32)
+    return {m: 1e3 * time_sampling(logits, m) for m in modes}
 
 
 def start_server(bundle: Path, threads: int, max_concurrent: int):
@@ -154,9 +274,10 @@ def start_server(bundle: Path, threads: int, max_concurrent: int):
     return proc, f"{m.group(1)}:{m.group(2)}"
 
 
-def load(target: str, streams: int, seconds: float, prompt: str, max_new_tokens: int) -> dict:
+def load(target: str, streams: int, seconds: float, prompt: str, max_new_tokens: int, mode: str = "plain") -> dict:
     cmd = [sys.executable, "-m", "lstmgen_client.loadgen", "--target", target, "--streams", str(streams),
-           "--seconds", str(seconds), "--prompt", prompt, "--max-new-tokens", str(max_new_tokens)]
+           "--seconds", str(seconds), "--prompt", prompt, "--max-new-tokens", str(max_new_tokens),
+           "--sampling-json", json.dumps(SAMPLING_MODES[mode])]
     r = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -166,12 +287,13 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
 
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    ckpt, bundle = make_bundle(cfg, work)
+    ckpt, bundle, entropy = make_bundle(cfg, work)
     mc = ckpt.model_config
     fpt = flops_per_token(mc)
     params = sum(v.numel() for k, v in ckpt.state_dict.items() if not (mc.tie_weights and k == "head.weight"))
-    log(f"model: {mc.num_layers} x {mc.hidden_size}, embedding {mc.embedding_size}, vocab {mc.vocab_size}, "
-        f"{params / 1e6:.2f}M parameters, {fpt / 1e6:.2f} MFLOP/token")
+    log(f"model: {mc.num_layers} x {mc.hidden_size}, embedding {mc.embedding_size}, {ckpt.vocab.level} vocab "
+        f"{mc.vocab_size}, {params / 1e6:.2f}M parameters, {fpt / 1e6:.2f} MFLOP/token"
+        + (f"; logits shaped to {entropy:.2f} nats/token" if entropy is not None else ""))
     rates = matmul_rates()
     rate = max(rates.values())
     ceiling = rate / fpt
@@ -179,44 +301,80 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in rates.items()) + f") -> ceiling {ceiling:,.0f} tokens/s")
     eager = torch_eager(ckpt, cfg.eager_tokens)
     log(f"2. PyTorch eager, one request: {eager:,.0f} tokens/s")
-    ort = ort_steps(bundle, cfg.batches)
+    batches = sorted(set(cfg.batches) | {n for n in cfg.concurrency if n <= max(cfg.batches)})
+    ort, steps = ort_steps(bundle, batches, modes=cfg.sampling)
     log("3. ORT step: " + ", ".join(f"B={b}: {v:,.0f} tok/s ({v / ceiling:.0%})" for b, v in ort.items()))
-    server, ttft_prompt = {}, None
+    for b, d in steps.items():
+        log(f"   B={b}: step {d['step_ms']:.3f} ms; sampling " + ", ".join(
+            f"{m} {ms:.3f} ms ({ms / d['step_ms']:.0%})" for m, ms in d["sampling_ms"].items()))
+    worst_b = max(batches)
+    worst = uniform_worst_case(mc.vocab_size, worst_b, cfg.sampling)
+    log(f"   uniform worst case (not targeted), B={worst_b}: " + ", ".join(
+        f"{m} {ms:.3f} ms ({ms / steps[str(worst_b)]['step_ms']:.0%} of the step)" for m, ms in worst.items()))
+    by_mode: dict[str, dict] = {}
+    ttft_prompt = None
     proc, target = start_server(bundle, cfg.threads, max(cfg.concurrency))
     try:
-        for n in cfg.concurrency:
-            server[str(n)] = load(target, n, cfg.seconds, "The ", cfg.max_new_tokens)
-            s = server[str(n)]
-            log(f"4. server, {n} streams: {s['tokens_per_s']:,.0f} tok/s ({s['tokens_per_s'] / ceiling:.0%} of "
-                f"ceiling), ITL p50 {s['p50_ms']} ms p99 {s['p99_ms']} ms, TTFT {s['ttft_ms']} ms, "
-                f"{s['tokens_per_message']} tok/msg, failed {s['failed']}")
+        for mode in cfg.sampling:
+            points = by_mode[mode] = {}
+            for n in cfg.concurrency:
+                s = points[str(n)] = load(target, n, cfg.seconds, "The ", cfg.max_new_tokens, mode)
+                raw = ort.get(str(n))
+                s["vs_ort_same_batch"] = s["tokens_per_s"] / raw if raw else None
+                log(f"4. server [{mode}], {n} streams: {s['tokens_per_s']:,.0f} tok/s ("
+                    + (f"{s['vs_ort_same_batch']:.0%} of raw ORT at B={n}, " if raw else "")
+                    + f"{s['tokens_per_s'] / ceiling:.0%} of ceiling), ITL p50 {s['p50_ms']} ms p99 {s['p99_ms']} ms, "
+                    f"TTFT {s['ttft_ms']} ms, {s['tokens_per_message']} tok/msg, failed {s['failed']}")
         prompt = ("".join(ckpt.vocab.tokens) * (cfg.prompt_chars // len(ckpt.vocab) + 1))[: cfg.prompt_chars]
+        if ckpt.vocab.level == "word":
+            prompt = " ".join(ckpt.vocab.tokens[2:])[: cfg.prompt_chars].rsplit(" ", 1)[0]
         prompt = prompt.replace("\x03", " ")
         long = load(target, 1, 5.0, prompt, 1)
         ttft_prompt = long["ttft_ms"]
-        log(f"5. TTFT with a {cfg.prompt_chars}-char prompt: {ttft_prompt} ms (p99 {long['ttft_p99_ms']} ms)")
+        log(f"5. TTFT with a {len(prompt)}-char prompt: {ttft_prompt} ms (p99 {long['ttft_p99_ms']} ms)")
     finally:
         proc.terminate()
         proc.wait(30)
+    server = by_mode[cfg.sampling[0]]
     return {
         "ceiling_tokens_per_s": ceiling,
         "torch_eager_tokens_per_s": eager,
         "ort_step_tokens_per_s": ort,
-        "server": server,
+        "ort_step_and_sampling": steps,
+        "sampling_uniform_worst_case_ms": {"batch": worst_b, **worst},
+        "server": server,  # the first sampling mode, as before
+        "server_by_sampling": by_mode,
         "ttft_prompt_1000_ms": ttft_prompt,
+        "logit_entropy_nats": entropy,
         "ratios": {
             "server_64_vs_ceiling": server.get("64", {}).get("tokens_per_s", 0) / ceiling,
             "server_1_vs_ort_batch_1": server.get("1", {}).get("tokens_per_s", 0) / ort.get("1", 1),
             "server_64_vs_torch_eager": server.get("64", {}).get("tokens_per_s", 0) / eager,
+            "by_sampling": {m: {"server_64_vs_ort_batch_64": pts.get("64", {}).get("vs_ort_same_batch"),
+                                "server_1_vs_ort_batch_1": pts.get("1", {}).get("vs_ort_same_batch"),
+                                "sampling_vs_step_batch_64": (steps["64"]["sampling_ms"][m] / steps["64"]["step_ms"]
+                                                              if "64" in steps else None)}
+                            for m, pts in by_mode.items()},
         },
         "model": {**asdict(mc), "parameters": params, "flops_per_token": fpt, "quantization":
-                  "int8-dynamic" if cfg.int8 else "fp32", "preset": cfg.preset, "checkpoint": cfg.checkpoint},
+                  "int8-dynamic" if cfg.int8 else "fp32", "preset": cfg.preset, "checkpoint": cfg.checkpoint,
+                  "level": ckpt.vocab.level},
         "machine": {"matmul_flops_per_s": rate, "matmul_flops_per_s_by_library": rates,
-                    "cpus": os.cpu_count(), "processor": platform.processor(),
+                    "cpus": os.cpu_count(), "processor": platform.processor(), "cpu_model": cpu_model(),
                     "platform": platform.platform(), "python": platform.python_version(),
                     "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__},
         "config": asdict(cfg),
     }
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def plot(result: dict, path: str) -> None:
@@ -235,7 +393,8 @@ def plot(result: dict, path: str) -> None:
     ax.set_xlabel("concurrent streams (server) / batch size (ORT)")
     ax.set_ylabel("tokens/s")
     m = result["model"]
-    ax.set_title(f"{m['num_layers']}x{m['hidden_size']} char LSTM, {m['quantization']}, "
+    ax.set_title(f"{m['num_layers']}x{m['hidden_size']} {m.get('level', 'char')} LSTM, V={m['vocab_size']}, "
+                 f"{m['quantization']}, "
                  f"{result['machine']['cpus']} CPUs")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -247,6 +406,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = BenchConfig()
     p.add_argument("--preset", default=d.preset, help="model shape for random weights")
     p.add_argument("--checkpoint", default=None, help="a trained checkpoint or run dir instead of random weights")
+    p.add_argument("--vocab-size", type=int, default=d.vocab_size,
+                   help=f"vocabulary of the random-weight model; from {WORD_LEVEL_FROM} on a word-level one "
+                        "(PTB: 10000, WikiText-2: 33278)")
+    p.add_argument("--sampling", default=",".join(d.sampling),
+                   help=f"comma-separated sampling modes, each measured in this run: {', '.join(SAMPLING_MODES)} "
+                        "(temperature 0.8, top_k 40, top_p 0.9; mixed: rows with different settings)")
+    p.add_argument("--entropy", type=float, default=None,
+                   help="mean entropy (nats/token) the random model's logits are shaped to "
+                        f"(default: {TARGET_ENTROPY['word']} word level, {TARGET_ENTROPY['char']} char level)")
     p.add_argument("--work-dir", default=d.work_dir, help="where the bundle is written")
     p.add_argument("--concurrency", default=",".join(map(str, d.concurrency)), help="server stream counts")
     p.add_argument("--batches", default=",".join(map(str, d.batches)), help="raw ORT batch sizes")
@@ -259,7 +427,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    modes = tuple(m.strip() for m in args.sampling.split(",") if m.strip())
+    bad = [m for m in modes if m not in SAMPLING_MODES]
+    if bad or not modes:
+        print(f"lstmgen bench: --sampling: unknown mode(s) {bad}; choose from {', '.join(SAMPLING_MODES)}",
+              file=sys.stderr)
+        return 2
     cfg = BenchConfig(preset=args.preset, checkpoint=args.checkpoint, work_dir=args.work_dir,
+                      vocab_size=args.vocab_size, sampling=modes, entropy=args.entropy,
                       concurrency=tuple(int(x) for x in args.concurrency.split(",")),
                       batches=tuple(int(x) for x in args.batches.split(",")), seconds=args.seconds,
                       max_new_tokens=args.max_new_tokens, int8=args.int8, threads=args.threads)

@@ -2,7 +2,7 @@
 
 The file is encoded as training encodes a held-out split (train/data.py `encode_split`: words as
 `line.split() + [<eos>]` per line, unknown words -> <unk> when the vocabulary has it; chars one by
-one, unknown chars an error), cut into `batch_size` contiguous streams like `batchify`, and stepped
+one, unknown chars an error unless skipped), cut into `batch_size` contiguous streams like `batchify`, and stepped
 through the single-step graph with (h, c) carried over the whole file. That is what the trainer's
 `evaluate` computes with the same batch size: its bptt chunks carry the state too, so they change
 only the float rounding.
@@ -19,11 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from lstmgen.bundle import BundleError
+from lstmgen import console
+from lstmgen.console import Console, duration
+from lstmgen.errors import UserError
 from lstmgen.vocab import EOS, Vocab
 
 
-class EvalError(Exception):
+class EvalError(UserError):
     """The text cannot be evaluated with this bundle; the message names the file and the problem."""
 
 
@@ -31,9 +33,10 @@ class EvalError(Exception):
 class EvalConfig:
     batch_size: int = 10  # B contiguous streams (the trainer's eval_batch_size)
     bptt: int = 35  # steps per chunk of float64 loss work and progress; the figure does not depend on it
-    device: str = "cpu"  # cpu | cuda | auto (ONNX Runtime execution provider)
+    device: str = "auto"  # auto | cpu | cuda (ONNX Runtime execution provider; auto: CUDA when there)
     threads: int = 0  # ORT intra-op threads; 0: its default
     progress: bool = True
+    skip_unknown: bool = False  # drop symbols the vocabulary cannot encode (and <unk> cannot stand for)
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class EvalResult:
     seconds: float
     unk_mapped: int  # word level: out-of-vocabulary words counted as <unk>
     batch_size: int
+    skipped: int = 0  # with skip_unknown: symbols dropped from the text
 
     @property
     def tokens_per_s(self) -> float:
@@ -64,6 +68,7 @@ class EvalResult:
         fig = (f"ppl {self.figures()['ppl']:.3f}" if self.level == "word"
                else f"{self.figures()['bpc']:.4f} bpc")
         unk = f" ({self.unk_mapped:,} OOV words as <unk>)" if self.unk_mapped else ""
+        unk += f" ({self.skipped:,} unknown symbols skipped)" if self.skipped else ""
         return (f"{self.data}: {self.tokens:,} tokens{unk} | loss {self.loss:.4f} nats/token | {fig} | "
                 f"{self.tokens_per_s:,.0f} tokens/s ({self.seconds:.1f}s, {self.batch_size} streams)")
 
@@ -83,16 +88,19 @@ def read_text(path: str | Path) -> str:
     return text
 
 
-def encode_text(vocab: Vocab, text: str, source: str) -> tuple[np.ndarray, int]:
-    """(ids int64 [N], how many words became <unk>); unknown symbols that cannot be mapped raise."""
+def encode_text(vocab: Vocab, text: str, source: str, skip_unknown: bool = False) -> tuple[np.ndarray, int, int]:
+    """(ids int64 [N], how many words became <unk>, how many symbols were skipped); unknown
+    symbols that cannot be mapped raise, or with skip_unknown are dropped."""
     stoi = vocab.stoi
     if vocab.level == "char":
         unknown = sorted({ch for ch in set(text) if ch not in stoi})
-        if unknown:
+        if unknown and not skip_unknown:
             raise EvalError(f"{source}: {len(unknown)} character(s) not in the bundle's vocabulary: "
                             f"{', '.join(repr(c) for c in unknown[:10])}"
-                            + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""))
-        return np.fromiter((stoi[ch] for ch in text), np.int64, len(text)), 0
+                            + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+                            + "; drop them with --skip-unknown")
+        ids = [stoi[ch] for ch in text if ch in stoi]
+        return np.asarray(ids, np.int64), 0, len(text) - len(ids)
     unk, eos = vocab.unk_id, stoi[EOS]
     ids: list[int] = []
     unknown: list[str] = []
@@ -102,17 +110,17 @@ def encode_text(vocab: Vocab, text: str, source: str) -> tuple[np.ndarray, int]:
             i = stoi.get(w)
             if i is None:
                 if unk is None:
-                    unknown.append(w)
+                    unknown.append(w)  # skipped, or an error below
                     continue
                 i, mapped = unk, mapped + 1
             ids.append(i)
         ids.append(eos)
-    if unknown:
+    if unknown and not skip_unknown:
         shown = list(dict.fromkeys(unknown))
         raise EvalError(f"{source}: {len(shown)} word(s) not in the bundle's vocabulary, which has no <unk> "
                         f"to map them to: {', '.join(repr(w) for w in shown[:10])}"
-                        + (f" and {len(shown) - 10} more" if len(shown) > 10 else ""))
-    return np.asarray(ids, np.int64), mapped
+                        + (f" and {len(shown) - 10} more" if len(shown) > 10 else "") + "; drop them with --skip-unknown")
+    return np.asarray(ids, np.int64), mapped, len(unknown)
 
 
 def batchify(ids: np.ndarray, batch_size: int, source: str) -> np.ndarray:
@@ -132,22 +140,26 @@ def nll_sum(logits: np.ndarray, targets: np.ndarray) -> float:
     return float((lse - x[np.arange(x.shape[0]), targets]).sum())
 
 
-def evaluate_bundle(bundle: str | Path, data: str | Path, cfg: EvalConfig = EvalConfig()) -> EvalResult:
-    """Loss of the bundle's model on the text file `data`. Raises EvalError, BundleError, RuntimeError."""
-    from tqdm import tqdm
-
+def evaluate_bundle(bundle: str | Path, data: str | Path, cfg: EvalConfig = EvalConfig(),
+                    display: Console | None = None) -> EvalResult:
+    """Loss of the bundle's model on the text file `data`. Raises a UserError (EvalError, BundleError, ...).
+    `display` shows the progress (default: a bar on a terminal, plain lines elsewhere)."""
     from lstmgen.serve.engine import Engine, EngineConfig
+
+    display = display or Console(progress=cfg.progress)
+    if not cfg.progress:
+        display = Console(display.fmt, quiet=display.quiet, progress=False, out=display.out, err=display.err)
 
     if cfg.batch_size < 1 or cfg.bptt < 1:
         raise EvalError(f"batch_size and bptt must be >= 1 (got {cfg.batch_size}, {cfg.bptt})")
     engine = Engine(bundle, EngineConfig(device=cfg.device, intra_op_threads=cfg.threads))
-    ids, mapped = encode_text(engine.manifest.vocab, read_text(data), str(data))
+    ids, mapped, skipped = encode_text(engine.manifest.vocab, read_text(data), str(data), cfg.skip_unknown)
     source = batchify(ids, cfg.batch_size, str(data))  # [N, B]
     n_steps = source.shape[0] - 1
     h, c = engine.zeros(cfg.batch_size)  # [L, B, H]
     total = 0.0
     t0 = time.perf_counter()
-    with tqdm(total=n_steps, disable=not cfg.progress, unit="step", leave=False, file=sys.stderr) as bar:
+    with display.progress_bar(total=n_steps, unit="step") as bar:
         for i in range(0, n_steps, cfg.bptt):
             t_len = min(cfg.bptt, n_steps - i)
             chunk = []
@@ -156,10 +168,17 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, cfg: EvalConfig = Eval
                 chunk.append(logits)
             total += nll_sum(np.concatenate(chunk), source[i + 1:i + 1 + t_len].reshape(-1))
             bar.update(t_len)
+            done, spent = i + t_len, time.perf_counter() - t0
+            rate = done * cfg.batch_size / max(spent, 1e-9)
+            eta = (n_steps - done) * spent / done
+            display.progress(f"{done * cfg.batch_size:,}/{n_steps * cfg.batch_size:,} tokens ({done / n_steps:.0%}) | "
+                             f"loss {total / (done * cfg.batch_size):.4f} | {rate:,.0f} tokens/s | ETA {duration(eta)}",
+                             tokens=done * cfg.batch_size, total=n_steps * cfg.batch_size,
+                             loss=total / (done * cfg.batch_size), tokens_per_s=rate, eta_s=round(eta, 1))
     seconds = time.perf_counter() - t0
     tokens = n_steps * cfg.batch_size
     return EvalResult(str(bundle), str(data), engine.manifest.level, tokens, total / tokens, seconds,
-                      mapped, cfg.batch_size)
+                      mapped, cfg.batch_size, skipped)
 
 
 # -- the subcommand --------------------------------------------------------------------------------
@@ -171,24 +190,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "matches `lstmgen train`'s validation/test figure at the same batch size.")
     parser.add_argument("bundle", metavar="BUNDLE_DIR", help="a bundle folder made by `lstmgen export`")
     parser.add_argument("--data", required=True, metavar="FILE", default=argparse.SUPPRESS,
-                        help="text file, e.g. ptb.test.txt")
+                        help="text file, e.g. ptb.test.txt, or a corpus name (`lstmgen data list`): its test split")
     parser.add_argument("--batch-size", type=int, default=10, help="contiguous streams (the trainer's eval batch)")
     parser.add_argument("--bptt", type=int, default=35,
                         help="steps per chunk of loss computation; the state is carried, so the figure does not depend on it")
-    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu", help="ONNX Runtime device")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="ONNX Runtime device: auto = CUDA when onnxruntime-gpu finds a GPU, else CPU")
+    parser.add_argument("--skip-unknown", action="store_true",
+                        help="drop characters/words the bundle's vocabulary lacks (and <unk> cannot stand for) "
+                             "instead of stopping with an error")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
     parser.add_argument("--json", metavar="FILE", default=argparse.SUPPRESS, help="also write the figures as JSON")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    console.add_arguments(parser, quiet_help="only the result line and warnings: no progress")
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = EvalConfig(args.batch_size, args.bptt, args.device, args.threads, not args.no_progress)
-    try:
-        result = evaluate_bundle(args.bundle, args.data, cfg)
-    except (EvalError, BundleError, RuntimeError, ValueError) as e:
-        print(f"lstmgen eval: error: {e}", file=sys.stderr)
-        return 2
-    print(result.line())
+    cfg = EvalConfig(args.batch_size, args.bptt, args.device, args.threads, not args.no_progress, args.skip_unknown)
+    display = console.from_args(args)
+    from lstmgen.datasets import resolve
+    data = resolve(args.data, for_eval=True, log=lambda msg: print(msg, file=sys.stderr))  # a corpus name: its test split
+    result = evaluate_bundle(args.bundle, data, cfg, display)  # a UserError exits 2 in lstmgen.cli
+    display.result(result.line(), **result.to_dict())
     if getattr(args, "json", None):
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return 0

@@ -5,8 +5,11 @@ Word level follows PTB as pytorch/examples reads it: whitespace tokens plus `<eo
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Literal, Sequence
+
+from lstmgen.errors import UserError
 
 Level = Literal["char", "word"]
 EOS = "<eos>"  # word level: end of line (PTB), decoded as "\n"
@@ -16,7 +19,7 @@ UNK = "<unk>"  # word level: unknown word, when the corpus has it
 EOT_CHAR, EOT_WORD = "\x03", "<eot>"
 
 
-class UnknownTokensError(ValueError):
+class UnknownTokensError(UserError, ValueError):
     """The text holds characters/words the vocabulary cannot encode."""
 
     def __init__(self, unknown: Sequence[str]):
@@ -46,8 +49,18 @@ class Vocab:
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def build(cls, level: Level, texts: Iterable[str]) -> "Vocab":
-        """Vocabulary over everything seen in `texts`, in a deterministic (sorted) order."""
+    def build(cls, level: Level, texts: Iterable[str], *, min_count: int = 1, max_vocab: int = 0) -> "Vocab":
+        """Vocabulary over everything seen in `texts`, in a deterministic (sorted) order. Word level
+        with `min_count` > 1 or `max_vocab` > 0: only words seen at least min_count times, at most
+        the max_vocab most frequent (ties by spelling; the size counts <eos> and <unk>), plus <unk>
+        for the rest."""
+        if level == "word" and (min_count > 1 or max_vocab > 0):
+            counts = Counter(w for text in texts for w in text.split())
+            for special in (EOS, UNK):
+                counts.pop(special, None)
+            words = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
+            keep = words[:max_vocab - 2] if max_vocab > 0 else words
+            return cls(level, tuple(sorted({*keep, EOS, UNK})))
         seen: set[str] = set()
         for text in texts:
             if level == "char":
@@ -118,9 +131,10 @@ class Vocab:
         if self.level == "char":
             return [self.stoi[ch] for ch in text]
         ids: list[int] = []
-        eos = self.stoi[EOS]
+        eos, unk = self.stoi[EOS], self.unk_id
+        lookup = self.stoi.__getitem__ if unk is None else (lambda w: self.stoi.get(w, unk))  # rare words: <unk>
         for line in text.splitlines():
-            ids.extend(self.stoi[w] for w in line.split())
+            ids.extend(lookup(w) for w in line.split())
             ids.append(eos)
         return ids
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lstmgen.serve.params import GenerationRequest
+from lstmgen.serve.penalties import TokenHistory
 from lstmgen.serve.sampling import BatchSampling
 from lstmgen.serve.stopping import StopChecker
 
@@ -28,6 +29,7 @@ class Sequence:
     # State after `primed` tokens while a long prompt is primed in chunks: (h, c), each [L, H]
     partial: tuple[np.ndarray, np.ndarray] | None = None
     cancelled: bool = False  # set by the consumer's thread; read by the scheduler between steps
+    history: TokenHistory | None = None  # seen tokens, for requests with a penalty
 
     @property
     def prompt_left(self) -> int:

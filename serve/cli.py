@@ -51,11 +51,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port; unset: off)")
     p.add_argument("--metrics-host", default=None, help="address for the metrics port (unset: --host's)")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="also serve an OpenAI-compatible HTTP API (/v1/completions, /v1/models, /health) and the "
+                        "playground page (/) on this port, sharing the model and batch; TLS and token as for gRPC "
+                        "(0: any free port; unset: off)")
+    p.add_argument("--http-host", default=None, help="address for the HTTP port (unset: --host's)")
     p.add_argument("--log-level", default="INFO", help="logging level")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="json: one object per line with time, level, logger, message and request_id")
-    # TEST HOOK (serve/faults.py), hidden from --help: every Nth decode step raises.
+    # TEST HOOKS (serve/faults.py), hidden from --help: every Nth decode step raises; step N kills the worker.
     p.add_argument("--inject-step-failure-every", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--inject-worker-crash-at-step", type=int, default=0, help=argparse.SUPPRESS)
 
 
 def config_from_args(args: argparse.Namespace):
@@ -78,7 +84,9 @@ def config_from_args(args: argparse.Namespace):
                         limits=limits, scheduler=SchedulerConfig(prefill_chunk=args.prefill_chunk),
                         tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token_file=args.auth_token_file,
                         metrics_port=args.metrics_port, metrics_host=args.metrics_host,
-                        inject_step_failure_every=args.inject_step_failure_every)
+                        http_port=args.http_port, http_host=args.http_host,
+                        inject_step_failure_every=args.inject_step_failure_every,
+                        inject_worker_crash_at_step=args.inject_worker_crash_at_step)
 
 
 class JsonFormatter(logging.Formatter):
@@ -106,7 +114,6 @@ def run(args: argparse.Namespace) -> int:
         print("lstmgen serve: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
     setup_logging(args.log_level, args.log_format)
-    from lstmgen.bundle import BundleError
     from lstmgen.serve.server import run_until_signal
 
     cfg = config_from_args(args)
@@ -115,11 +122,10 @@ def run(args: argparse.Namespace) -> int:
     def ready(server) -> None:  # tests and scripts wait for this line
         metrics = (f" (metrics on http://{cfg.metrics_host or cfg.host}:{server.metrics_port}/metrics)"
                    if cfg.metrics_port is not None else "")
-        print(f"lstmgen serving on {args.host}:{server.port}{metrics}", flush=True)
+        scheme = "https" if cfg.tls_cert else "http"
+        http = (f" (http on {scheme}://{cfg.http_host or cfg.host}:{server.http_port}/)"
+                if cfg.http_port is not None else "")
+        print(f"lstmgen serving on {args.host}:{server.port}{metrics}{http}", flush=True)
 
-    try:
-        asyncio.run(run_until_signal(cfg, ready))
-    except (BundleError, RuntimeError, OSError, ValueError) as e:
-        print(f"lstmgen serve: {e}", file=sys.stderr)
-        return 2
-    return 0
+    # A UserError (bad bundle, port in use) exits 2 in lstmgen.cli; a dead worker exits 1
+    return asyncio.run(run_until_signal(cfg, ready))

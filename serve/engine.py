@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from lstmgen.bundle import BundleError, Manifest, load_manifest
+from lstmgen.bundle import BundleError, Manifest, load_manifest, read_graph
+from lstmgen.errors import UsageError
 
 log = logging.getLogger("lstmgen.engine")
 
@@ -43,11 +44,11 @@ def choose_providers(device: str) -> tuple[list[str], str]:
         return [CPU], "CPU requested (--device cpu)"
     if device == "cuda":
         if CUDA not in available:
-            raise RuntimeError(f"--device cuda: this onnxruntime build has no CUDA provider "
+            raise UsageError(f"--device cuda: this onnxruntime build has no CUDA provider "
                                f"(available: {', '.join(available)}); install the 'gpu' extra (onnxruntime-gpu)")
         return [CUDA, CPU], "CUDA requested (--device cuda)"
     if device != "auto":
-        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+        raise UsageError(f"device must be auto, cpu or cuda, got {device!r}")
     if CUDA in available:
         return [CUDA, CPU], "auto: onnxruntime offers CUDA"
     return [CPU], f"auto: CPU because this onnxruntime build offers no CUDA provider (available: {', '.join(available)})"
@@ -59,26 +60,29 @@ class Engine:
 
     def __init__(self, bundle_dir: str | Path, cfg: EngineConfig = EngineConfig()):
         self.bundle_dir = Path(bundle_dir)
-        self.manifest: Manifest = load_manifest(self.bundle_dir, verify_checksums=cfg.verify_checksums)
+        # The checksums are checked on the bytes ONNX Runtime loads (_open), not on the files before
+        self.manifest: Manifest = load_manifest(self.bundle_dir, verify_checksums=False)
+        self._verify = cfg.verify_checksums
         providers, why = choose_providers(cfg.device)
         opts = ort.SessionOptions()
         if cfg.intra_op_threads:
             opts.intra_op_num_threads = cfg.intra_op_threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if cfg.spin not in SPIN_MODES:
-            raise ValueError(f"spin must be one of {', '.join(SPIN_MODES)}, got {cfg.spin!r}")
+            raise UsageError(f"spin must be one of {', '.join(SPIN_MODES)}, got {cfg.spin!r}")
         if cfg.spin == "off":
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         elif cfg.spin == "run":
             opts.add_session_config_entry("session.force_spinning_stop", "1")
-        self.step_session = self._open(self.manifest.model_file, opts, providers)
+        self.step_session = self._open(self.manifest.model_file, self.manifest.model_sha256, opts, providers)
         self.provider = self.step_session.get_providers()[0]
         if cfg.device == "cuda" and self.provider != CUDA:
-            raise RuntimeError(f"--device cuda: the session fell back to {self.provider} (CUDA libraries missing?)")
+            raise UsageError(f"--device cuda: the session fell back to {self.provider} (CUDA libraries missing?)")
         if providers[0] == CUDA and self.provider != CUDA:
             why += f"; CUDA session failed to start, fell back to {self.provider}"
         log.info("execution provider %s (%s)", self.provider, why)
-        self.prompt_session = (self._open(self.manifest.prompt_model_file, opts, providers)
+        self.prompt_session = (self._open(self.manifest.prompt_model_file, self.manifest.prompt_model_sha256 or "",
+                                          opts, providers)
                                if self.manifest.prompt_model_file else None)
         self._check_contract()
         self.io_binding = cfg.io_binding == "on" or (cfg.io_binding == "auto" and self.provider == CUDA)
@@ -86,10 +90,12 @@ class Engine:
         if self.io_binding:
             log.info("IO binding on: (h, c) stay on %s between steps; only logits come back", self._state_device)
 
-    def _open(self, fname: str, opts: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+    def _open(self, fname: str, sha256: str, opts: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
         path = self.bundle_dir / fname
+        # Bytes, not the path: ORT then loads exactly what was checked, and nothing beside it
+        data = read_graph(self.bundle_dir, fname, sha256 if self._verify else None)
         try:
-            return ort.InferenceSession(str(path), opts, providers=providers)
+            return ort.InferenceSession(data, opts, providers=providers)
         except Exception as e:  # ORT raises its own Fail/InvalidGraph types
             raise BundleError(f"{path}: ONNX Runtime cannot load it: {e}") from e
 

@@ -1,9 +1,12 @@
 """Errors the engine side raises; the gRPC edge maps each to one status (serve/service.py)."""
 from __future__ import annotations
 
+from lstmgen.errors import UserError
 
-class GenerationError(Exception):
-    """Base of every error a request can end with."""
+
+class GenerationError(UserError):
+    """Base of every error a request can end with. Statuses are looked up through the class
+    hierarchy (service.status_for), so a subclass keeps its parent's status."""
 
 
 class InvalidRequest(GenerationError):

@@ -82,7 +82,8 @@ class Metrics:
         PlatformCollector(registry=r)
         self.open_streams = Gauge("lstmgen_open_streams", "Generate calls in progress at the gRPC edge",
                                   registry=r)
-        requests = Counter("lstmgen_requests", "Generate calls by final status", ["status"], registry=r)
+        requests = Counter("lstmgen_requests", "Generate calls, and calls refused before any handler ran (auth), "
+                           "by final status", ["status"], registry=r)
         self._requests = {s: requests.labels(s) for s in STATUSES}
         self._requests_family = requests
         rejections = Counter("lstmgen_rejections", "Calls refused before generating, by reason", ["reason"],
@@ -120,6 +121,12 @@ class Metrics:
 
     def rejected(self, reason: str) -> None:
         self._rejections[reason].inc()
+
+    def refused(self, status: str, reason: str) -> None:
+        """A call refused before any handler ran (auth): like every call it counts once under its
+        final status, and once under why it was refused."""
+        self.stream_ended(status)
+        self.rejected(reason)
 
     # -- HTTP ------------------------------------------------------------------------------------
     def serve(self, host: str, port: int) -> int:

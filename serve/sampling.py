@@ -87,3 +87,34 @@ def choose(logits: np.ndarray, sp: BatchSampling, uniforms: np.ndarray,
     probs = unnormalised_probs(logits, sp.inv_temperature)  # [B, V]
     sample_rows(probs, np.ascontiguousarray(uniforms, np.float64), sp.top_k, sp.top_p, sp.min_p, rows, out)
     return out
+
+
+def token_logprobs(logits: np.ndarray, tokens: np.ndarray, top_n: int):
+    """The model's log-probabilities (log-softmax of the raw logits [R, V]) of tokens [R], and the
+    top_n most likely tokens per row (ties by lower id) -> (float32 [R], int64 [R, n], float32 [R, n])."""
+    x = logits.astype(np.float64)
+    m = x.max(axis=1, keepdims=True)  # [R, 1]
+    lse = m + np.log(np.exp(x - m).sum(axis=1, keepdims=True))  # [R, 1]
+    rows = np.arange(len(x))
+    chosen = (x[rows, tokens] - lse[:, 0]).astype(np.float32)
+    n = min(top_n, x.shape[1])
+    if n == 0:
+        return chosen, np.zeros((len(x), 0), np.int64), np.zeros((len(x), 0), np.float32)
+    cand = np.argpartition(-x, n - 1, axis=1)[:, :n] if n < x.shape[1] else np.tile(np.arange(n), (len(x), 1))
+    vals = np.take_along_axis(x, cand, axis=1)
+    # a tie at the n-th value may have left out a lower id: settle ties among the chosen by id
+    order = np.lexsort((cand, -vals), axis=1)
+    ids = np.take_along_axis(cand, order, axis=1)
+    return chosen, ids, (np.take_along_axis(vals, order, axis=1) - lse).astype(np.float32)
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's on-disk cache) every kernel path now, so the first request
+    does not wait for it: seconds the first time on a machine, under one after."""
+    from lstmgen.serve.params import SamplingParams as P
+
+    params = [P(), P(top_k=2), P(top_p=0.5), P(top_k=3, top_p=0.5), P(min_p=0.1), P(greedy=True),
+              P(repetition_penalty=1.2, frequency_penalty=0.5)]
+    logits = np.linspace(-1, 1, 8 * len(params), dtype=np.float32).reshape(len(params), 8)
+    histories = [TokenHistory([1, 2])] * len(params)
+    choose(logits, BatchSampling.from_params(params), np.full(len(params), 0.5), histories)

@@ -17,7 +17,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Callable, NamedTuple, Protocol
 
 import numpy as np
 
@@ -25,7 +25,8 @@ from lstmgen.serve.batch import Batch, Sequence
 from lstmgen.serve.engine import Engine
 from lstmgen.serve.errors import GenerationError, Overloaded, StepFailed, Unavailable
 from lstmgen.serve.params import GenerationRequest, Limits, encode_prompt, validate
-from lstmgen.serve.sampling import BatchSampling, choose
+from lstmgen.serve.penalties import TokenHistory
+from lstmgen.serve.sampling import choose, token_logprobs, warm_up
 from lstmgen.serve.stopping import FinishReason, StopChecker
 
 log = logging.getLogger("lstmgen.scheduler")
@@ -47,10 +48,32 @@ class Finished:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model, and the most likely alternatives."""
+
+    token_id: int
+    text: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()  # (token id, text, logprob), most likely first
+
+
+@dataclass(frozen=True)
 class Chunk:
     text: str
     token_count: int
     finished: Finished | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when the request asked for them
+
+
+class Output(NamedTuple):
+    """What one step hands one stream (the worker thread -> Stream.push)."""
+
+    sink: "Stream"
+    text: str
+    tokens: int
+    finished: Finished | None = None
+    error: GenerationError | None = None
+    logprob: TokenLogprob | None = None
 
 
 @dataclass(frozen=True)
@@ -91,24 +114,34 @@ class Stream:
     """The consumer's end of one request. The worker thread appends output under a lock; the
     reader takes everything piled up since its last read, so a reader that falls behind (or
     paces itself) gets fewer, larger messages instead of a backlog. The event loop is woken only
-    for a reader that is waiting: a pacing reader costs the loop nothing per token."""
+    for a reader that is waiting: a pacing reader costs the loop nothing per token.
 
-    def __init__(self, seq: Sequence | None = None):
+    The stream holds its admission slot until its reader is done with it (`on_close`, called
+    once): it asked past the last message, took the error, or cancelled. At the gRPC edge the
+    reader asks past the end only once the last message is written, so a client that stops
+    reading keeps its slot (and its unread output is bounded by the admission limits)."""
+
+    def __init__(self, seq: Sequence | None = None, on_close: Callable[[], None] | None = None):
         self.seq = seq
+        self._on_close = on_close  # guarded by _lock; None once called
         self._lock = threading.Lock()
-        self._text: list[str] = []  # guarded by _lock, as are the three below
+        self._text: list[str] = []  # guarded by _lock, as are the four below
         self._tokens = 0
+        self._logprobs: list[TokenLogprob] = []
         self._finished: Finished | None = None
         self._error: GenerationError | None = None
         self._reader_waiting = False  # the reader awaits _ready; the next push must wake it
         self._ready = asyncio.Event()  # event-loop side only
         self.done = False
 
-    def push(self, text: str, tokens: int, finished: Finished | None, error: GenerationError | None) -> bool:
+    def push(self, text: str, tokens: int, finished: Finished | None, error: GenerationError | None,
+             logprob: TokenLogprob | None = None) -> bool:
         """Worker thread: add output. True when the reader is waiting and must be woken."""
         with self._lock:
             if text:
                 self._text.append(text)
+            if logprob is not None:
+                self._logprobs.append(logprob)
             self._tokens += tokens
             self._finished = finished or self._finished
             self._error = error or self._error
@@ -118,14 +151,17 @@ class Stream:
     def _take(self) -> Chunk | None:
         """Everything since the last read, or None (and the reader marked waiting) when empty."""
         with self._lock:
-            if self._error is not None:
-                self.done = True
-                raise self._error
-            if not (self._tokens or self._text or self._finished):
-                self._reader_waiting = True
-                return None
-            chunk = Chunk("".join(self._text), self._tokens, self._finished)
-            self._text, self._tokens = [], 0
+            error = self._error
+            if error is None:
+                if not (self._tokens or self._text or self._finished):
+                    self._reader_waiting = True
+                    return None
+                chunk = Chunk("".join(self._text), self._tokens, self._finished, tuple(self._logprobs))
+                self._text, self._tokens, self._logprobs = [], 0, []
+        if error is not None:
+            self.done = True
+            self.close()  # the error is the reader's last message
+            raise error
         self.done = chunk.finished is not None
         return chunk
 
@@ -137,6 +173,7 @@ class Stream:
                 return chunk
             await self._ready.wait()
             self._ready.clear()
+        self.close()  # asked past the last message: the reader has all of it
         return None
 
     def __aiter__(self):
@@ -152,21 +189,33 @@ class Stream:
         """The consumer went away: the row leaves the batch at the next step."""
         if self.seq is not None:
             self.seq.cancelled = True
+        self.close()
+
+    def close(self) -> None:
+        """The reader is done with this stream: give back its admission slot (once)."""
+        with self._lock:
+            on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
 
 
 class Scheduler:
     def __init__(self, engine: Engine, limits: Limits = Limits(), cfg: SchedulerConfig = SchedulerConfig(),
-                 observer: StepObserver | None = None):
+                 observer: StepObserver | None = None,
+                 on_fatal: Callable[[BaseException], None] | None = None):
         self.engine = engine
         self.limits = limits
         self.cfg = cfg
         self.observer = observer or NoObserver()
+        self.on_fatal = on_fatal  # called on the event loop if the worker thread cannot go on
         self.vocab = engine.manifest.vocab
         self._pieces = [self.vocab.piece(i) for i in range(len(self.vocab))]  # token id -> text
+        warm_up()  # the sampler's kernels compile (or load) now, not on the first request
         self._loop: asyncio.AbstractEventLoop | None = None
         self._cv = threading.Condition()
         self._incoming: list[Sequence] = []  # guarded by _cv
         self._in_system = 0  # accepted and not finished; guarded by _cv
+        self._open = 0  # accepted and not yet closed by its reader (Stream.close); guarded by _cv
         self._accepting = True
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -189,11 +238,12 @@ class Scheduler:
             self._accepting = False
 
     async def drain(self, timeout: float) -> bool:
-        """Wait until every accepted request has finished; False if the time ran out."""
+        """Wait until every accepted stream has been read to its end (generating is not enough:
+        a slow reader gets the whole `timeout` to take its output); False if the time ran out."""
         deadline = time.monotonic() + timeout
-        while self.in_system and time.monotonic() < deadline:
+        while self.open_streams and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        return self.in_system == 0
+        return self.open_streams == 0
 
     async def close(self, message: str | None = None) -> None:
         """Stop the worker; requests still running end with UNAVAILABLE and `message`."""
@@ -211,6 +261,16 @@ class Scheduler:
         with self._cv:
             return self._in_system
 
+    @property
+    def open_streams(self) -> int:
+        """Accepted streams whose reader is not done yet: generating, queued or unread."""
+        with self._cv:
+            return self._open
+
+    def _stream_closed(self) -> None:
+        with self._cv:
+            self._open -= 1
+
     def stats(self) -> Stats:
         batch = self._batch
         generating = len(batch) if batch is not None else 0
@@ -222,20 +282,24 @@ class Scheduler:
         """Validate and enqueue; raises InvalidRequest, Overloaded or Unavailable at once."""
         max_new = validate(req, self.limits)
         prompt_ids = encode_prompt(req, self.vocab)
-        if not req.seed_given:
-            req = replace(req, sampling=replace(req.sampling, seed=secrets.randbits(63)))
-        stream = Stream()
+        if not req.seed_given:  # < 2^53: a client reading it as a double (JavaScript) can replay it
+            req = replace(req, sampling=replace(req.sampling, seed=secrets.randbits(53)))
+        stream = Stream(on_close=self._stream_closed)
         seq = Sequence(req, prompt_ids, np.random.Generator(np.random.PCG64(req.sampling.seed)),
-                       StopChecker(max_new, req.stop, self.vocab.eot_id), stream)
+                       StopChecker(max_new, req.stop, self.vocab.eot_id), stream,
+                       history=TokenHistory(prompt_ids) if req.sampling.has_penalties else None)
         stream.seq = seq
         with self._cv:
             if not self._accepting:
                 raise Unavailable("server is shutting down; not accepting new streams")
+            # Open streams, not just generating ones: a finished stream its client has not read
+            # yet still holds its output here, so it keeps its slot (Stream.close gives it back).
             cap = self.limits.max_concurrent_streams + self.limits.max_queued_streams
-            if self._in_system >= cap:
-                raise Overloaded(f"{self._in_system} streams running or queued; the limit is "
+            if self._open >= cap:
+                raise Overloaded(f"{self._open} streams open (running, queued or not yet read); the limit is "
                                  f"{self.limits.max_concurrent_streams} concurrent + "
                                  f"{self.limits.max_queued_streams} queued; retry later")
+            self._open += 1
             self._in_system += 1
             self._incoming.append(seq)
             self._cv.notify()
@@ -243,15 +307,19 @@ class Scheduler:
 
     # -- the worker thread ----------------------------------------------------------------------
     def _run(self) -> None:
-        while True:
-            with self._cv:
-                while not (self._incoming or self._waiting or self._priming or self._batch or self._closing):
-                    self._cv.wait()
-                if self._closing:
-                    break
-                self._waiting.extend(self._incoming)
-                self._incoming.clear()
-            self._iterate()
+        try:
+            while True:
+                with self._cv:
+                    while not (self._incoming or self._waiting or self._priming or self._batch or self._closing):
+                        self._cv.wait()
+                    if self._closing:
+                        break
+                    self._waiting.extend(self._incoming)
+                    self._incoming.clear()
+                self._iterate()
+        except BaseException as e:  # not one iteration's rows: the loop itself broke
+            self._die(e)
+            return
         self._abort_all(Unavailable(self._abort_message))
 
     def _iterate(self) -> None:
@@ -262,12 +330,41 @@ class Scheduler:
         while room > 0 and self._waiting:
             self._priming.append(self._waiting.popleft())
             room -= 1
-        if self._priming:
-            out = self._prime_chunk()
-            if out:  # first tokens go out now, not after the step below
-                self._deliver(out)
+        if self._priming:  # first tokens go out now, not after the step below
+            rows = self._priming[: self.cfg.max_prefill_rows]
+            self._isolated(rows, "prompt step", lambda: self._prime_chunk(rows))
         if self._batch is not None:
-            self._deliver(self._decode_step())
+            self._isolated(self._batch.seqs, "decode step", self._decode_step)
+
+    def _isolated(self, seqs: list[Sequence], what: str, part: Callable[[], list]) -> None:
+        """Run one part of an iteration (model call, sampling, stop checks) and deliver its output.
+        If anything in it raises, only `seqs` end (INTERNAL, one log line with their ids) and the
+        loop goes on; a failure here that cannot be contained ends the worker (`_run`)."""
+        try:
+            self._deliver(part())
+        except Exception as e:
+            log.exception("%s failed for %d request(s) request_ids=%s; ending them", what, len(seqs), _ids(seqs))
+            ids = {id(s) for s in seqs}
+            if self._batch is not None:
+                self._batch = self._batch.filter([i for i, s in enumerate(self._batch.seqs) if id(s) not in ids])
+            self._last_step_end = None
+            out = self._fail(seqs, StepFailed(f"internal error in the {what}: {type(e).__name__}: {e}"))
+            with self._cv:  # the part may have released some of them already: count what is held
+                self._in_system = (len(self._incoming) + len(self._waiting) + len(self._priming)
+                                   + (len(self._batch) if self._batch is not None else 0))
+            self._deliver(out)
+
+    def _die(self, error: BaseException) -> None:
+        """The worker cannot go on: refuse new streams, end every held one with UNAVAILABLE and
+        tell the server (`on_fatal`), which turns NOT_SERVING and exits non-zero."""
+        log.critical("scheduler worker failed and cannot go on; ending every stream", exc_info=error)
+        with self._cv:
+            self._accepting = False
+        try:
+            self._abort_all(Unavailable("the server's generation worker failed; retry on another server"))
+        finally:
+            if self.on_fatal is not None and self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self.on_fatal, error)
 
     def _drop_cancelled(self) -> None:
         # `cancelled` is set from the event-loop thread at any moment: read each flag ONCE, so a
@@ -290,9 +387,8 @@ class Scheduler:
         if n_gone:
             self._release(n_gone)
 
-    def _prime_chunk(self) -> list:
-        """One prompt-graph call advancing up to max_prefill_rows prompts by a chunk each."""
-        rows = self._priming[: self.cfg.max_prefill_rows]
+    def _prime_chunk(self, rows: list[Sequence]) -> list:
+        """One prompt-graph call advancing `rows` (up to max_prefill_rows prompts) by a chunk each."""
         t = min(self.cfg.prefill_chunk, max(s.prompt_left for s in rows))
         lengths = np.array([min(t, s.prompt_left) for s in rows], dtype=np.int64)  # [R]
         tokens = np.zeros((len(rows), t), dtype=np.int64)  # [R, T] right-padded
@@ -345,12 +441,16 @@ class Scheduler:
         self._last_step_end = t1 if self._batch is not None else None
         return out
 
-    def _sample_and_advance(self, batch: Batch, logits: np.ndarray) -> tuple[list, Batch | None]:
+    def _sample_and_advance(self, batch: Batch, logits: np.ndarray) -> tuple[list[Output], Batch | None]:
         """Choose each row's next token from logits [B, V]; emit text; drop finished rows."""
-        finite = np.isfinite(logits).all(axis=1)  # [B]
+        # A NaN anywhere makes the row max NaN, +inf makes it inf; -inf logits are just impossible
+        # tokens, but a row of nothing else has no distribution.
+        finite = np.isfinite(logits.max(axis=1))  # [B]
         safe_logits = logits if finite.all() else np.where(finite[:, None], logits, 0.0)
         uniforms = np.array([s.rng.random() for s in batch.seqs])  # [B], one draw per row
-        next_tokens = choose(safe_logits, batch.sampling, uniforms)  # [B]
+        histories = [s.history for s in batch.seqs] if batch.sampling.penalty_rows else None
+        next_tokens = choose(safe_logits, batch.sampling, uniforms, histories)  # [B]
+        logprobs = self._logprobs(batch, safe_logits, next_tokens)
         out, keep, failed = [], [], []
         pieces = self._pieces
         # Python lists: indexing numpy arrays one element at a time costs more than the loop body.
@@ -358,6 +458,8 @@ class Scheduler:
             if not ok:
                 failed.append(s)
                 continue
+            if s.history is not None:
+                s.history.add(tok)
             text, reason = s.stopper.add(tok, pieces[tok])
             fin = None
             if reason is not None:
@@ -365,7 +467,7 @@ class Scheduler:
                                s.stopper.matched)
             else:
                 keep.append(i)
-            out.append((s.sink, text, 1, fin, None))
+            out.append(Output(s.sink, text, 1, fin, None, logprobs.get(i)))
         self._tokens_generated += len(batch)
         n_done = len(batch) - len(keep) - len(failed)
         if n_done:
@@ -375,11 +477,26 @@ class Scheduler:
             out += self._fail(failed, StepFailed("the model produced non-finite logits; generation stopped"))
         return out, replace(batch, tokens=next_tokens).filter(keep)
 
+    def _logprobs(self, batch: Batch, logits: np.ndarray, tokens: np.ndarray) -> dict[int, TokenLogprob]:
+        """Row -> its token's log-probability (and alternatives), for the rows that asked."""
+        rows = [i for i, s in enumerate(batch.seqs) if s.request.logprobs]
+        if not rows:
+            return {}
+        n = max(batch.seqs[i].request.top_logprobs for i in rows)
+        lp, top_ids, top_lp = token_logprobs(logits[rows], tokens[rows], n)
+        pieces, out = self._pieces, {}
+        for j, i in enumerate(rows):
+            k = batch.seqs[i].request.top_logprobs
+            top = tuple((t, pieces[t], v) for t, v in zip(top_ids[j, :k].tolist(), top_lp[j, :k].tolist()))
+            tok = int(tokens[i])
+            out[i] = TokenLogprob(tok, pieces[tok], float(lp[j]), top)
+        return out
+
     def _fail(self, seqs: list[Sequence], error: GenerationError) -> list:
         ids = {id(s) for s in seqs}
         self._priming = [s for s in self._priming if id(s) not in ids]
         self._release(len(seqs))
-        return [(s.sink, "", 0, None, error) for s in seqs]
+        return [Output(s.sink, "", 0, None, error) for s in seqs]
 
     def _abort_all(self, error: GenerationError) -> None:
         seqs = list(self._waiting) + self._priming + (self._batch.seqs if self._batch else [])
@@ -397,7 +514,7 @@ class Scheduler:
 
     def _deliver(self, out: list) -> None:
         """Hand output to the streams; one loop wake-up per step, and none when no reader waits."""
-        woken = [sink for sink, text, tokens, finished, error in out if sink.push(text, tokens, finished, error)]
+        woken = [o.sink for o in out if o.sink.push(o.text, o.tokens, o.finished, o.error, o.logprob)]
         if woken and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(_wake_all, woken)
 

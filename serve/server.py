@@ -11,13 +11,14 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from lstmgen.errors import UsageError, UserError
 from lstmgen.serve.auth import TokenAuth, read_token
 from lstmgen.serve.engine import Engine, EngineConfig
 from lstmgen.serve.faults import FaultyEngine
 from lstmgen.serve.metrics import Metrics
 from lstmgen.serve.params import Limits
+from lstmgen.serve.reflection import enable_reflection
 from lstmgen.serve.scheduler import Scheduler, SchedulerConfig
 from lstmgen.serve.service import GeneratorService, ServiceConfig
 from lstmgen_client.v1 import generator_pb2 as pb
@@ -25,6 +26,10 @@ from lstmgen_client.v1 import generator_pb2_grpc as pb_grpc
 
 log = logging.getLogger("lstmgen.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generator"].full_name  # "lstmgen.v1.Generator"
+
+
+class BindError(UserError, OSError):
+    """The gRPC address cannot be listened on (in use, or not an address of this machine)."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,10 @@ class ServerConfig:
     auth_token_file: str | None = None  # calls need `authorization: Bearer <token>` (health stays open)
     metrics_port: int | None = None  # Prometheus /metrics over HTTP; None: off, 0: any free port
     metrics_host: str | None = None  # None: the same address as the gRPC port
+    http_port: int | None = None  # OpenAI-compatible HTTP API + playground (serve/http_api.py); None: off
+    http_host: str | None = None  # None: the same address as the gRPC port
     inject_step_failure_every: int = 0  # TEST HOOK (serve/faults.py): every Nth decode step fails
+    inject_worker_crash_at_step: int = 0  # TEST HOOK (serve/faults.py): the Nth decode step kills the worker
     # The scheduler thread's Python/numpy work keeps the GIL for up to this long while the event loop
     # and gRPC's poller thread wait for it. On 2 contended cores, 1 ms instead of Python's 5 ms took
     # the p99 of rejections at a full server from 130-290 ms to 30-55 ms; neutral on a quiet machine
@@ -61,43 +69,60 @@ class Server:
         self._tls = None
         if cfg.tls_cert or cfg.tls_key:
             if not (cfg.tls_cert and cfg.tls_key):
-                raise ValueError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
+                raise UsageError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
             self._tls = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
         token = read_token(cfg.auth_token_file) if cfg.auth_token_file else None
         self.engine = Engine(cfg.bundle, cfg.engine)  # raises BundleError naming the file
         engine = self.engine
-        if cfg.inject_step_failure_every:
-            log.warning("TEST HOOK: every %d-th decode step fails (--inject-step-failure-every)",
-                        cfg.inject_step_failure_every)
-            engine = FaultyEngine(self.engine, cfg.inject_step_failure_every)
+        if cfg.inject_step_failure_every or cfg.inject_worker_crash_at_step:
+            log.warning("TEST HOOK: every %d-th decode step fails (--inject-step-failure-every), decode step %d "
+                        "kills the worker (--inject-worker-crash-at-step); 0 = off",
+                        cfg.inject_step_failure_every, cfg.inject_worker_crash_at_step)
+            engine = FaultyEngine(self.engine, cfg.inject_step_failure_every, cfg.inject_worker_crash_at_step)
         self.metrics = Metrics()
-        self.scheduler = Scheduler(engine, cfg.limits, cfg.scheduler, observer=self.metrics)
+        self.scheduler = Scheduler(engine, cfg.limits, cfg.scheduler, observer=self.metrics,
+                                   on_fatal=self._worker_failed)
+        self.failed: BaseException | None = None  # set if the scheduler's worker died
+        self.stop_requested = asyncio.Event()  # a signal, or the worker died
         self.metrics.watch(self.scheduler)
         self.health = health.aio.HealthServicer()
-        interceptors = [TokenAuth(token, lambda: self.metrics.rejected("unauthenticated"))] if token else []
+        interceptors = [TokenAuth(token, self.metrics.refused)] if token else []
         self.grpc = grpc.aio.server(interceptors=interceptors, options=[
             # gRPC refuses a bigger request before parsing it: RESOURCE_EXHAUSTED, "larger than max"
             ("grpc.max_receive_message_length", cfg.limits.max_request_bytes),
+            # gRPC sets SO_REUSEPORT by default: a second server on the same port would then start
+            # fine and silently take half the new connections. Off, its bind fails at start.
+            ("grpc.so_reuseport", 0),
         ])
         self.port = 0
         self.metrics_port = 0
+        self.http_port = 0
+        self.http = None  # serve/http_api.py, only with --http-port: starlette and uvicorn load only then
+        if cfg.http_port is not None:
+            from lstmgen.serve.http_api import HttpApi, HttpServer
+            self.http_api = HttpApi(self.scheduler, Path(cfg.bundle).resolve().name, self.metrics, cfg.service, token)
+            self.http = HttpServer(self.http_api.app, cfg.http_host or cfg.host, cfg.http_port, cfg.tls_cert,
+                                   cfg.tls_key)
 
     async def start(self) -> int:
         self.scheduler.start()
         GeneratorService(self.scheduler, self.cfg.service, self.metrics).add_to_server(self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.grpc)
-        address = f"{self.cfg.host}:{self.cfg.port}"
-        self.port = (self.grpc.add_secure_port(address, self._tls) if self._tls
-                     else self.grpc.add_insecure_port(address))
-        if self.port == 0:
-            raise OSError(f"cannot bind {address}")
+        enable_reflection(self.grpc, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
+                          (pb.DESCRIPTOR, health_pb2.DESCRIPTOR))
+        self.port = self._bind(f"{self.cfg.host}:{self.cfg.port}")
         if self.cfg.metrics_port is not None:
             host = self.cfg.metrics_host or self.cfg.host
             self.metrics_port = self.metrics.serve(host, self.cfg.metrics_port)
             log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
+        if self.cfg.auth_token_file is None and any(
+                h in ("0.0.0.0", "::", "") for h in (self.cfg.host, self.cfg.http_host or self.cfg.host)):
+            log.warning("listening on all network interfaces without authentication: anyone who can reach "
+                        "this machine can generate; bind --host 127.0.0.1 or set --auth-token-file (with TLS)")
+        if self.http is not None:
+            self.http_port = await self.http.start()
+            log.info("OpenAI-compatible HTTP API and playground on http%s://%s:%d/", "s" if self._tls else "",
+                     self.http.host, self.http_port)
         await self.grpc.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -107,31 +132,61 @@ class Server:
                  ", TLS" if self._tls else "", ", token auth" if self.cfg.auth_token_file else "")
         return self.port
 
+    def _bind(self, address: str) -> int:
+        try:  # grpcio raises RuntimeError("Failed to bind ..."); older versions returned port 0
+            port = (self.grpc.add_secure_port(address, self._tls) if self._tls
+                    else self.grpc.add_insecure_port(address))
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            raise BindError(f"cannot listen on {address}: port {self.cfg.port} is in use (another server?) "
+                            "or the address is not one of this machine's")
+        return port
+
+    def _worker_failed(self, error: BaseException) -> None:
+        """Event loop: the scheduler's worker cannot go on (its streams already ended UNAVAILABLE).
+        run_until_signal stops the server (NOT_SERVING first) and the process exits 1, so that a
+        supervisor restarts it."""
+        self.failed = error
+        self.stop_requested.set()
+
     async def stop(self) -> None:
-        """Graceful: NOT_SERVING, refuse new streams, let in-flight ones finish within the grace."""
+        """Graceful: NOT_SERVING, refuse new streams, and give every accepted stream the grace
+        period to be read to its end: a slow reader gets the text made for it, not just made."""
         await self.health.enter_graceful_shutdown()  # every service NOT_SERVING, for good
+        if self.http is not None:
+            self.http_api.stopping = True  # GET /health: 503
         self.scheduler.stop_accepting()
         drained = await self.scheduler.drain(self.cfg.grace_s)
         if not drained:
             log.warning("grace period of %.1fs over; %d stream(s) end with UNAVAILABLE",
-                        self.cfg.grace_s, self.scheduler.in_system)
+                        self.cfg.grace_s, self.scheduler.open_streams)
         await self.scheduler.close(f"server shutting down: the {self.cfg.grace_s:g}s grace period ran out "
                                    "before this stream finished; retry on another server")
-        await self.grpc.stop(1.0)  # lets the aborted handlers send their status
+        # Lets the aborted handlers send their status; a stream whose client read nothing for the
+        # whole grace period cannot take a status behind its unread output: gRPC cancels it.
+        await self.grpc.stop(1.0)
+        if self.http is not None:
+            await self.http.stop()
         self.metrics.close()
         log.info("stopped")
 
 
-async def run_until_signal(cfg: ServerConfig, on_ready=None) -> None:
+async def run_until_signal(cfg: ServerConfig, on_ready=None) -> int:
+    """Serve until SIGTERM/SIGINT (exit status 0) or until the worker dies (1)."""
     sys.setswitchinterval(cfg.switch_interval_s)
     server = Server(cfg)
     await server.start()
     if on_ready is not None:
         on_ready(server)
-    stop = asyncio.Event()
+    stop = server.stop_requested
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("signal received; stopping (grace %.1fs)", cfg.grace_s)
+    if server.failed is not None:
+        log.critical("stopping: the generation worker failed (%r); exit status 1", server.failed)
+    else:
+        log.info("signal received; stopping (grace %.1fs)", cfg.grace_s)
     await server.stop()
+    return 1 if server.failed is not None else 0

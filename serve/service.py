@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 from lstmgen.serve.errors import (GenerationError, InvalidRequest, Overloaded, StepFailed, Unauthenticated,
                                   Unavailable)
 from lstmgen.serve.metrics import Metrics
-from lstmgen.serve.params import GenerationRequest, SamplingParams
+from lstmgen.serve.params import MIN_TEMPERATURE, GenerationRequest, SamplingParams
 from lstmgen.serve.scheduler import Chunk, Scheduler
 from lstmgen.serve.stopping import FinishReason
 from lstmgen_client.v1 import generator_pb2 as pb
@@ -52,12 +52,17 @@ _REASON = {
 }
 
 
+def _lookup(table: dict, error: Exception):
+    # Through the class hierarchy: a subclass of InvalidRequest is still INVALID_ARGUMENT
+    return next((table[cls] for cls in type(error).__mro__ if cls in table), None)
+
+
 def status_for(error: Exception) -> grpc.StatusCode:
-    return _STATUS.get(type(error), grpc.StatusCode.INTERNAL)
+    return _lookup(_STATUS, error) or grpc.StatusCode.INTERNAL
 
 
 def rejection_reason(error: Exception) -> str | None:
-    return _REJECTION.get(type(error))
+    return _lookup(_REJECTION, error)
 
 
 def request_id(metadata) -> str:
@@ -99,13 +104,14 @@ def request_from_pb(msg: pb.GenerateRequest, request_id: str = "") -> Generation
     def opt(name: str, default):
         return getattr(msg, name) if msg.HasField(name) else default
 
-    temperature = opt("temperature", 1.0)
-    top_p = opt("top_p", 1.0)
-    sampling = SamplingParams(temperature=temperature, top_k=msg.top_k, top_p=top_p,
+    sampling = SamplingParams(temperature=opt("temperature", 1.0), top_k=msg.top_k, top_p=opt("top_p", 1.0),
+                              min_p=opt("min_p", 0.0), repetition_penalty=opt("repetition_penalty", 1.0),
+                              frequency_penalty=msg.frequency_penalty, presence_penalty=msg.presence_penalty,
                               greedy=msg.greedy, seed=opt("seed", 0))
     return GenerationRequest(prompt=msg.prompt, max_new_tokens=opt("max_new_tokens", None),
                              sampling=sampling, seed_given=msg.HasField("seed"),
-                             stop=tuple(msg.stop), skip_unknown=msg.skip_unknown, request_id=request_id)
+                             stop=tuple(msg.stop), skip_unknown=msg.skip_unknown, request_id=request_id,
+                             logprobs=msg.logprobs, top_logprobs=msg.top_logprobs)
 
 
 def chunk_to_pb(chunk: Chunk) -> pb.GenerateResponse:
@@ -115,7 +121,21 @@ def chunk_to_pb(chunk: Chunk) -> pb.GenerateResponse:
         resp.finished.CopyFrom(pb.Finished(reason=_REASON[f.reason], prompt_tokens=f.prompt_tokens,
                                            generated_tokens=f.generated_tokens, seed=f.seed,
                                            stop_sequence=f.stop_sequence))
+    for lp in chunk.logprobs:
+        resp.logprobs.append(pb.TokenLogprob(
+            token_id=lp.token_id, text=lp.text, logprob=lp.logprob,
+            top=[pb.TopLogprob(token_id=t, text=text, logprob=v) for t, text, v in lp.top]))
     return resp
+
+
+async def _abort_gone(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> None:
+    """context.abort, for a call whose client may have left: core then fails the status write as
+    well (grpc.aio.InternalError) and there is nobody to tell. The abort is recorded either way,
+    so grpc.aio ends the call quietly once the handler returns."""
+    try:
+        await context.abort(code, details)
+    except grpc.aio.InternalError:
+        pass
 
 
 class GeneratorService(pb_grpc.GeneratorServicer):
@@ -138,7 +158,11 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
         server.add_registered_method_handlers(name, handlers)
 
-    async def Generate(self, request: pb.GenerateRequest | None, context: grpc.aio.ServicerContext):
+    async def Generate(self, request: pb.GenerateRequest | None, context: grpc.aio.ServicerContext) -> None:
+        # A coroutine writing with context.write, not an async generator: a write that fails in
+        # gRPC core (the client cancelled while HTTP/2 flow control held the write) then raises
+        # here, where it is a cancel like any other, instead of inside grpc.aio, which logs it
+        # as an ERROR with a traceback ("ExecuteBatchError raised in core by servicer method").
         rid = request_id(context.invocation_metadata())
         t0 = time.perf_counter()
         stream, status, tokens, error = None, "CANCELLED", 0, ""
@@ -154,10 +178,12 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                 if tokens == 0 and chunk.token_count:
                     self.metrics.ttft.observe(time.perf_counter() - t0)
                 tokens += chunk.token_count
-                yield chunk_to_pb(chunk)
+                await context.write(chunk_to_pb(chunk))
                 if chunk.finished is None:
                     await self._pace()
             status = "OK"
+        except grpc.aio.InternalError:  # a send failed in core: the client is gone (status stays CANCELLED)
+            await _abort_gone(context, grpc.StatusCode.CANCELLED, "the client went away")
         except Exception as e:  # a GenerationError's own status; anything else is a bug: INTERNAL
             code = status_for(e)
             status, error = code.name, str(e)
@@ -166,7 +192,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                 error = f"internal error ({type(e).__name__}); the server log has it under request_id={rid}"
             elif stream is None and rejection_reason(e):
                 self.metrics.rejected(rejection_reason(e))
-            await context.abort(code, error)
+            await _abort_gone(context, code, error)
         finally:
             if stream is not None:
                 stream.cancel()  # no-op once finished; frees the row if the client went away
@@ -208,4 +234,5 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                 default_new_tokens=lim.default_new_tokens, max_stop_sequences=lim.max_stop_sequences,
                 max_stop_sequence_chars=lim.max_stop_sequence_chars,
                 max_concurrent_streams=lim.max_concurrent_streams,
-                max_queued_streams=lim.max_queued_streams, max_request_bytes=lim.max_request_bytes))
+                max_queued_streams=lim.max_queued_streams, max_request_bytes=lim.max_request_bytes,
+                max_top_logprobs=lim.max_top_logprobs, min_temperature=MIN_TEMPERATURE))

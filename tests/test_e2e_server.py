@@ -126,6 +126,15 @@ BAD = [
     (dict(prompt="First", stop=[""]), "stop[0]"),
     (dict(prompt="First", stop=["a"] * 9), "stop"),
     (dict(prompt="First", stop=["x" * 65]), "stop[0]"),
+    (dict(prompt="First", min_p=-0.1), "min_p"),
+    (dict(prompt="First", min_p=1.5), "min_p"),
+    (dict(prompt="First", repetition_penalty=0.0), "repetition_penalty"),
+    (dict(prompt="First", repetition_penalty=101.0), "repetition_penalty"),
+    (dict(prompt="First", repetition_penalty=math.nan), "repetition_penalty"),
+    (dict(prompt="First", frequency_penalty=2.5), "frequency_penalty"),
+    (dict(prompt="First", presence_penalty=-2.5), "presence_penalty"),
+    (dict(prompt="First", presence_penalty=math.nan), "presence_penalty"),
+    (dict(prompt="First", logprobs=True, top_logprobs=21), "top_logprobs"),
 ]
 
 

@@ -118,3 +118,129 @@ def test_serve_refuses_bad_bundle_with_exit_2(bundles, tmp_path):
     r = subprocess.run([sys.executable, "-m", "lstmgen.cli", "serve", str(bad), "--port", "0", "--device", "cpu"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and f"{bad / 'model.onnx'}: input h has shape" in r.stderr
+
+
+# -- every file the server opens resolves inside the bundle (issue 9, item 4) ----------------------
+def _outside_copy(bundle, tmp_path, fname="model.onnx"):
+    """A byte-identical copy of the bundle's file in a folder beside it: its checksum still matches."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir(exist_ok=True)
+    shutil.copy(bundle / fname, outside / fname)
+    return outside
+
+
+def test_symlinked_model_outside_the_bundle_is_refused(bundles, tmp_path):
+    bad = copy_bundle(bundles["char"], tmp_path / "b")
+    outside = _outside_copy(bad, tmp_path)
+    (bad / "model.onnx").unlink()
+    (bad / "model.onnx").symlink_to(outside / "model.onnx")
+    with pytest.raises(BundleError, match=rf"^{bad / 'model.onnx'}: resolves to .*elsewhere.*outside the bundle"):
+        Engine(bad, EngineConfig(device="cpu"))
+
+
+def test_model_file_through_a_linked_folder_is_refused(bundles, tmp_path):
+    """`etc/passwd` beside `etc -> /etc` in the attack; here a folder link to a copy of the graph."""
+    bad = copy_bundle(bundles["char"], tmp_path / "b", lambda d: d.update(model_file="etc/model.onnx"))
+    (bad / "etc").symlink_to(_outside_copy(bad, tmp_path), target_is_directory=True)
+    want = rf"^{bad / 'manifest.json'}: file name 'etc/model.onnx' must be a plain name"
+    with pytest.raises(BundleError, match=want):
+        Engine(bad, EngineConfig(device="cpu"))
+
+
+def test_symlinked_manifest_outside_the_bundle_is_refused(bundles, tmp_path):
+    bad = copy_bundle(bundles["char"], tmp_path / "b")
+    outside = _outside_copy(bad, tmp_path, "manifest.json")
+    (bad / "manifest.json").unlink()
+    (bad / "manifest.json").symlink_to(outside / "manifest.json")
+    with pytest.raises(BundleError, match="outside the bundle folder"):
+        Engine(bad, EngineConfig(device="cpu"))
+
+
+def test_symlink_to_a_file_inside_the_bundle_still_loads(bundles, tmp_path):
+    ok = copy_bundle(bundles["char"], tmp_path / "b")
+    (ok / "model.onnx").rename(ok / "model-v2.onnx")
+    (ok / "model.onnx").symlink_to("model-v2.onnx")
+    assert Engine(ok, EngineConfig(device="cpu")).manifest.model_file == "model.onnx"
+
+
+# -- integrity covers every byte the graphs load (issue 9, item 5) --------------------------------
+def test_graph_with_external_data_is_refused_even_with_matching_checksum(bundles, tmp_path):
+    """The attack: an initializer moved to an in-bundle weights.bin and overwritten with 1e30; the
+    manifest's checksum of model.onnx updated. The server must not load it."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    from lstmgen.bundle import sha256_file
+
+    bad = copy_bundle(bundles["char"], tmp_path / "b")
+    model = onnx.load(bad / "model.onnx")
+    for t in model.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(np.full(numpy_helper.to_array(t).shape, 1e30, np.float32)
+                                           if t.data_type == onnx.TensorProto.FLOAT else numpy_helper.to_array(t),
+                                           t.name))
+    convert_model_to_external_data(model, all_tensors_to_one_file=True, location="weights.bin")  # the big ones
+    onnx.save(model, bad / "model.onnx")
+    assert (bad / "weights.bin").is_file()
+    d = json.loads((bad / "manifest.json").read_text())
+    d["model_sha256"] = sha256_file(bad / "model.onnx")
+    (bad / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(BundleError, match=rf"^{bad / 'model.onnx'}: the graph keeps tensor\(s\) .* in external data"):
+        Engine(bad, EngineConfig(device="cpu"))
+
+
+def test_export_refuses_a_graph_with_external_data(bundles, tmp_path):
+    import onnx
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    from lstmgen.export.bundle import ExportError, _save
+
+    model = onnx.load(bundles["char"] / "model.onnx")
+    convert_model_to_external_data(model, all_tensors_to_one_file=True, location="weights.bin")  # the big ones
+    with pytest.raises(ExportError, match=r"model\.onnx: the graph keeps tensor\(s\) .* external data"):
+        _save(model, tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists()
+
+
+TYPE_CASES = [  # (field, bad value, words in the message)
+    ("model_file", 5, "model_file must be a string, got int 5"),
+    ("model_file", ["model.onnx"], "model_file must be a string, got list"),
+    ("prompt_model_file", 3, "prompt_model_file must be a string or null, got int 3"),
+    ("model_sha256", None, "model_sha256 must be a string, got NoneType"),
+    ("provenance", ["corpus"], "provenance must be an object, got list"),
+    ("provenance", "tests", "provenance must be an object, got str"),
+    ("inputs", "tokens", "inputs must be a list of strings, got str"),
+    ("outputs", ["logits", 1, "c_out"], "outputs must be a list of strings, got list"),
+    ("num_layers", True, "num_layers must be a positive integer, got bool"),
+    ("opset", 17.0, "opset must be a positive integer, got float"),
+    ("quantization", 8, "quantization must be a string, got int"),
+    ("vocab", {"level": "char", "tokens": "abc"}, "vocab must be an object with 'level' and 'tokens'"),
+    ("vocab", ["a", "b"], "vocab must be an object"),
+    ("vocab_size", "33", "vocab_size must be an integer, got str"),
+    ("colour", "blue", "unknown field(s) 'colour'"),
+]
+
+
+@pytest.mark.parametrize("field,value,words", TYPE_CASES, ids=[f"{c[0]}-{type(c[1]).__name__}" for c in TYPE_CASES])
+def test_every_manifest_field_is_type_checked(bundles, tmp_path, field, value, words):
+    bad = copy_bundle(bundles["char"], tmp_path / "b", lambda d: d.__setitem__(field, value))
+    with pytest.raises(BundleError) as e:
+        Engine(bad, EngineConfig(device="cpu"))
+    assert str(e.value) == f"{bad / 'manifest.json'}: {words}" or str(e.value).startswith(
+        f"{bad / 'manifest.json'}: {words}"), str(e.value)
+
+
+def test_missing_field_is_named(bundles, tmp_path):
+    bad = copy_bundle(bundles["char"], tmp_path / "b", lambda d: d.pop("hidden_size"))
+    with pytest.raises(BundleError, match=rf"^{bad / 'manifest.json'}: field 'hidden_size' is missing$"):
+        Engine(bad, EngineConfig(device="cpu"))
+
+
+@pytest.mark.parametrize("field,value", [("model_file", 5), ("model_file", ["model.onnx"]), ("provenance", [])])
+def test_serve_exits_2_naming_file_and_field_without_traceback(bundles, tmp_path, field, value):
+    bad = copy_bundle(bundles["char"], tmp_path / "b", lambda d: d.__setitem__(field, value))
+    r = subprocess.run([sys.executable, "-m", "lstmgen.cli", "serve", str(bad), "--port", "0", "--device", "cpu"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert f"{bad / 'manifest.json'}: {field} must be" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -133,3 +133,30 @@ def test_loadtest_needs_only_the_client():
             "assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and "--cancel-fraction" in r.stdout, r.stderr
+
+
+def test_unauthenticated_call_counts_under_its_status_too(bundles, tmp_path):
+    """One call, one status, counted the same everywhere: a call refused for its token is in
+    requests_total{status="UNAUTHENTICATED"} as well as in rejections_total{reason="unauthenticated"}."""
+    from lstmgen_client import UnauthenticatedError
+
+    (tmp_path / "token").write_text("t0ken\n")
+    s = start_server(bundles["char"], tmp_path / "auth.log", "--auth-token-file", str(tmp_path / "token"),
+                     "--metrics-port", "0")
+    try:
+        url = metrics_url(s)
+        before = scrape_metrics(url)
+        with Client(s.target, timeout=10) as c:
+            for _ in range(2):
+                with pytest.raises(UnauthenticatedError):
+                    c.generate("First", max_new_tokens=3)
+            with pytest.raises(UnauthenticatedError):
+                c.model_info()
+        with Client(s.target, timeout=10, token="t0ken") as c:
+            c.generate("First", max_new_tokens=3)
+        after = scrape_metrics(url)
+    finally:
+        s.stop()
+    assert delta(after, before, 'lstmgen_requests_total{status="UNAUTHENTICATED"}') == 3
+    assert delta(after, before, 'lstmgen_rejections_total{reason="unauthenticated"}') == 3
+    assert delta(after, before, 'lstmgen_requests_total{status="OK"}') == 1

@@ -164,3 +164,44 @@ def test_bad_security_flags_fail_at_start(bundles, pki, tmp_path):
     (tmp_path / "empty").write_text("\n")
     r = serve("--auth-token-file", str(tmp_path / "empty"))
     assert r.returncode == 2 and "empty" in r.stderr and "token" in r.stderr
+
+
+def _raw_calls(ch):
+    """The two RPC shapes, with raw bytes: an empty GetModelInfo and a small Generate request."""
+    from lstmgen_client.v1 import generator_pb2 as pb
+
+    info = ch.unary_unary("/lstmgen.v1.Generator/GetModelInfo")
+    gen = ch.unary_stream("/lstmgen.v1.Generator/Generate")
+    body = pb.GenerateRequest(prompt="First", max_new_tokens=3).SerializeToString()
+    return {"info": lambda md: info(b"", timeout=5, metadata=md),
+            "generate": lambda md: list(gen(body, timeout=5, metadata=md))}
+
+
+@pytest.mark.parametrize("method", ["info", "generate"])
+def test_unauthenticated_reply_echoes_the_request_id(secure, pki, method):
+    """Every call's id comes back in the trailing metadata (the proto says so), refused ones too."""
+    with grpc.secure_channel(secure.target, grpc.ssl_channel_credentials(pki["ca"].read_bytes())) as ch:
+        call = _raw_calls(ch)[method]
+        for md, want in (((("x-request-id", "auth-probe-1"),), "auth-probe-1"), ((), None)):
+            with pytest.raises(grpc.RpcError) as e:
+                call(md)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            trailing = dict(e.value.trailing_metadata() or ())
+            assert "x-request-id" in trailing, trailing
+            assert trailing["x-request-id"] == want if want else len(trailing["x-request-id"]) == 16
+    assert "call refused request_id=auth-probe-1" in secure.log.read_text()
+
+
+@pytest.mark.parametrize("method", ["info", "generate"])
+def test_two_authorization_entries_are_refused(secure, pki, method):
+    """Even with the right token first: which entry a proxy or server reads is not defined."""
+    right, wrong = ("authorization", f"Bearer {TOKEN}"), ("authorization", "Bearer wrong")
+    with grpc.secure_channel(secure.target, grpc.ssl_channel_credentials(pki["ca"].read_bytes())) as ch:
+        call = _raw_calls(ch)[method]
+        call((right,))  # one entry: accepted
+        for md in ((right, wrong), (right, right), (wrong, right)):
+            with pytest.raises(grpc.RpcError) as e:
+                call(md)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "2 'authorization' metadata entries" in e.value.details(), e.value.details()
+    assert "Traceback" not in secure.log.read_text()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from lstmgen.errors import UserError
 from lstmgen.train.config import ModelConfig, TrainConfig
 from lstmgen.train.model import StackedLSTM
 from lstmgen.vocab import Vocab
@@ -17,7 +18,7 @@ VERSION = 1
 BEST, LAST = "best.pt", "last.pt"  # file names inside a run directory
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message names the file and the problem."""
 
 

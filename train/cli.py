@@ -11,6 +11,7 @@ import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
+from lstmgen import console
 from lstmgen.train.config import PRESETS, TrainConfig
 
 DEFAULT_PRESET = "tiny"
@@ -38,9 +39,12 @@ _OVERRIDES: dict[str, str] = {
     "tie_weights": "share the embedding and output weights (needs E == H)",
     "init_scale": "uniform init in [-s, s] (Zaremba); 0: PyTorch's defaults",
     "level": "char or word tokens (word: whitespace split plus <eos> per line, PTB style)",
+    "min_count": "word level: words seen fewer times in the training text become <unk>",
+    "max_vocab": "word level: keep the most frequent words, the vocabulary (with <eos> and <unk>) "
+                 "at most this size; the rest become <unk> (0: no limit)",
     "valid_fraction": "share of a single-file corpus held out (from its end) for validation",
     "seed": "random seed (torch.manual_seed)",
-    "log_interval": "update the progress bar's loss / lr / tokens-per-second every this many updates",
+    "log_interval": "log the training loss, lr and tokens/s (steps.csv, progress) every this many updates",
     "save_every": "also write last.pt every this many updates (0: only at validations)",
     "device": "auto (cuda when available), cpu or cuda",
     "amp": "bf16: autocast the forward pass to bfloat16 on CUDA (ignored, with a message, on CPU)",
@@ -86,7 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in RUN_DIR from its last.pt (model, optimizer, epoch, step, RNG)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    console.add_arguments(parser, quiet_help="only the best checkpoint's path and warnings: no progress, "
+                                             "no log lines")
     types = {f.name: f.type for f in fields(TrainConfig)}
     for name, help_ in _OVERRIDES.items():
         flag, typ = "--" + name.replace("_", "-"), types[name]
@@ -113,26 +119,19 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lstmgen.train.checkpoint import CheckpointError
-    from lstmgen.train.data import DataError
     from lstmgen.train.trainer import TrainError, train
 
+    display = console.from_args(args)
     try:
         if args.data is None and not args.resume:
-            raise TrainError("--data is required (a file, directory, split prefix or http(s) URL)")
+            raise TrainError("--data is required (a file, directory, split prefix, http(s) URL or corpus name)")
         cfg = resolve_config(args)
-        best = train(cfg, args.data, args.out, resume=args.resume, progress_bar=not args.no_progress)
-    except (TrainError, DataError, CheckpointError) as e:
-        print(f"lstmgen train: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # e.g. RUN_DIR not writable, disk full
-        print(f"lstmgen train: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
+        best = train(cfg, args.data, args.out, resume=args.resume, console=display)
+    except KeyboardInterrupt:  # a UserError or OSError (RUN_DIR not writable, disk full) exits 2 in lstmgen.cli
         last = Path(args.out) / "last.pt"
-        print(f"lstmgen train: interrupted; {last} holds the last save - continue with --resume",
-              file=sys.stderr)
+        print(f"lstmgen train: interrupted; {last} holds the last save - continue with --resume" if last.is_file()
+              else "lstmgen train: interrupted before the first save; nothing was kept", file=sys.stderr)
         return 130
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
-        print(f"best checkpoint: {best}")
+        display.result(f"best checkpoint: {best}", best_checkpoint=str(best))
     return 0

@@ -43,6 +43,10 @@ class TrainConfig:
     # pytorch/examples does (it uses lr=20 instead) and as the TF char-RNN tutorials do with Adam.
     loss_sum_over_time: bool = True
     level: Literal["char", "word"] = "char"
+    # word level: words used fewer than min_count times in the training text, or beyond the
+    # max_vocab most frequent (the vocabulary counting <eos> and <unk>; 0: no limit), become <unk>
+    min_count: int = 1
+    max_vocab: int = 0
     valid_fraction: float = 0.1  # used when the corpus has no separate valid file
     seed: int = 1234
     eval_batch_size: int = 10

@@ -16,6 +16,7 @@ import hashlib
 import os
 import re
 import shutil
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 from lstmgen.bundle import sha256_file
+from lstmgen.errors import UserError
 from lstmgen.vocab import EOS, Level, Vocab
 
 SPLITS = ("train", "valid", "test")
@@ -32,7 +34,7 @@ _EXTS = ("txt", "tokens")  # WikiText's own zips name the splits wiki.train.toke
 _URL_TIMEOUT_S = 60
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A corpus that cannot be used; the message names the file (or URL) and the problem."""
 
 
@@ -159,7 +161,8 @@ def encode_split(vocab: Vocab, text: str, split: str) -> list[int]:
     if unknown:
         shown = ", ".join(repr(w) for w in list(dict.fromkeys(unknown))[:10])
         raise DataError(f"{split} split holds {len(set(unknown))} word(s) not in the training vocabulary, "
-                        f"which has no <unk> to map them to: {shown}")
+                        f"which has no <unk> to map them to: {shown}; train with --min-count N or "
+                        "--max-vocab N to map rare words to <unk>")
     return ids
 
 
@@ -175,8 +178,9 @@ def _cut(text: str, level: Level, valid_fraction: float) -> int:
 
 
 def load_corpus(data: str, level: Level, valid_fraction: float = 0.1,
-                cache_dir: str | os.PathLike | None = None) -> Corpus:
-    """Read, split and encode a corpus from a path, a split prefix or an http(s) URL."""
+                cache_dir: str | os.PathLike | None = None, *, min_count: int = 1, max_vocab: int = 0) -> Corpus:
+    """Read, split and encode a corpus from a path, a split prefix or an http(s) URL. Word level:
+    `min_count` / `max_vocab` keep the frequent training words and map the rest to <unk>."""
     source: dict = {"data": data}
     if is_url(data):
         if cache_dir is None:
@@ -184,8 +188,11 @@ def load_corpus(data: str, level: Level, valid_fraction: float = 0.1,
         path = download(data, cache_dir)
         source.update(kind="url", url=data)
     else:
-        path = Path(data).expanduser()
-        source["kind"] = "dir" if path.is_dir() else "file" if path.is_file() else "prefix"
+        from lstmgen.datasets import CORPORA, resolve
+        if data in CORPORA and not Path(data).exists():  # a standard corpus by name, fetched once into its cache
+            source.update(kind="named", name=data)
+        path = Path(resolve(data, log=lambda msg: print(msg, file=sys.stderr))).expanduser()
+        source.setdefault("kind", "dir" if path.is_dir() else "file" if path.is_file() else "prefix")
     layout, files = find_splits(path)
     source["path"] = str(path.resolve())
     texts = {s: read_text(p) for s, p in files.items()}
@@ -201,7 +208,8 @@ def load_corpus(data: str, level: Level, valid_fraction: float = 0.1,
     # chars: the alphabet of the whole corpus, as char-rnn and nanoGPT build it (a held-out tail may
     # hold a symbol the training text lacks, e.g. Anna Karenina's licence text); words: PTB style,
     # the training vocabulary, held-out words -> <unk>
-    vocab = Vocab.build(level, texts.values() if level == "char" else [texts["train"]])
+    vocab = Vocab.build(level, texts.values() if level == "char" else [texts["train"]],
+                        min_count=min_count, max_vocab=max_vocab)
     ids = {"train": vocab.encode_corpus(texts["train"])}
     for split in ("valid", "test"):
         if split in texts:

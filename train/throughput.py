@@ -43,7 +43,7 @@ class Throughput:
 def plain_loop(cfg: TrainConfig, data: str, steps: int) -> float:
     """Tokens/s of the bare loop over the first `steps` batches (epochs wrap around)."""
     device = resolve_device(cfg.device)
-    corpus = load_corpus(data, cfg.level, cfg.valid_fraction)
+    corpus = load_corpus(data, cfg.level, cfg.valid_fraction, min_count=cfg.min_count, max_vocab=cfg.max_vocab)
     torch.manual_seed(cfg.seed)
     model = StackedLSTM(cfg.model_config(len(corpus.vocab))).to(device).train()
     opt = make_optimizer(cfg, model.parameters())

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -23,8 +24,9 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from lstmgen.console import Console, duration
+from lstmgen.errors import UserError
 from lstmgen.train import distributed as ddp
 from lstmgen.train import runlog
 from lstmgen.train.checkpoint import BEST, LAST, Checkpoint, load_checkpoint, save_checkpoint
@@ -37,23 +39,27 @@ from lstmgen.train.runlog import METRICS_CSV, STEPS_CSV
 CONFIG_JSON, CACHE_DIR = "config.json", "cache"
 # A resumed run may change when it stops, its lr or dropout, but not what these fix: the model's
 # shape, the tokens, the optimizer state's meaning, or how the stream is cut into batches.
-_FIXED_FIELDS = ("embedding_size", "hidden_size", "num_layers", "tie_weights", "level",
-                 "valid_fraction", "optimizer", "batch_size", "bptt")
+_FIXED_FIELDS = ("embedding_size", "hidden_size", "num_layers", "tie_weights", "level", "min_count",
+                 "max_vocab", "valid_fraction", "optimizer", "batch_size", "bptt")
 
 Log = Callable[[str], None]
 
 
-class TrainError(Exception):
+class TrainError(UserError):
     """A run that cannot start or continue; the message says why."""
 
 
 def check_config(cfg: TrainConfig) -> None:
     problems = [f"{k} must be >= 1 (got {getattr(cfg, k)})"
                 for k in ("embedding_size", "hidden_size", "num_layers", "batch_size", "bptt",
-                          "epochs", "eval_batch_size", "log_interval") if getattr(cfg, k) < 1]
+                          "epochs", "eval_batch_size", "log_interval", "min_count") if getattr(cfg, k) < 1]
     problems += [f"{k} must be >= 0 (got {getattr(cfg, k)})"
                  for k in ("max_steps", "max_seconds", "save_every", "decay_after", "weight_decay",
-                           "clip_norm", "init_scale") if getattr(cfg, k) < 0]
+                           "clip_norm", "init_scale", "max_vocab") if getattr(cfg, k) < 0]
+    if 0 < cfg.max_vocab < 3:
+        problems.append(f"max_vocab must be 0 (no limit) or >= 3, to hold <eos>, <unk> and a word (got {cfg.max_vocab})")
+    if cfg.level == "char" and (cfg.min_count != 1 or cfg.max_vocab):
+        problems.append("min_count and max_vocab apply to word level only (a char vocabulary has no <unk>)")
     if not cfg.lr > 0 or not cfg.lr_decay > 0:
         problems.append(f"lr and lr_decay must be > 0 (got {cfg.lr}, {cfg.lr_decay})")
     if not 0 <= cfg.dropout < 1:
@@ -159,8 +165,9 @@ class _Run:
     """One session of a run: the model, optimizer and streams, and the loop over them."""
 
     def __init__(self, cfg: TrainConfig, corpus: Corpus, out: Path, device: torch.device,
-                 prior: Checkpoint | None, log: Log, progress_bar: bool, dist: DistInfo = DistInfo()):
+                 prior: Checkpoint | None, log: Log, console: Console, dist: DistInfo = DistInfo()):
         self.cfg, self.corpus, self.out, self.device, self.log = cfg, corpus, out, device, log
+        self.console = console
         self.dist = dist
         self.model = StackedLSTM(cfg.model_config(len(corpus.vocab))).to(device)
         self.params = list(self.model.parameters())
@@ -179,9 +186,8 @@ class _Run:
         self.hidden: State | None = None  # this rank's LSTM state mid-epoch, for last.pt
         if prior is not None:
             self._restore(prior)
-        self.bar = tqdm(total=self.n_batches, disable=not progress_bar or not dist.is_main, leave=False,
-                        dynamic_ncols=True, unit="batch")
-        self.t0, self.elapsed0 = time.monotonic(), self.p.elapsed_s
+        self.bar = console.progress_bar(total=self.n_batches, unit="batch")
+        self.t0, self.elapsed0, self.step0 = time.monotonic(), self.p.elapsed_s, self.p.global_step
         self.t_row, self.row_session_tokens = self.t0, 0  # this session's share of the next metrics row
         self.win_loss = torch.zeros((), device=device)  # nats summed since the last steps.csv row
         self.win_tokens, self.t_win = 0, self.t0
@@ -292,10 +298,27 @@ class _Run:
                              "try a lower --lr or a smaller --clip-norm")
         tok_s = tokens / max(seconds, 1e-9)
         self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}", tok_s=f"{tok_s:,.0f}")
+        eta = self._eta_s()
+        self.console.progress(
+            f"epoch {p.epoch} step {p.global_step} (batch {p.step_in_epoch}/{self.n_batches}) | loss {loss:.4f} | "
+            f"lr {lr:.3g} | {tok_s:,.0f} tok/s | ETA {duration(eta)}",
+            epoch=p.epoch, step=p.global_step, batch=p.step_in_epoch, batches=self.n_batches, loss=loss, lr=lr,
+            tokens_per_s=tok_s, eta_s=round(eta, 1) if math.isfinite(eta) else None)
         if self.dist.is_main:
             runlog.append_csv(self.out / STEPS_CSV, {
                 "step": p.global_step, "epoch": p.epoch, "loss": loss, "lr": lr, "tokens_per_s": tok_s,
                 "elapsed_s": self.elapsed0 + time.monotonic() - self.t0}, digits=10)
+
+    def _eta_s(self) -> float:
+        """Seconds to the run's end at this session's pace (validation included), within its limits."""
+        cfg, p = self.cfg, self.p
+        left = (cfg.epochs - p.epoch) * self.n_batches + self.n_batches - p.step_in_epoch
+        if cfg.max_steps:
+            left = min(left, cfg.max_steps - p.global_step)
+        spent = time.monotonic() - self.t0
+        steps = p.global_step - self.step0
+        eta = left * spent / steps if steps else math.inf
+        return min(eta, cfg.max_seconds - spent) if cfg.max_seconds else eta
 
     def _stop_reason(self) -> str | None:
         if self.cfg.max_steps and self.p.global_step >= self.cfg.max_steps:
@@ -392,17 +415,24 @@ def _check_resumable(saved: TrainConfig, cfg: TrainConfig, path: Path) -> None:
 
 
 def train(cfg: TrainConfig, data: str | None, out_dir: str | os.PathLike, *, resume: bool = False,
-          log: Log | None = None, progress_bar: bool = True) -> Path:
+          log: Log | None = None, progress_bar: bool = True, console: Console | None = None) -> Path:
     """Train (or, with resume=True, continue) the run in `out_dir` on `data` (a path, split prefix,
     directory or http(s) URL; None when resuming: the run's own corpus). Returns best.pt's path.
 
     Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set) every process calls this; they train one
     model data-parallel and rank 0 alone logs and writes the run directory.
 
+    `console` says how progress and log lines are shown (lstmgen/console.py; by default a bar on a
+    terminal, plain lines elsewhere); `log` replaces its log lines, `progress_bar=False` its progress.
+    A run that fails before its first checkpoint removes the run directory it created.
+
     Raises TrainError, DataError or CheckpointError with a message fit for the user.
     """
     dist = ddp.from_env()
-    log = (log or tqdm.write) if dist.is_main else (lambda line: None)
+    console = console or Console(progress=progress_bar)
+    if not dist.is_main:
+        console = Console(quiet=True, progress=False)
+    log = (log or console.event) if dist.is_main else (lambda line: None)
     check_config(cfg)
     if cfg.batch_size % dist.world_size:
         raise TrainError(f"batch_size {cfg.batch_size} must divide evenly over {dist.world_size} processes "
@@ -424,30 +454,36 @@ def train(cfg: TrainConfig, data: str | None, out_dir: str | os.PathLike, *, res
     if cfg.amp != "off" and device.type != "cuda":
         log(f"amp={cfg.amp} ignored: bf16 autocast is used on CUDA only; training in fp32 on {device}")
     ddp.start(dist, device)
+    created = not out.exists()
     try:
-        best = _train(cfg, data, out, prior, device, dist, log, progress_bar)
+        best = _train(cfg, data, out, prior, device, dist, log, console)
         # every rank reaches teardown together: gloo aborts a process whose peer closes the
         # connection while it is still tearing down (seen as SIGABRT on a loaded CI machine)
         ddp.barrier(dist)
         return best
+    except BaseException:  # an interrupt too: without a checkpoint there is nothing to resume
+        if created and dist.is_main and out.is_dir() and not (out / LAST).exists() and not (out / BEST).exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         ddp.stop(dist)
 
 
 def _train(cfg: TrainConfig, data: str, out: Path, prior: Checkpoint | None, device: torch.device,
-           dist: DistInfo, log: Log, progress_bar: bool) -> Path:
+           dist: DistInfo, log: Log, console: Console) -> Path:
     torch.manual_seed(cfg.seed)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
     else:
         ddp.barrier(dist)  # rank 0 first: a URL is downloaded into the cache once
-    corpus = load_corpus(data, cfg.level, cfg.valid_fraction, out / CACHE_DIR)
+    corpus = load_corpus(data, cfg.level, cfg.valid_fraction, out / CACHE_DIR,
+                         min_count=cfg.min_count, max_vocab=cfg.max_vocab)
     if dist.is_main:
         ddp.barrier(dist)
     if prior is not None and (prior.vocab != corpus.vocab
                               or prior.corpus.get("sha256", corpus.source["sha256"]) != corpus.source["sha256"]):
         raise TrainError(f"{data}: the training text differs from the one {out / LAST} was trained on")
-    run = _Run(cfg, corpus, out, device, prior, log, progress_bar, dist)
+    run = _Run(cfg, corpus, out, device, prior, log, console, dist)
     if dist.is_main:
         resolved = {"train": asdict(cfg), "model": asdict(run.model.cfg), "device": str(device),
                     "world_size": dist.world_size,

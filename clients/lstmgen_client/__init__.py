@@ -9,9 +9,10 @@ from lstmgen_client.client import AsyncClient, Client
 from lstmgen_client.errors import (CancelledError, DeadlineExceededError, InternalError, InvalidArgumentError,
                                    LstmgenError, OverloadedError, RequestTooLargeError, UnauthenticatedError,
                                    UnavailableError)
-from lstmgen_client.types import Finished, GenerateResult, Limits, ModelInfo, StreamChunk
+from lstmgen_client.types import (Finished, GenerateResult, Limits, ModelInfo, StreamChunk, TokenLogprob,
+                                  TopLogprob)
 
 __all__ = ["AsyncClient", "CancelledError", "Client", "DeadlineExceededError", "Finished", "GenerateResult",
            "InternalError", "InvalidArgumentError", "Limits", "LstmgenError", "ModelInfo", "OverloadedError",
-           "RequestTooLargeError", "StreamChunk", "UnauthenticatedError", "UnavailableError"]
+           "RequestTooLargeError", "StreamChunk", "TokenLogprob", "TopLogprob", "UnauthenticatedError", "UnavailableError"]
 __version__ = "0.1.0"

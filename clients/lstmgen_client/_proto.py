@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 from typing import Iterable
 
-from lstmgen_client.types import Finished, GenerateResult, Limits, ModelInfo, StreamChunk
+from lstmgen_client.errors import InvalidArgumentError
+from lstmgen_client.types import (Finished, GenerateResult, Limits, ModelInfo, StreamChunk, TokenLogprob,
+                                  TopLogprob)
 from lstmgen_client.v1 import generator_pb2 as pb
 
 _REASONS = {
@@ -15,18 +17,20 @@ _REASONS = {
 
 
 def build_request(prompt: str, *, max_new_tokens: int | None = None, temperature: float | None = None,
-                  top_k: int = 0, top_p: float | None = None, seed: int | None = None, greedy: bool = False,
-                  stop: Iterable[str] = (), skip_unknown: bool = False) -> pb.GenerateRequest:
+                  top_k: int = 0, top_p: float | None = None, min_p: float | None = None,
+                  repetition_penalty: float | None = None, frequency_penalty: float = 0.0,
+                  presence_penalty: float = 0.0, seed: int | None = None, greedy: bool = False,
+                  stop: Iterable[str] = (), skip_unknown: bool = False, logprobs: bool = False,
+                  top_logprobs: int = 0) -> pb.GenerateRequest:
+    """The request message; unset optional fields take the server's defaults (see the .proto)."""
     req = pb.GenerateRequest(prompt=prompt, top_k=top_k, greedy=greedy, stop=list(stop),
-                             skip_unknown=skip_unknown)
-    if max_new_tokens is not None:
-        req.max_new_tokens = max_new_tokens
-    if temperature is not None:
-        req.temperature = temperature
-    if top_p is not None:
-        req.top_p = top_p
-    if seed is not None:
-        req.seed = seed
+                             skip_unknown=skip_unknown, frequency_penalty=frequency_penalty,
+                             presence_penalty=presence_penalty, logprobs=logprobs or top_logprobs > 0,
+                             top_logprobs=top_logprobs)
+    for name, value in (("max_new_tokens", max_new_tokens), ("temperature", temperature), ("top_p", top_p),
+                        ("min_p", min_p), ("repetition_penalty", repetition_penalty), ("seed", seed)):
+        if value is not None:
+            setattr(req, name, value)
     return req
 
 
@@ -36,7 +40,10 @@ def parse_chunk(msg: pb.GenerateResponse) -> StreamChunk:
         f = msg.finished
         finished = Finished(_REASONS.get(f.reason, "unspecified"), f.prompt_tokens, f.generated_tokens,
                             f.seed, f.stop_sequence)
-    return StreamChunk(msg.text, msg.token_count, finished)
+    logprobs = tuple(TokenLogprob(lp.token_id, lp.text, lp.logprob,
+                                  tuple(TopLogprob(t.token_id, t.text, t.logprob) for t in lp.top))
+                     for lp in msg.logprobs)
+    return StreamChunk(msg.text, msg.token_count, finished, logprobs)
 
 
 class Collector:
@@ -44,18 +51,20 @@ class Collector:
 
     def __init__(self) -> None:
         self.parts: list[str] = []
+        self.logprobs: list[TokenLogprob] = []
         self.finished: Finished | None = None
         self.messages = 0
 
     def add(self, chunk: StreamChunk) -> None:
         self.parts.append(chunk.text)
+        self.logprobs.extend(chunk.logprobs)
         self.messages += 1
         self.finished = chunk.finished or self.finished
 
     def result(self) -> GenerateResult:
         if self.finished is None:
             raise RuntimeError("stream ended without a final message")
-        return GenerateResult("".join(self.parts), self.finished, self.messages)
+        return GenerateResult("".join(self.parts), self.finished, self.messages, tuple(self.logprobs))
 
 
 def parse_model_info(msg: pb.ModelInfo) -> ModelInfo:
@@ -67,6 +76,41 @@ def parse_model_info(msg: pb.ModelInfo) -> ModelInfo:
         has_prompt_graph=msg.has_prompt_graph,
         limits=Limits(lim.max_prompt_chars, lim.max_new_tokens, lim.default_new_tokens, lim.max_stop_sequences,
                       lim.max_stop_sequence_chars, lim.max_concurrent_streams, lim.max_queued_streams,
-                      lim.max_request_bytes),
+                      lim.max_request_bytes, lim.max_top_logprobs, lim.min_temperature),
         provenance=json.loads(msg.provenance_json) if msg.provenance_json else {},
         vocabulary=tuple(msg.vocabulary))
+
+
+# Integer request fields and the range their protobuf type carries; the server checks its own limits.
+_WIRE_INTS = {"max_new_tokens": (-2**31, 2**31 - 1), "top_k": (-2**31, 2**31 - 1), "seed": (0, 2**64 - 1),
+              "top_logprobs": (0, 2**32 - 1)}
+
+
+def _invalid(message: str) -> InvalidArgumentError:
+    return InvalidArgumentError(f"INVALID_ARGUMENT: {message}")  # worded as the server's refusals
+
+
+def check_params(prompt: str, params: dict) -> dict:
+    """What a request cannot be sent as, raised as InvalidArgumentError before any call is made
+    (protobuf would raise a bare ValueError or TypeError); returns params for build_request with a
+    single stop string (`stop="\\n\\n"`) taken as one sequence, not as its characters."""
+    if not isinstance(prompt, str) or not prompt:
+        raise _invalid(f"prompt: must be a non-empty string, got {prompt!r:.40}")
+    for name, (lo, hi) in _WIRE_INTS.items():
+        v = params.get(name)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi):
+            raise _invalid(f"{name}: is {v!r:.40}; allowed: an integer in {lo}..{hi}")
+    stop = params.get("stop", ())
+    if isinstance(stop, str):
+        return {**params, "stop": (stop,)}
+    if not all(isinstance(s, str) for s in stop):
+        raise _invalid("stop: must be a string or a list of strings")
+    return params
+
+
+def check_timeout(timeout: float | None, name: str = "timeout") -> float | None:
+    """None: no deadline; otherwise a number of seconds > 0 (0 would be an instant DEADLINE_EXCEEDED)."""
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not 0 < timeout < float("inf")):
+        raise _invalid(f"{name}: is {timeout!r}; allowed: seconds > 0, or None for no deadline")
+    return timeout

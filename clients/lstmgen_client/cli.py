@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -13,6 +14,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=None, help="softmax temperature (>= 0; 0 = greedy)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the top token's probability")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="Hugging Face repetition penalty over prompt and output, in (0, 100] (1: off)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="OpenAI frequency penalty per repeat of a generated token, in [-2, 2]")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="OpenAI presence penalty once a token was generated, in [-2, 2]")
+    p.add_argument("--logprobs", type=int, default=None, metavar="N",
+                   help="report each token's log-probability and its N most likely alternatives (--json)")
     p.add_argument("--seed", type=int, default=None, help="random seed (server picks one if unset)")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
     p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
@@ -44,8 +54,10 @@ def run(args: argparse.Namespace) -> int:
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     params = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                  top_p=args.top_p, seed=args.seed, greedy=args.greedy, stop=args.stop,
-                  skip_unknown=args.skip_unknown)
+                  top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                  frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
+                  seed=args.seed, greedy=args.greedy, stop=args.stop, skip_unknown=args.skip_unknown,
+                  logprobs=args.logprobs is not None, top_logprobs=args.logprobs or 0)
     try:
         conn = connection_kwargs(args)
     except OSError as e:
@@ -59,7 +71,10 @@ def run(args: argparse.Namespace) -> int:
                 return 0
             if args.json:
                 r = client.generate(prompt, **params)
-                print(json.dumps({"prompt": prompt, "text": r.text, **r.finished.__dict__}, ensure_ascii=False))
+                out = {"prompt": prompt, "text": r.text, **r.finished.__dict__}
+                if r.logprobs:
+                    out["logprobs"] = [asdict(lp) for lp in r.logprobs]
+                print(json.dumps(out, ensure_ascii=False))
                 return 0
             if not args.no_echo:
                 sys.stdout.write(prompt)

@@ -108,7 +108,7 @@ class LoadPlan:
     streams: int
     seconds: float
     prompt: str
-    params: dict
+    params: dict | list[dict]  # request settings, or a list that streams take in turn
     warmup: float = 1.0
     cancel_fraction: float = 0.0  # share of requests abandoned after a random number of tokens
     max_requests: int = 0  # 0: no cap; else stop issuing once this many were started
@@ -118,7 +118,9 @@ class LoadPlan:
 
 async def one_stream(client: AsyncClient, res: LoadResult, stop_at: float, plan: LoadPlan, seed: int) -> None:
     rng = random.Random(seed)
-    longest = plan.params.get("max_new_tokens") or 256
+    # a list of settings: stream i uses the i-th (cyclically), so one batch mixes them
+    params = plan.params if isinstance(plan.params, dict) else plan.params[seed % len(plan.params)]
+    longest = params.get("max_new_tokens") or 256
     n = 0
     while time.perf_counter() < stop_at and not (plan.max_requests and res.requests >= plan.max_requests):
         res.requests += 1
@@ -126,7 +128,7 @@ async def one_stream(client: AsyncClient, res: LoadResult, stop_at: float, plan:
         t0 = last = time.perf_counter()
         got = 0
         try:
-            async for chunk in client.generate_stream(plan.prompt, seed=seed * 100_003 + n, **plan.params):
+            async for chunk in client.generate_stream(plan.prompt, seed=seed * 100_003 + n, **params):
                 now = time.perf_counter()
                 if now > stop_at:  # count only what arrived inside the window
                     break
@@ -227,7 +229,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics", metavar="URL", help="the server's /metrics: report RSS and rows before and after")
     p.add_argument("--prompt", default="The ")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of every request")
+    p.add_argument("--sampling-json", metavar="JSON", default=None,
+                   help='a JSON list of request settings, e.g. \'[{"temperature": 0.8, "top_p": 0.9}, {"greedy": true}]\'; '
+                        "stream i uses entry i modulo its length (overrides --temperature)")
     p.add_argument("--json", default="-", help="file for the JSON summary ('-': stdout)")
     add_connection_arguments(p)
 
@@ -235,7 +240,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lstmgen_client.cli import connection_kwargs
 
-    params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+    params: dict | list[dict] = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+    if args.sampling_json:
+        try:
+            settings = json.loads(args.sampling_json)
+            assert isinstance(settings, list) and settings and all(isinstance(d, dict) for d in settings)
+        except (ValueError, AssertionError):
+            print("lstmgen loadtest: --sampling-json must be a non-empty JSON list of objects", file=sys.stderr)
+            return 2
+        params = [{"max_new_tokens": args.max_new_tokens, **d} for d in settings]
     res, extra = asyncio.run(run_load(
         args.target, args.streams, args.seconds, args.prompt, params, args.warmup,
         cancel_fraction=args.cancel_fraction, max_requests=args.requests, backoff=args.backoff,

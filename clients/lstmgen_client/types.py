@@ -14,10 +14,29 @@ class Finished:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    token_id: int
+    text: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (before penalties, temperature and
+    filtering) and, with top_logprobs, the most likely alternatives at that position."""
+
+    token_id: int
+    text: str
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class StreamChunk:
     text: str
     token_count: int
     finished: Finished | None = None  # set on the last chunk only
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token, with logprobs=True
 
 
 @dataclass(frozen=True)
@@ -25,6 +44,7 @@ class GenerateResult:
     text: str
     finished: Finished
     messages: int  # stream messages the text arrived in
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per generated token, with logprobs=True
 
     @property
     def finish_reason(self) -> str:
@@ -45,6 +65,8 @@ class Limits:
     max_concurrent_streams: int
     max_queued_streams: int
     max_request_bytes: int = 0  # 0: a server older than this field
+    max_top_logprobs: int = 0  # likewise
+    min_temperature: float = 0.0  # temperatures below this decode greedily
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from lstmgen_client.v1 import generator_pb2 as lstmgen__client_dot_v1_dot_generator__pb2
+from lstmgen_client.v1 import generator_pb2 as lstmgen_dot_v1_dot_generator__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in lstmgen_client/v1/generator_pb2_grpc.py depends on'
+        + ' but the generated code in lstmgen/v1/generator_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,13 +37,13 @@ class GeneratorStub:
         """
         self.Generate = channel.unary_stream(
                 '/lstmgen.v1.Generator/Generate',
-                request_serializer=lstmgen__client_dot_v1_dot_generator__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=lstmgen__client_dot_v1_dot_generator__pb2.GenerateResponse.FromString,
+                request_serializer=lstmgen_dot_v1_dot_generator__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=lstmgen_dot_v1_dot_generator__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/lstmgen.v1.Generator/GetModelInfo',
-                request_serializer=lstmgen__client_dot_v1_dot_generator__pb2.ModelInfoRequest.SerializeToString,
-                response_deserializer=lstmgen__client_dot_v1_dot_generator__pb2.ModelInfo.FromString,
+                request_serializer=lstmgen_dot_v1_dot_generator__pb2.ModelInfoRequest.SerializeToString,
+                response_deserializer=lstmgen_dot_v1_dot_generator__pb2.ModelInfo.FromString,
                 _registered_method=True)
 
 
@@ -76,13 +76,13 @@ def add_GeneratorServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=lstmgen__client_dot_v1_dot_generator__pb2.GenerateRequest.FromString,
-                    response_serializer=lstmgen__client_dot_v1_dot_generator__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=lstmgen_dot_v1_dot_generator__pb2.GenerateRequest.FromString,
+                    response_serializer=lstmgen_dot_v1_dot_generator__pb2.GenerateResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
-                    request_deserializer=lstmgen__client_dot_v1_dot_generator__pb2.ModelInfoRequest.FromString,
-                    response_serializer=lstmgen__client_dot_v1_dot_generator__pb2.ModelInfo.SerializeToString,
+                    request_deserializer=lstmgen_dot_v1_dot_generator__pb2.ModelInfoRequest.FromString,
+                    response_serializer=lstmgen_dot_v1_dot_generator__pb2.ModelInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -111,8 +111,8 @@ class Generator:
             request,
             target,
             '/lstmgen.v1.Generator/Generate',
-            lstmgen__client_dot_v1_dot_generator__pb2.GenerateRequest.SerializeToString,
-            lstmgen__client_dot_v1_dot_generator__pb2.GenerateResponse.FromString,
+            lstmgen_dot_v1_dot_generator__pb2.GenerateRequest.SerializeToString,
+            lstmgen_dot_v1_dot_generator__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -138,8 +138,8 @@ class Generator:
             request,
             target,
             '/lstmgen.v1.Generator/GetModelInfo',
-            lstmgen__client_dot_v1_dot_generator__pb2.ModelInfoRequest.SerializeToString,
-            lstmgen__client_dot_v1_dot_generator__pb2.ModelInfo.FromString,
+            lstmgen_dot_v1_dot_generator__pb2.ModelInfoRequest.SerializeToString,
+            lstmgen_dot_v1_dot_generator__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,157 @@
+"""The in-process Python API, beside the CLI (as vLLM's `LLM` and nanoGPT's scripts give):
+
+    import lstmgen
+    best = lstmgen.train("tinyshakespeare", "runs/ts", lstmgen.TrainConfig(max_seconds=60))   # needs torch
+    bundle = lstmgen.export(best, "bundles/ts")                                                # needs torch, onnx
+    with lstmgen.Generator(bundle) as g:                                                       # ONNX Runtime only
+        for c in g.generate(["ROMEO:", "JULIET:"], max_new_tokens=100, temperature=0.8, seed=1):
+            print(c.prompt, c.text, c.finish_reason)
+
+`Generator` runs the server's own scheduler (continuous batching, the same sampler and limits) on
+a private event loop thread, so prompts given together share each model step, and a seeded prompt
+gives the same text here, over gRPC and over HTTP. It never imports torch.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from lstmgen.export.bundle import ExportConfig
+    from lstmgen.serve.scheduler import TokenLogprob
+    from lstmgen.train.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class Completion:
+    prompt: str
+    text: str
+    finish_reason: str  # "length" | "stop_sequence" | "end_of_text"
+    prompt_tokens: int
+    generated_tokens: int
+    seed: int  # replays this completion when passed back with the same parameters
+    stop_sequence: str = ""  # the stop string that ended it, if one did
+    logprobs: tuple["TokenLogprob", ...] = ()  # with logprobs=True: one per generated token
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    level: str
+    vocab_size: int
+    num_layers: int
+    hidden_size: int
+    quantization: str
+    execution_provider: str
+
+
+class Generator:
+    """Text from a bundle in this process. `generate` may be called from any thread; `close()` (or
+    `with`) stops the worker."""
+
+    def __init__(self, bundle: str | os.PathLike, *, device: str = "auto", threads: int = 0, limits=None):
+        from lstmgen.serve.engine import Engine, EngineConfig
+        from lstmgen.serve.params import Limits
+        from lstmgen.serve.scheduler import Scheduler
+
+        engine = Engine(str(bundle), EngineConfig(device=device, intra_op_threads=threads, spin="run"))
+        self._scheduler = Scheduler(engine, limits or Limits())
+        m = engine.manifest
+        self.info = ModelInfo(m.level, m.vocab_size, m.num_layers, m.hidden_size, m.quantization, engine.provider)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="lstmgen-generator", daemon=True)
+        self._thread.start()
+        self._run(self._start())
+
+    async def _start(self) -> None:
+        self._scheduler.start()
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def generate(self, prompts: str | Sequence[str], *, max_new_tokens: int | None = None,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                 repetition_penalty: float = 1.0, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                 greedy: bool = False, seed: int | None = None, stop: Sequence[str] = (),
+                 skip_unknown: bool = False, logprobs: bool = False, top_logprobs: int = 0,
+                 ) -> list[Completion] | Completion:
+        """One Completion per prompt (a list for a list, one for a string). With `seed`, prompt i
+        samples with seed + i; without, each gets a fresh seed (reported in Completion.seed).
+        Raises lstmgen.serve.errors.InvalidRequest naming a bad parameter."""
+        from lstmgen.serve.params import GenerationRequest, SamplingParams
+
+        single = isinstance(prompts, str)
+        items = [prompts] if single else list(prompts)
+        base = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                              repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
+                              presence_penalty=presence_penalty, greedy=greedy)
+        reqs = [GenerationRequest(prompt=p, max_new_tokens=max_new_tokens, stop=tuple(stop),
+                                  sampling=base if seed is None else replace(base, seed=(seed + i) % 2**64),
+                                  seed_given=seed is not None, skip_unknown=skip_unknown, logprobs=logprobs,
+                                  top_logprobs=top_logprobs) for i, p in enumerate(items)]
+        out = self._run(self._generate(reqs))
+        return out[0] if single else out
+
+    async def _generate(self, reqs: list) -> list[Completion]:
+        # Admission is bounded (Limits); more prompts than rows wait here, not in the queue.
+        gate = asyncio.Semaphore(self._scheduler.limits.max_concurrent_streams)
+
+        async def one(req) -> Completion:
+            async with gate:
+                stream = self._scheduler.submit(req)
+                try:
+                    text, lps, fin = [], [], None
+                    async for chunk in stream:
+                        text.append(chunk.text)
+                        lps.extend(chunk.logprobs)
+                        fin = chunk.finished or fin
+                finally:
+                    stream.cancel()
+            return Completion(req.prompt, "".join(text), fin.reason.value, fin.prompt_tokens, fin.generated_tokens,
+                              fin.seed, fin.stop_sequence, tuple(lps))
+
+        tasks = [asyncio.ensure_future(one(r)) for r in reqs]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    def close(self) -> None:
+        if self._loop.is_running():
+            self._run(self._scheduler.close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+
+    def __enter__(self) -> "Generator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def train(data: str | None, out: str | os.PathLike, config: "TrainConfig | str" = "tiny", *,
+          resume: bool = False, progress: bool | None = None) -> Path:
+    """Train on `data` (a path, URL or corpus name such as "tinyshakespeare") into the run folder
+    `out`; `config` is a TrainConfig or a preset name. Returns the best checkpoint's path. The same
+    code path as `lstmgen train` (needs torch)."""
+    from lstmgen.train.config import PRESETS
+    from lstmgen.train.trainer import train as run_training
+
+    cfg = PRESETS[config] if isinstance(config, str) else config
+    return run_training(cfg, data, out, resume=resume, progress_bar=progress if progress is not None else True)
+
+
+def export(checkpoint: str | os.PathLike, out: str | os.PathLike, config: "ExportConfig | None" = None) -> Path:
+    """Export a checkpoint (or run folder) to a verified bundle folder; returns `out` as a Path,
+    ready for Generator. The same code path as `lstmgen export` (needs torch and onnx)."""
+    from dataclasses import asdict
+
+    from lstmgen.export.bundle import ExportConfig, export_bundle
+
+    export_bundle(checkpoint, out, **asdict(config or ExportConfig()))
+    return Path(out)

@@ -1,0 +1,209 @@
+"""`lstmgen sample`: batch offline sampling from a bundle, no server.
+
+Prompts stream in from a text file (one per line), JSONL or Parquet, chosen by extension; samples
+stream out to JSONL (default), tab-separated text (.txt/.tsv) or Parquet. Every output record
+carries the prompt's index (and "id" when the input gives one), the sample number and the seed
+that reproduces it. `--resume` continues a killed run exactly; `--ray` runs the job on Ray Data.
+JSONL prompt fields are listed in docs/offline.md.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from lstmgen.offline.jobs import SampleConfig, check_input, iter_jobs
+from lstmgen.offline.outputs import DurableAppender, dump_line, journal_path, journal_to_parquet, output_format
+from lstmgen.offline.progress import Progress
+from lstmgen.offline.prompts import InputError, read_items
+from lstmgen.offline.resume import (ResumeError, check_same_run, finished_keys, repair, run_file, skip_finished,
+                                    write_run_file)
+from lstmgen.serve.params import Limits, SamplingParams
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", metavar="BUNDLE_DIR", help="bundle folder made by `lstmgen export`")
+    p.add_argument("--prompts", required=True, help="prompts: .jsonl/.json (objects), .parquet, else text (one a line)")
+    p.add_argument("--out", required=True, help="samples: .jsonl (default), .parquet, or .txt/.tsv (tab-separated)")
+    g = p.add_argument_group("sampling (defaults; a JSONL prompt's own fields override them)")
+    g.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    g.add_argument("--max-new-tokens", type=int, default=200, help="tokens per sample")
+    g.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (0 = greedy)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1] (1: off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability (0: off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="HF-style penalty over seen tokens (1: off)")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI-style, x count (0: off)")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI-style, once seen (0: off)")
+    g.add_argument("--greedy", action="store_true", help="argmax decoding")
+    g.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    g.add_argument("--logprobs", type=int, default=None, metavar="N",
+                   help="record each token's log-probability and the N most likely alternatives (0: none)")
+    g.add_argument("--seed", type=int, default=None, help="base seed; each sample's seed derives from it")
+    g.add_argument("--skip-unknown", action="store_true", help="drop prompt characters the model does not know")
+    r = p.add_argument_group("running")
+    r.add_argument("--batch-size", type=int, default=256, help="rows generated together")
+    r.add_argument("--window", type=int, default=0,
+                   help="samples in flight (and, with --ordered, held for reordering); 0: 4 x batch size")
+    r.add_argument("--ordered", action="store_true", help="write samples in input order")
+    r.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing --out instead of refusing")
+    r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="execution provider")
+    r.add_argument("--threads", type=int, default=0,
+                   help="ONNX Runtime intra-op threads (0: ORT's default; with --ray: per actor, default 1)")
+    r.add_argument("--quiet", action="store_true", help="no progress display")
+    r.add_argument("--progress-interval", type=float, default=None,
+                   help="seconds between progress lines when stderr is not a terminal (default 10)")
+    y = p.add_argument_group("Ray (needs the 'ray' extra)")
+    y.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run on Ray Data: a new local instance, or the cluster at ADDRESS; --out becomes a folder")
+    y.add_argument("--ray-actors", type=int, default=1, help="actors, each with one engine and scheduler")
+    y.add_argument("--ray-cpus-per-actor", type=float, default=None,
+                   help="CPUs each actor reserves from Ray (default: its thread count)")
+
+
+def sample_config(args: argparse.Namespace, seed: int) -> SampleConfig:
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                              repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+                              presence_penalty=args.presence_penalty, greedy=args.greedy)
+    return SampleConfig(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                        stop=tuple(args.stop), seed=seed, skip_unknown=args.skip_unknown,
+                        logprobs=args.logprobs is not None, top_logprobs=args.logprobs or 0)
+
+
+def _fail(message: str) -> int:
+    print(f"lstmgen sample: {message}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1 or args.window < 0 or args.num_samples < 1 or args.ray_actors < 1:
+        return _fail("--batch-size, --num-samples and --ray-actors must be >= 1, --window >= 0")
+    if args.ray is not None:
+        return _run_ray(args)
+    try:
+        return _run_local(args)
+    except (InputError, ResumeError) as e:
+        return _fail(str(e))
+
+
+def _prepare_output(args: argparse.Namespace, settings: dict) -> tuple[dict, bool]:
+    """Checks --out against --resume/--overwrite, makes its folder; returns the run's settings
+    (the first run's when resuming) and whether a Parquet output is already complete."""
+    out, journal, meta = Path(args.out), journal_path(args.out), run_file(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.overwrite:
+        for f in (out, journal, meta):
+            f.unlink(missing_ok=True)
+    exists = journal.exists() or out.exists()
+    if exists and not args.resume:
+        raise ResumeError(f"{args.out} exists: pass --resume to continue it or --overwrite to start again")
+    if args.resume and exists:
+        first = check_same_run(meta, settings)
+        if args.seed is not None and args.seed != first["seed"]:
+            raise ResumeError(f"--resume: --seed {args.seed} differs from the first run's {first['seed']}")
+        return first, not journal.exists()  # Parquet: the journal is gone once the file is whole
+    return settings, False
+
+
+def _run_local(args: argparse.Namespace) -> int:
+    from lstmgen.bundle import BundleError
+    from lstmgen.offline.runner import offline_limits
+    from lstmgen.serve.engine import Engine, EngineConfig
+
+    fmt = output_format(args.out)
+    window = args.window or 4 * args.batch_size
+    cfg = sample_config(args, args.seed if args.seed is not None else secrets.randbits(32))
+    settings = {"bundle": str(Path(args.bundle).resolve()), "prompts": str(Path(args.prompts).resolve()),
+                "format": fmt, "seed": cfg.seed, "config": _jsonable({**asdict(cfg), "seed": None})}
+    limits = offline_limits(args.batch_size, window, args.max_new_tokens)
+    total = check_input(args.prompts, cfg, limits)  # every record checked before anything is written
+    settings, complete = _prepare_output(args, settings)
+    if complete:
+        print(f"lstmgen sample: {args.out} is already complete", file=sys.stderr)
+        return 0
+    cfg = sample_config(args, settings["seed"])
+    try:
+        engine = Engine(args.bundle, EngineConfig(device=args.device, intra_op_threads=args.threads))
+    except (ValueError, BundleError, RuntimeError) as e:
+        return _fail(str(e))
+    journal = journal_path(args.out)
+    write_run_file(run_file(args.out), settings)
+    done = None
+    if journal.exists():
+        torn = repair(journal)
+        done = finished_keys(journal, fmt)
+        print(f"lstmgen sample: resuming: {len(done):,} of {total:,} samples already written"
+              + (f"; cut a torn last line ({torn} bytes)" if torn else ""), file=sys.stderr)
+    jobs = iter_jobs(read_items(args.prompts), cfg)
+    if done is not None:
+        jobs = skip_finished(jobs, done)
+    progress = Progress(total, 0 if done is None else len(done), interval=args.progress_interval,
+                        enabled=not args.quiet)
+    appender = DurableAppender(journal)
+    try:
+        errors, retries = asyncio.run(_sample(engine, limits, jobs, window, args.ordered, appender, fmt, progress))
+    except KeyboardInterrupt:
+        appender.close()
+        print(f"\nlstmgen sample: interrupted; rerun with --resume to continue into {args.out}", file=sys.stderr)
+        return 130
+    appender.close()
+    progress.close()
+    if retries:
+        print(f"lstmgen sample: {retries} sample(s) failed in the model and were not written; "
+              "rerun with --resume to retry them", file=sys.stderr)
+        return 1
+    if fmt == "parquet":
+        journal_to_parquet(journal, Path(args.out))
+    print(f"lstmgen sample: {total:,} samples in {args.out} ({errors} with an error; base seed {cfg.seed})",
+          file=sys.stderr)
+    return 1 if errors else 0
+
+
+async def _sample(engine, limits: Limits, jobs, window: int, ordered: bool, appender: DurableAppender, fmt: str,
+                  progress: Progress) -> tuple[int, int]:
+    from lstmgen.offline.runner import results
+    from lstmgen.serve.scheduler import Scheduler
+
+    scheduler = Scheduler(engine, limits)
+    scheduler.start()
+    errors = retries = 0
+    try:
+        async for r in results(scheduler, jobs, window, ordered):
+            if r.retry:
+                retries += 1
+                continue
+            errors += "error" in r.row
+            appender.write(dump_line(r.row, fmt))
+            progress.update(1, r.tokens)
+    finally:
+        await scheduler.close()
+    return errors, retries
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else _jsonable(v) if isinstance(v, dict) else v) for k, v in d.items()}
+
+
+def _run_ray(args: argparse.Namespace) -> int:
+    from lstmgen.offline.ray_data import run_on_ray
+
+    if args.resume or output_format(args.out) == "tsv":
+        return _fail("--ray writes a folder of .jsonl or .parquet files and has no --resume")
+    from lstmgen.offline.runner import offline_limits
+
+    try:  # a local file: check every record first, as the local path does (a URI is checked by the actors)
+        if Path(args.prompts).exists():
+            check_input(args.prompts, sample_config(args, 0), offline_limits(args.batch_size, 1, args.max_new_tokens))
+    except InputError as e:
+        return _fail(str(e))
+    cfg = sample_config(args, args.seed if args.seed is not None else secrets.randbits(32))
+    threads = args.threads or 1
+    n = run_on_ray(args.ray or None, args.prompts, args.out, args.bundle, cfg, actors=args.ray_actors,
+                   threads_per_actor=threads, cpus_per_actor=args.ray_cpus_per_actor, batch_size=args.batch_size,
+                   device="cpu" if args.device == "auto" else args.device)
+    print(f"lstmgen sample: {n:,} samples written by Ray into {args.out} (base seed {cfg.seed})", file=sys.stderr)
+    return 0

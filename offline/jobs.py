@@ -1,0 +1,85 @@
+"""Prompt items -> generation jobs, one per (prompt, sample), made lazily in input order.
+
+A job's seed depends only on the base seed and its (index, sample) position (or on the item's
+own "seed"), so a sample is the same whichever path runs it (local, resumed, or a Ray actor)
+and whatever shares its batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from lstmgen.offline.prompts import SAMPLING_FIELDS, InputError, PromptItem, parse_item, read_records
+from lstmgen.serve.errors import InvalidRequest
+from lstmgen.serve.params import GenerationRequest, Limits, SamplingParams, validate
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """The command's defaults; a prompt's own fields override them."""
+
+    num_samples: int = 1
+    max_new_tokens: int = 200
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    seed: int = 0  # base seed: each (prompt, sample) derives its own from it
+    skip_unknown: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass(frozen=True)
+class Job:
+    index: int  # the prompt's position in the input (0-based, blank lines not counted)
+    sample: int  # sample number for that prompt
+    id: str | int | None  # the input's "id", if it has one
+    request: GenerationRequest
+
+
+def sample_seed(base: int, index: int, sample: int) -> int:
+    """Independent, reproducible seed per (prompt, sample)."""
+    return int(np.random.SeedSequence([base, index, sample]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def request_for(item: PromptItem, cfg: SampleConfig, seed: int) -> GenerationRequest:
+    overrides = {k: getattr(item, k) for k in SAMPLING_FIELDS if getattr(item, k) is not None}
+    sampling = replace(cfg.sampling, **overrides, seed=seed)
+
+    def pick(name: str):
+        own = getattr(item, name)
+        return getattr(cfg, name) if own is None else own
+
+    logprobs = pick("logprobs") or bool(item.top_logprobs)
+    return GenerationRequest(prompt=item.prompt, max_new_tokens=pick("max_new_tokens"), sampling=sampling,
+                             seed_given=True, stop=tuple(pick("stop")), skip_unknown=pick("skip_unknown"),
+                             logprobs=logprobs, top_logprobs=pick("top_logprobs") if logprobs else 0)
+
+
+def jobs_for(item: PromptItem, index: int, cfg: SampleConfig) -> Iterator[Job]:
+    n = cfg.num_samples if item.num_samples is None else item.num_samples
+    for j in range(n):
+        seed = item.seed + j if item.seed is not None else sample_seed(cfg.seed, index, j)
+        yield Job(index, j, item.id, request_for(item, cfg, seed % 2**64))
+
+
+def iter_jobs(items: Iterable[PromptItem], cfg: SampleConfig) -> Iterator[Job]:
+    for index, item in enumerate(items):
+        yield from jobs_for(item, index, cfg)
+
+
+def check_input(path: str, cfg: SampleConfig, limits: Limits) -> int:
+    """Reads the whole input once (streaming) and checks every record's fields, types and ranges;
+    returns the number of samples it asks for. Raises InputError naming the file and line."""
+    total = 0
+    for where, raw in read_records(path):
+        item = parse_item(raw, where)
+        try:
+            validate(request_for(item, cfg, item.seed or 0), limits)
+        except InvalidRequest as e:
+            raise InputError(f"{where}: {e}") from e
+        total += cfg.num_samples if item.num_samples is None else item.num_samples
+    if total == 0:
+        raise InputError(f"{path}: no prompts found")
+    return total

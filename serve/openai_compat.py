@@ -1,0 +1,155 @@
+"""OpenAI completions JSON <-> plain dataclasses: the HTTP edge's counterpart of `request_from_pb`.
+
+No web framework here, so every rule is testable on its own. A body becomes one
+`GenerationRequest` per choice: each prompt (a string, or a list of strings) times `n`. With a
+`seed`, choice j of a prompt samples with `seed + j`, so the n choices differ and each can be
+replayed alone. Field errors raise `InvalidRequest` naming the OpenAI parameter (`max_tokens`,
+not our `max_new_tokens`), which the edge answers with HTTP 400 and `"param"` set.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from lstmgen.serve.errors import InvalidRequest
+from lstmgen.serve.params import GenerationRequest, SamplingParams
+from lstmgen.serve.scheduler import Finished, TokenLogprob
+from lstmgen.serve.stopping import FinishReason
+
+MAX_CHOICES = 64  # prompts x n in one request: each choice is a stream holding an admission slot
+# Our field names -> the OpenAI parameter a user wrote (for error messages and "param").
+PARAM_NAMES = {"max_new_tokens": "max_tokens", "top_logprobs": "logprobs"}
+FINISH_REASON = {FinishReason.LENGTH: "length", FinishReason.STOP_SEQUENCE: "stop",
+                 FinishReason.END_OF_TEXT: "stop"}
+# Accepted and ignored: they do not change what we generate.
+_IGNORED = {"model", "user", "stream_options", "stream"}
+_FLOATS = {"temperature": 1.0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0,
+           "frequency_penalty": 0.0, "presence_penalty": 0.0}
+_KNOWN = _IGNORED | set(_FLOATS) | {"prompt", "max_tokens", "n", "seed", "stop", "logprobs", "top_k",
+                                    "skip_unknown", "echo", "best_of", "suffix", "logit_bias"}
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    choices: tuple[GenerationRequest, ...]  # prompt-major: choice index = prompt index * n + j
+    n: int
+    stream: bool
+    include_usage: bool  # stream_options.include_usage: a last chunk with the token counts
+    logprobs: int | None  # None: not asked; k: each token's logprob and the k most likely
+    model: str | None = None  # as the client named it
+
+
+def _number(body: dict, name: str, default: float) -> float:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise InvalidRequest(name, f"is {v!r}; expected a finite number")
+    return float(v)
+
+
+def _integer(body: dict, name: str, default: int | None) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise InvalidRequest(name, f"is {v!r}; expected an integer")
+    return v
+
+
+def _strings(body: dict, name: str, allow_empty_list: bool) -> list[str]:
+    v = body.get(name)
+    if v is None:
+        return []
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise InvalidRequest(name, "expected a string or a list of strings (token arrays are not supported: "
+                                   "send text)")
+    if not items and not allow_empty_list:
+        raise InvalidRequest(name, "must not be an empty list")
+    return items
+
+
+def parse_completion(body: object, request_id: str) -> CompletionRequest:
+    """A /v1/completions body -> one GenerationRequest per choice; raises InvalidRequest."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("body", "expected a JSON object")
+    unknown = sorted(set(body) - _KNOWN)
+    if unknown:
+        raise InvalidRequest(unknown[0], "is not a parameter of this server's /v1/completions")
+    if "prompt" not in body:
+        raise InvalidRequest("prompt", "is required")
+    prompts = _strings(body, "prompt", allow_empty_list=False)
+    n = _integer(body, "n", 1)
+    if not 1 <= n <= MAX_CHOICES:
+        raise InvalidRequest("n", f"is {n}; allowed 1..{MAX_CHOICES}")
+    if len(prompts) * n > MAX_CHOICES:
+        raise InvalidRequest("n", f"{len(prompts)} prompt(s) x n={n} choices; allowed at most {MAX_CHOICES}")
+    if body.get("echo"):
+        raise InvalidRequest("echo", "is not supported: the response holds the generated text only")
+    if body.get("suffix"):
+        raise InvalidRequest("suffix", "is not supported (no insertion mode)")
+    if body.get("logit_bias"):
+        raise InvalidRequest("logit_bias", "is not supported")
+    best_of = _integer(body, "best_of", None)
+    if best_of is not None and best_of != n:
+        raise InvalidRequest("best_of", f"is {best_of}; only best_of == n ({n}) is supported")
+    logprobs = _integer(body, "logprobs", None)
+    if logprobs is not None and logprobs < 0:
+        raise InvalidRequest("logprobs", f"is {logprobs}; allowed >= 0 (the number of alternatives per token)")
+    skip = body.get("skip_unknown", False)
+    if not isinstance(skip, bool):
+        raise InvalidRequest("skip_unknown", f"is {skip!r}; expected true or false")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise InvalidRequest("stream", f"is {stream!r}; expected true or false")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise InvalidRequest("stream_options", "expected an object")
+    seed = _integer(body, "seed", None)
+    f = {name: _number(body, name, default) for name, default in _FLOATS.items()}
+    base = SamplingParams(top_k=_integer(body, "top_k", 0), **f)
+    common = dict(max_new_tokens=_integer(body, "max_tokens", None), stop=tuple(_strings(body, "stop", True)),
+                  skip_unknown=skip, logprobs=logprobs is not None, top_logprobs=logprobs or 0)
+    choices = []
+    for i, prompt in enumerate(prompts):
+        for j in range(n):
+            s = base if seed is None else replace(base, seed=(seed + j) % 2**64)
+            rid = request_id if len(prompts) * n == 1 else f"{request_id}-{i * n + j}"
+            choices.append(GenerationRequest(prompt=prompt, sampling=s, seed_given=seed is not None,
+                                             request_id=rid, **common))
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise InvalidRequest("model", f"is {model!r}; expected a string")
+    return CompletionRequest(tuple(choices), n, stream, bool(options.get("include_usage")), logprobs, model)
+
+
+def param_name(error: InvalidRequest, choice: int, prompts: int, n: int) -> str:
+    """The OpenAI parameter an InvalidRequest from validation is about (`prompt[1]` for the
+    second of several prompts)."""
+    name = PARAM_NAMES.get(error.field, error.field)
+    if name == "prompt" and prompts > 1:
+        return f"prompt[{choice // n}]"
+    return name
+
+
+def logprobs_json(lps: list[TokenLogprob], offset: int) -> dict:
+    """OpenAI completions `logprobs`: tokens, their logprobs, the alternatives and text offsets
+    (offsets count from the start of the choice's generated text, as there is no echo)."""
+    offsets = []
+    for lp in lps:
+        offsets.append(offset)
+        offset += len(lp.text)
+    return {"tokens": [lp.text for lp in lps], "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [{text: v for _t, text, v in lp.top} for lp in lps], "text_offset": offsets}
+
+
+def usage_json(finished: list[Finished | None], n: int) -> dict:
+    """Prompt tokens once per prompt (as OpenAI counts them), generated tokens of every choice."""
+    prompt = sum(f.prompt_tokens for i, f in enumerate(finished) if f is not None and i % n == 0)
+    completion = sum(f.generated_tokens for f in finished if f is not None)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def error_json(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}

@@ -1,0 +1,161 @@
+"""Offline sampling figures for docs/offline.md, measured side by side in one run.
+
+    python tools/bench_offline.py --json bench-out-offline/result.json
+
+For the char-rnn shape (vocabulary 83) and a word model (ptb-small shape, vocabulary 10,000),
+random weights as `lstmgen bench` builds them: raw ONNX Runtime steps at batch 256, the
+in-process offline path (scheduler at batch 256), and the Ray Data path with 1 and 2 actors on
+a local Ray instance. Then peak RSS of `lstmgen sample` on 10,000 and 1,000,000 short prompts
+(max_new_tokens 4). Needs the train extra (to build the bundles) and the ray extra.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import string
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BATCH = 256
+
+
+def build(work: Path, preset: str, vocab: int) -> Path:
+    from lstmgen.bench import BenchConfig, make_bundle
+
+    work.mkdir(parents=True, exist_ok=True)
+    return make_bundle(BenchConfig(preset=preset, vocab_size=vocab, work_dir=str(work)), work)[1]
+
+
+def raw_ort(bundle: Path, threads: int, seconds: float = 3.0) -> float:
+    """Tokens/s of bare model steps at batch 256 (no sampling, no scheduler): the ceiling."""
+    import numpy as np
+
+    from lstmgen.serve.engine import Engine, EngineConfig
+
+    engine = Engine(bundle, EngineConfig(device="cpu", intra_op_threads=threads))
+    tokens = np.random.default_rng(0).integers(0, engine.manifest.vocab_size, BATCH).astype(np.int64)
+    h, c = engine.zeros(BATCH)  # [L, B, H]
+    for _ in range(5):
+        _, h, c = engine.step(tokens, h, c)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        _, h, c = engine.step(tokens, h, c)
+        n += 1
+    return BATCH * n / (time.perf_counter() - t0)
+
+
+def in_process(bundle: Path, n: int, new_tokens: int, threads: int) -> float:
+    """Generated tokens/s of the offline runner over n prompts (engine load excluded)."""
+    from lstmgen.offline.jobs import SampleConfig, iter_jobs
+    from lstmgen.offline.prompts import PromptItem
+    from lstmgen.offline.runner import offline_limits, results
+    from lstmgen.serve.engine import Engine, EngineConfig
+    from lstmgen.serve.scheduler import Scheduler
+
+    engine = Engine(bundle, EngineConfig(device="cpu", intra_op_threads=threads))
+    prompt = prompt_for(engine.manifest.vocab)
+    cfg = SampleConfig(max_new_tokens=new_tokens, seed=1)
+    limits = offline_limits(BATCH, 4 * BATCH, new_tokens)
+
+    async def go() -> tuple[int, float]:
+        s = Scheduler(engine, limits)
+        s.start()
+        t0, tokens = time.perf_counter(), 0
+        async for r in results(s, iter_jobs((PromptItem(prompt) for _ in range(n)), cfg), 4 * BATCH, False):
+            tokens += r.tokens
+        dt = time.perf_counter() - t0
+        await s.close()
+        return tokens, dt
+
+    tokens, dt = asyncio.run(go())
+    return tokens / dt
+
+
+def prompt_for(vocab) -> str:
+    return "the" if vocab.level == "word" and "the" in vocab.tokens else vocab.tokens[min(5, len(vocab) - 1)]
+
+
+def on_ray(bundle: Path, n: int, new_tokens: int, actors: int) -> float:
+    """Generated tokens/s of sample_dataset with `actors` actors, 1 thread each (actor start
+    and engine load included: what a job pays)."""
+    import ray
+
+    from lstmgen.bundle import load_manifest
+    from lstmgen.offline.jobs import SampleConfig
+    from lstmgen.offline.ray_data import sample_dataset
+
+    prompt = prompt_for(load_manifest(bundle).vocab)
+    ds = ray.data.from_items([{"prompt": prompt, "index": i} for i in range(n)])
+    t0 = time.perf_counter()
+    out = sample_dataset(ds, str(bundle), SampleConfig(max_new_tokens=new_tokens, seed=1), actors=actors,
+                         threads_per_actor=1, cpus_per_actor=0.5, batch_size=BATCH,
+                         rows_per_call=max(BATCH, n // (4 * actors))).materialize()
+    dt = time.perf_counter() - t0
+    return out.sum("generated_tokens") / dt
+
+
+def peak_rss(bundle: Path, work: Path, n: int) -> dict:
+    """Peak RSS (MiB) and wall time of `lstmgen sample` over n short prompts, max_new_tokens 4."""
+    letters = string.ascii_letters
+    prompts = work / f"prompts-{n}.txt"
+    if not prompts.exists():
+        with open(prompts, "w") as f:
+            for i in range(n):
+                f.write(f"{letters[i % 52]}{letters[i // 52 % 52]} b\n")
+    out = work / f"samples-{n}.jsonl"
+    # The child reports its own high-water mark (VmHWM): a forked child's ru_maxrss would count
+    # this (large) process's pages from before the exec.
+    code = ("import sys; from lstmgen.cli import main; rc = main(sys.argv[1:]); "
+            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]; "
+            "print('PEAK', hwm.split()[1], file=sys.stderr); sys.exit(rc)")
+    cmd = [sys.executable, "-c", code, "sample", str(bundle), "--prompts", str(prompts), "--out", str(out),
+           "--overwrite", "--max-new-tokens", "4", "--seed", "1", "--device", "cpu", "--quiet", "--skip-unknown"]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"lstmgen sample failed: {r.stderr[-2000:]}")
+    kib = int(r.stderr.split("PEAK")[-1].split()[0])
+    return {"prompts": n, "peak_rss_mib": kib / 1024, "seconds": time.perf_counter() - t0}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work-dir", default="bench-out-offline")
+    p.add_argument("--json", default=None, help="write the figures here")
+    p.add_argument("--prompts", type=int, default=2048, help="prompts per throughput point")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens per sample in the throughput points")
+    p.add_argument("--threads", type=int, default=0, help="ORT threads in process (0: ORT's default)")
+    p.add_argument("--memory-prompts", default="10000,1000000", help="prompt counts for the peak RSS runs")
+    p.add_argument("--no-ray", action="store_true")
+    args = p.parse_args()
+    work = Path(args.work_dir)
+    result: dict = {"cpus": os.cpu_count(), "batch": BATCH, "prompts": args.prompts, "new_tokens": args.new_tokens}
+    if not args.no_ray:
+        import ray
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    for name, preset, vocab in (("char-rnn", "char-rnn", 83), ("word-10k", "ptb-small", 10_000)):
+        bundle = build(work / name, preset, vocab)
+        r = {"ort_batch_256_tokens_per_s": raw_ort(bundle, args.threads),
+             "in_process_tokens_per_s": in_process(bundle, args.prompts, args.new_tokens, args.threads)}
+        r["in_process_vs_ort"] = r["in_process_tokens_per_s"] / r["ort_batch_256_tokens_per_s"]
+        if not args.no_ray:
+            for actors in (1, 2):
+                v = on_ray(bundle, args.prompts, args.new_tokens, actors)
+                r[f"ray_{actors}_actor_tokens_per_s"] = v
+                r[f"ray_{actors}_actor_vs_in_process"] = v / r["in_process_tokens_per_s"]
+        print(name, json.dumps(r, indent=1), flush=True)
+        result[name] = r
+    char_bundle = work / "char-rnn" / "bundle"
+    result["memory"] = [peak_rss(char_bundle, work, int(n)) for n in args.memory_prompts.split(",")]
+    print("memory", json.dumps(result["memory"], indent=1), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
