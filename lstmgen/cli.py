@@ -30,7 +30,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser(chosen: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lstmgen", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="lstmgen", description="Train, export and serve stacked-LSTM text generators. "
+                                    "`lstmgen COMMAND --help` describes each command.")
     from lstmgen import __version__
     parser.add_argument("--version", action="version", version=f"lstmgen {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -158,7 +158,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Download a standard corpus from its canonical public source, check its pinned "
                           "sha256 and keep it in a cache folder. Then `--data NAME` works wherever "
                           "`--data PATH` does (train, eval).")
-    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True, help="fetch or list")
     f = sub.add_parser("fetch", help="download (or resume) a corpus into the cache and print its path")
     f.add_argument("name", choices=list(CORPORA), metavar="NAME", help=" | ".join(CORPORA))
     f.add_argument("--dir", default=None, help="cache folder (default: $LSTMGEN_DATA, else ~/.cache/lstmgen/data)")

@@ -25,6 +25,10 @@ from lstmgen.errors import UserError
 from lstmgen.vocab import EOS, Vocab
 
 
+# named for both fronts: the flag of `lstmgen eval` and the field of EvalConfig
+_SKIP_HINT = "; --skip-unknown (EvalConfig.skip_unknown) drops them"
+
+
 class EvalError(UserError):
     """The text cannot be evaluated with this bundle; the message names the file and the problem."""
 
@@ -98,7 +102,7 @@ def encode_text(vocab: Vocab, text: str, source: str, skip_unknown: bool = False
             raise EvalError(f"{source}: {len(unknown)} character(s) not in the bundle's vocabulary: "
                             f"{', '.join(repr(c) for c in unknown[:10])}"
                             + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
-                            + "; drop them with --skip-unknown")
+                            + _SKIP_HINT)
         ids = [stoi[ch] for ch in text if ch in stoi]
         return np.asarray(ids, np.int64), 0, len(text) - len(ids)
     unk, eos = vocab.unk_id, stoi[EOS]
@@ -119,7 +123,7 @@ def encode_text(vocab: Vocab, text: str, source: str, skip_unknown: bool = False
         shown = list(dict.fromkeys(unknown))
         raise EvalError(f"{source}: {len(shown)} word(s) not in the bundle's vocabulary, which has no <unk> "
                         f"to map them to: {', '.join(repr(w) for w in shown[:10])}"
-                        + (f" and {len(shown) - 10} more" if len(shown) > 10 else "") + "; drop them with --skip-unknown")
+                        + (f" and {len(shown) - 10} more" if len(shown) > 10 else "") + _SKIP_HINT)
     return np.asarray(ids, np.int64), mapped, len(unknown)
 
 

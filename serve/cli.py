@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import sys
-from dataclasses import asdict
 
 from lstmgen.serve.params import Limits, request_bytes_for
 
@@ -56,7 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "playground page (/) on this port, sharing the model and batch; TLS and token as for gRPC "
                         "(0: any free port; unset: off)")
     p.add_argument("--http-host", default=None, help="address for the HTTP port (unset: --host's)")
-    p.add_argument("--log-level", default="INFO", help="logging level")
+    p.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING, ERROR)")
+    p.add_argument("--quiet", "-q", action="store_true",
+                   help="log warnings and errors only (as --log-level WARNING); the 'serving on' line stays")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="json: one object per line with time, level, logger, message and request_id")
     # TEST HOOKS (serve/faults.py), hidden from --help: every Nth decode step raises; step N kills the worker.
@@ -89,6 +90,27 @@ def config_from_args(args: argparse.Namespace):
                         inject_worker_crash_at_step=args.inject_worker_crash_at_step)
 
 
+def describe(cfg) -> str:
+    """The resolved configuration as people read it; test hooks only when one is set."""
+    e, lim, s = cfg.engine, cfg.limits, cfg.service
+    parts = [f"bundle {cfg.bundle}", f"grpc {cfg.host}:{cfg.port}",
+             f"device {e.device} (threads {e.intra_op_threads or 'default'}, spin {e.spin})",
+             f"limits: prompt {lim.max_prompt_chars:,} chars, new tokens {lim.max_new_tokens:,} "
+             f"(default {lim.default_new_tokens:,}), {lim.max_concurrent_streams} concurrent, "
+             f"{lim.max_queued_streams} queued, request {lim.max_request_bytes:,} bytes",
+             f"prefill chunk {cfg.scheduler.prefill_chunk}",
+             f"messages {s.message_budget_per_s:g}/s, at least {s.min_message_interval_s * 1e3:g} ms apart",
+             f"grace {cfg.grace_s:g}s", "tls " + ("on" if cfg.tls_cert else "off"),
+             "token auth " + ("on" if cfg.auth_token_file else "off"),
+             "metrics " + ("off" if cfg.metrics_port is None else f"{cfg.metrics_host or cfg.host}:{cfg.metrics_port}"),
+             "http " + ("off" if cfg.http_port is None else f"{cfg.http_host or cfg.host}:{cfg.http_port}")]
+    hooks = [f"{name} {getattr(cfg, name)}" for name in ("inject_step_failure_every", "inject_worker_crash_at_step")
+             if getattr(cfg, name)]
+    if hooks:
+        parts.append("TEST HOOKS " + ", ".join(hooks))
+    return "; ".join(parts)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line; `request_id` when the log call passed it in `extra`."""
 
@@ -113,11 +135,11 @@ def run(args: argparse.Namespace) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         print("lstmgen serve: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
-    setup_logging(args.log_level, args.log_format)
+    setup_logging("WARNING" if args.quiet else args.log_level, args.log_format)
     from lstmgen.serve.server import run_until_signal
 
     cfg = config_from_args(args)
-    logging.getLogger("lstmgen.server").info("config %s", asdict(cfg))
+    logging.getLogger("lstmgen.server").info("config: %s", describe(cfg))
 
     def ready(server) -> None:  # tests and scripts wait for this line
         metrics = (f" (metrics on http://{cfg.metrics_host or cfg.host}:{server.metrics_port}/metrics)"

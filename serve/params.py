@@ -126,7 +126,7 @@ def encode_prompt(req: GenerationRequest, vocab: Vocab) -> list[int]:
     except UnknownTokensError as e:
         kind = "characters" if vocab.level == "char" else "words"
         raise InvalidRequest("prompt", f"{e}; the model's vocabulary has {len(vocab)} {kind}; "
-                                       "set skip_unknown to drop them") from e
+                                       "skip_unknown drops them (--skip-unknown on the command line)") from e
     if not ids:
         raise InvalidRequest("prompt", "encodes to no tokens (every symbol was unknown and skipped)")
     return ids

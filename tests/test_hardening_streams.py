@@ -65,8 +65,8 @@ def test_unread_streams_keep_their_slots(small):
     wait_idle(url)
     with grpc.insecure_channel(small.target, options=HELD) as ch:
         gen = raw_generate(ch)
-        stalled = [gen(pb.GenerateRequest(prompt="All", max_new_tokens=3000, seed=i), metadata=(("x-request-id", f"st-{i}"),))
-                   for i in range(4)]  # ~3 KB of text each: far more than the window
+        stalled = [gen(pb.GenerateRequest(prompt="All", max_new_tokens=3000, seed=i),
+                       metadata=(("x-request-id", f"st-{i}"),)) for i in range(4)]  # ~3 KB each: >> the window
         m = wait_for(url, lambda m: m["lstmgen_open_streams"] == 4 and m["lstmgen_streams_in_system"] == 0)
         assert m["lstmgen_streams_in_system"] == 0, m  # all generated; none read
         for i in range(20):
@@ -99,7 +99,8 @@ def test_cancel_with_writes_held_is_one_info_line(small):
             call.cancel()
     wait_idle(url)
     deadline = time.monotonic() + 5
-    while len(re.findall(r"INFO lstmgen.service: stream end request_id=held-\d status=CANCELLED", small.log.read_text())) < 4:
+    line = r"INFO lstmgen.service: stream end request_id=held-\d status=CANCELLED"
+    while len(re.findall(line, small.log.read_text())) < 4:
         assert time.monotonic() < deadline, small.log.read_text()[-3000:]
         time.sleep(0.05)
     no_traceback(small.log.read_text())

@@ -3,6 +3,7 @@ and loaded with `weights_only=True`, so loading a checkpoint cannot run code."""
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -76,10 +77,14 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     p = resolve_checkpoint(path)
+    if not zipfile.is_zipfile(p):  # torch.save writes a zip archive; torch.load's own errors read as internals
+        raise CheckpointError(f"{p}: not an lstmgen checkpoint (expected best.pt or last.pt from `lstmgen train`)")
     try:
         raw = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for truncated / foreign / pickled-code files
-        raise CheckpointError(f"{p}: cannot be read as an lstmgen checkpoint: {e}") from e
+        why = ("it holds Python objects that only unsafe loading could rebuild"
+               if "weights only load failed" in str(e).lower() else "damaged or not written by `lstmgen train`")
+        raise CheckpointError(f"{p}: cannot be read as an lstmgen checkpoint: {why}") from e
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise CheckpointError(f"{p}: not an lstmgen checkpoint (no format={FORMAT!r} marker)")
     if raw.get("version") != VERSION:

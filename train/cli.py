@@ -76,13 +76,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Train a stacked LSTM language model with truncated BPTT (Zaremba et al. 2014).\n"
         "--data is a text file (the last --valid-fraction is held out), a directory or prefix with\n"
         "PTB (NAME.train.txt/.valid.txt/.test.txt) or WikiText (train.txt/valid.txt/test.txt) splits,\n"
-        "or an http(s) URL (downloaded into OUT/cache). OUT receives config.json, metrics.csv (per\n"
+        "an http(s) URL (downloaded into OUT/cache), or a corpus name such as tinyshakespeare or ptb\n"
+        "(fetched once into a cache, see `lstmgen data`). Word level on ordinary text: --min-count or\n"
+        "--max-vocab give the vocabulary an <unk> for the rarer words. OUT receives config.json, metrics.csv (per\n"
         "validation), steps.csv (per logged window), curves.png, best.pt (lowest validation loss)\n"
         "and last.pt (for --resume).\n"
         "Data-parallel: torchrun --standalone --nproc_per_node N -m lstmgen.cli train ... (gloo on CPU,\n"
         "nccl on CUDA; --batch-size is the global batch, split evenly over the N processes).")
     parser.epilog = _preset_table()
-    parser.add_argument("--data", help="corpus: file, directory, split prefix or http(s) URL "
+    parser.add_argument("--data", help="corpus: file, directory, split prefix, http(s) URL or a standard corpus's "
+                                       "name (`lstmgen data list`: fetched once into a cache) "
                                        "(with --resume: defaults to the run's own corpus)")
     parser.add_argument("--preset", choices=sorted(PRESETS),
                         help=f"starting configuration (default: {DEFAULT_PRESET}; with --resume: "

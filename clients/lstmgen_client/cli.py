@@ -1,4 +1,8 @@
-"""`lstmgen generate --server HOST:PORT --prompt TEXT`: stream generated text to the terminal."""
+"""`lstmgen generate --server HOST:PORT --prompt TEXT`: stream generated text to the terminal.
+
+A client-only install (`pip install lstmgen-client`) has the same commands as `lstmgen-client generate`
+and `lstmgen-client loadtest` (`main` below; also `python -m lstmgen_client.cli ...`).
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +13,7 @@ from dataclasses import asdict
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default="localhost:50051", help="HOST:PORT of a running `lstmgen serve`")
-    p.add_argument("--prompt", required=True, help="text that primes the model ('-' reads stdin)")
+    p.add_argument("--prompt", help="text that primes the model ('-' reads stdin); needed unless --info")
     p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (server default if unset)")
     p.add_argument("--temperature", type=float, default=None, help="softmax temperature (>= 0; 0 = greedy)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
@@ -52,6 +56,10 @@ def connection_kwargs(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     from lstmgen_client import Client, LstmgenError
 
+    if args.prompt is None and not args.info:
+        print("lstmgen generate: error: --prompt is required (or --info for the model's description)",
+              file=sys.stderr)
+        return 2
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     params = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
@@ -71,7 +79,9 @@ def run(args: argparse.Namespace) -> int:
                 return 0
             if args.json:
                 r = client.generate(prompt, **params)
-                out = {"prompt": prompt, "text": r.text, **r.finished.__dict__}
+                fin = asdict(r.finished)
+                # the names `lstmgen sample` writes (and the OpenAI API uses)
+                out = {"prompt": prompt, "text": r.text, "finish_reason": fin.pop("reason"), **fin}
                 if r.logprobs:
                     out["logprobs"] = [asdict(lp) for lp in r.logprobs]
                 print(json.dumps(out, ensure_ascii=False))
@@ -93,3 +103,33 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+COMMANDS = {"generate": ("lstmgen_client.cli", "stream generated text from a running server"),
+            "loadtest": ("lstmgen_client.loadgen", "drive a running server with concurrent streams; report "
+                                                   "throughput, latency and failures")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `lstmgen-client` command (clients/pyproject.toml): `generate` and `loadtest` without the server package."""
+    import importlib
+
+    from lstmgen_client import __version__
+
+    parser = argparse.ArgumentParser(prog="lstmgen-client",
+                                     description="Client of an lstmgen server (gRPC): generate text or load-test it.")
+    parser.add_argument("--version", action="version", version=f"lstmgen-client {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)  # no metavar: usage names the commands
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        importlib.import_module(module).add_arguments(p)
+    args = parser.parse_args(argv)
+    try:
+        return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+    except OSError as e:  # a file the system refused (--auth-token-file, --json), named in the message
+        print(f"lstmgen-client {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -227,8 +227,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also fire this many 1-token calls per second on a fixed schedule, on their own connection, "
                         "and report their latency by status")
     p.add_argument("--metrics", metavar="URL", help="the server's /metrics: report RSS and rows before and after")
-    p.add_argument("--prompt", default="The ")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--prompt", default="The ", help="prompt of every request")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens each request asks for")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of every request")
     p.add_argument("--sampling-json", metavar="JSON", default=None,
                    help='a JSON list of request settings, e.g. \'[{"temperature": 0.8, "top_p": 0.9}, {"greedy": true}]\'; '

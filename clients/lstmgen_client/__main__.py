@@ -1,0 +1,6 @@
+"""`python -m lstmgen_client generate|loadtest ...`: the `lstmgen-client` command."""
+import sys
+
+from lstmgen_client.cli import main
+
+sys.exit(main())
