@@ -18,12 +18,6 @@ from lstmgen.serve.params import Limits
 from lstmgen.serve.scheduler import Scheduler
 
 
-# Nobody reads offline output token by token: a reader that looks every 50 ms gets its text in a
-# few large chunks instead of waking the event loop for every token of every row (at batch 256 on
-# 2 cores those wake-ups compete with ONNX Runtime's threads for the same cores).
-READ_PACE_S = 0.05
-
-
 @dataclass(frozen=True)
 class Result:
     job: Job
@@ -56,14 +50,14 @@ async def run_one(scheduler: Scheduler, job: Job) -> Result:
     row = output_row(job)
     parts, logprobs, fin = [], [], None
     try:
-        stream = scheduler.submit(job.request)
+        # Nobody reads offline output token by token: the stream wakes this reader once, when it
+        # ends (a wake-up per token of every row would take the cores ONNX Runtime needs).
+        stream = scheduler.submit(job.request, whole=True)
         try:
             while (chunk := await stream.next()) is not None:
                 parts.append(chunk.text)
                 logprobs += [_jsonable(x) for x in chunk.logprobs]
                 fin = chunk.finished or fin
-                if fin is None:
-                    await asyncio.sleep(READ_PACE_S)
         except asyncio.CancelledError:
             stream.cancel()
             raise

@@ -21,6 +21,7 @@ a few passes over the vocabulary, never a sort of it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -71,6 +72,44 @@ def unnormalised_probs(logits: np.ndarray, inv_temperature: np.ndarray) -> np.nd
     return np.exp(z, out=z)
 
 
+# Word vocabularies take the dense pass (max, exp, sums of blocks of 256) in ONNX Runtime: MLAS's
+# vectorised exp on every core, without the GIL, 2-4x numpy's one-thread exp at batch 64-256
+# (docs/benchmark.md). Chosen by vocabulary size alone, never by batch, so a row's arithmetic
+# (bitwise the same alone or in any batch: tests/test_sampling_exact.py) never depends on what
+# shares its batch. Short rows stay in numpy: a session call costs more than their exp.
+ORT_PREP_MIN_VOCAB = 1024
+_PREP_GRAPH = Path(__file__).with_name("sampler_prep.onnx")
+
+
+class DensePass:
+    """weights float32 [B, V] and the sums of their whole blocks [B, V // 256] (or [B, 0])."""
+
+    def __init__(self, threads: int = 0):
+        self._threads = threads
+        self._session = None  # opened on first use: char models never need it
+
+    def __call__(self, logits: np.ndarray, inv_temperature: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if logits.shape[1] < ORT_PREP_MIN_VOCAB:
+            return unnormalised_probs(logits, inv_temperature), np.zeros((len(logits), 0), np.float32)
+        if self._session is None:
+            self._session = self._open()
+        weights, sums = self._session.run(None, {"logits": np.ascontiguousarray(logits, np.float32),
+                                                 "inv_temperature": inv_temperature})
+        return weights, sums
+
+    def _open(self):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if self._threads:
+            opts.intra_op_num_threads = self._threads
+        opts.add_session_config_entry("session.force_spinning_stop", "1")  # no spinning between calls
+        return ort.InferenceSession(str(_PREP_GRAPH), opts, providers=["CPUExecutionProvider"])
+
+
+_dense = DensePass()
+
+
 def choose(logits: np.ndarray, sp: BatchSampling, uniforms: np.ndarray,
            histories: list[TokenHistory | None] | None = None) -> np.ndarray:
     """logits float32 [B, V] with a finite max per row (penalised in place when a row asks for
@@ -84,8 +123,9 @@ def choose(logits: np.ndarray, sp: BatchSampling, uniforms: np.ndarray,
         return logits.argmax(axis=1)
     rows = sp.sampled_rows
     out = logits.argmax(axis=1) if sp.any_greedy else np.empty(len(logits), np.int64)
-    probs = unnormalised_probs(logits, sp.inv_temperature)  # [B, V]
-    sample_rows(probs, np.ascontiguousarray(uniforms, np.float64), sp.top_k, sp.top_p, sp.min_p, rows, out)
+    probs, block_sums = _dense(logits, sp.inv_temperature)  # [B, V], [B, V // 256]
+    sample_rows(probs, np.ascontiguousarray(uniforms, np.float64), sp.top_k, sp.top_p, sp.min_p, rows, out,
+                block_sums)
     return out
 
 

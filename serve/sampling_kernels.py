@@ -271,8 +271,9 @@ def _block_sums(p, vc):
 
 
 @nb.njit(**_jit)
-def _draw(p, vc, ties, u):
-    """Inverse CDF over the kept tokens (vc, ties) in token-id order."""
+def _draw(p, vc, ties, u, sums_head):
+    """Inverse CDF over the kept tokens (vc, ties) in token-id order. sums_head: the sums of the
+    whole blocks of an unfiltered row (vc == 0) when the caller has them, else empty."""
     V = p.shape[0]
     if ties >= 0:  # some tokens equal to vc are dropped: one plain pass for the mass, one to draw
         total, seen = 0.0, 0
@@ -292,7 +293,13 @@ def _draw(p, vc, ties, u):
                         return i
             seen += x == vc
         return last
-    sums = _block_sums(p, vc)
+    if vc == 0 and sums_head.shape[0]:
+        sums = np.empty((V + BLOCK - 1) // BLOCK, np.float64)
+        sums[: sums_head.shape[0]] = sums_head
+        if sums.shape[0] > sums_head.shape[0]:  # the last, partial block
+            sums[-1] = _block_sums(p[sums_head.shape[0] * BLOCK:], vc)[0]
+    else:
+        sums = _block_sums(p, vc)
     t = u * sums.sum()
     c, b = 0.0, 0
     while b < sums.shape[0] - 1 and c + sums[b] <= t:
@@ -315,17 +322,19 @@ def _draw(p, vc, ties, u):
 
 
 @nb.njit(**_jit)
-def sample_rows(p, u, top_k, top_p, min_p, rows, out):
-    """p float32 [B, V] (probabilities, need not be normalised), u float64 [B] in [0, 1),
-    top_k int64 [B] (0: off), top_p float64 [B] (1: off), min_p float64 [B] (0: off): writes the
-    token of each row in `rows` to out int64 [B]."""
+def sample_rows(p, u, top_k, top_p, min_p, rows, out, block_sums):
+    """p float32 [B, V] (probabilities, need not be normalised, largest 1), u float64 [B] in
+    [0, 1), top_k int64 [B] (0: off), top_p float64 [B] (1: off), min_p float64 [B] (0: off),
+    block_sums float32 [B, V // BLOCK] or [B, 0] (then computed here): writes the token of each
+    row in `rows` to out int64 [B]."""
+    empty = np.empty(0, np.float32)
     for j in range(rows.shape[0]):
         r = rows[j]
         if top_k[r] <= 0 and top_p[r] >= 1.0 and min_p[r] <= 0.0:
-            out[r] = _draw(p[r], np.float32(0.0), -1, u[r])
+            out[r] = _draw(p[r], np.float32(0.0), -1, u[r], block_sums[r])
         else:
             vc, ties = _cut(p[r], top_k[r], top_p[r], min_p[r])
-            out[r] = _draw(p[r], vc, ties, u[r])
+            out[r] = _draw(p[r], vc, ties, u[r], empty)
 
 
 @nb.njit(**_jit)

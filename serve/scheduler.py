@@ -119,10 +119,16 @@ class Stream:
     The stream holds its admission slot until its reader is done with it (`on_close`, called
     once): it asked past the last message, took the error, or cancelled. At the gRPC edge the
     reader asks past the end only once the last message is written, so a client that stops
-    reading keeps its slot (and its unread output is bounded by the admission limits)."""
+    reading keeps its slot (and its unread output is bounded by the admission limits).
 
-    def __init__(self, seq: Sequence | None = None, on_close: Callable[[], None] | None = None):
+    With `whole`, the reader gets one chunk with everything, once the stream has ended: offline
+    sampling reads no text token by token, and at batch 256 a wake-up per token per row would
+    take the cores ONNX Runtime needs."""
+
+    def __init__(self, seq: Sequence | None = None, on_close: Callable[[], None] | None = None,
+                 whole: bool = False):
         self.seq = seq
+        self.whole = whole
         self._on_close = on_close  # guarded by _lock; None once called
         self._lock = threading.Lock()
         self._text: list[str] = []  # guarded by _lock, as are the four below
@@ -145,6 +151,8 @@ class Stream:
             self._tokens += tokens
             self._finished = finished or self._finished
             self._error = error or self._error
+            if self.whole and not (self._finished or self._error):
+                return False
             wake, self._reader_waiting = self._reader_waiting, False
         return wake
 
@@ -153,7 +161,7 @@ class Stream:
         with self._lock:
             error = self._error
             if error is None:
-                if not (self._tokens or self._text or self._finished):
+                if not (self._tokens or self._text or self._finished) or (self.whole and not self._finished):
                     self._reader_waiting = True
                     return None
                 chunk = Chunk("".join(self._text), self._tokens, self._finished, tuple(self._logprobs))
@@ -278,13 +286,14 @@ class Scheduler:
                      self._steps, self._tokens_generated, self._prompt_tokens)
 
     # -- submission (event-loop thread) ---------------------------------------------------------
-    def submit(self, req: GenerationRequest) -> Stream:
-        """Validate and enqueue; raises InvalidRequest, Overloaded or Unavailable at once."""
+    def submit(self, req: GenerationRequest, whole: bool = False) -> Stream:
+        """Validate and enqueue; raises InvalidRequest, Overloaded or Unavailable at once. With
+        `whole`, the stream yields one chunk holding everything once generation ends (Stream)."""
         max_new = validate(req, self.limits)
         prompt_ids = encode_prompt(req, self.vocab)
         if not req.seed_given:  # < 2^53: a client reading it as a double (JavaScript) can replay it
             req = replace(req, sampling=replace(req.sampling, seed=secrets.randbits(53)))
-        stream = Stream(on_close=self._stream_closed)
+        stream = Stream(on_close=self._stream_closed, whole=whole)
         seq = Sequence(req, prompt_ids, np.random.Generator(np.random.PCG64(req.sampling.seed)),
                        StopChecker(max_new, req.stop, self.vocab.eot_id), stream,
                        history=TokenHistory(prompt_ids) if req.sampling.has_penalties else None)

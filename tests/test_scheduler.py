@@ -257,3 +257,22 @@ def test_a_cancel_racing_the_worker_releases_each_row_once(engine):
     for _ in range(3):
         s._drop_cancelled()
     assert s._batch is None and s.in_system == 0
+
+
+def test_whole_stream_wakes_its_reader_once_with_everything(engine):
+    """Offline sampling's streams: one chunk at the end, the same text as a streamed read."""
+    r = req("First Citizen:", n=60, seed=4, temperature=0.8, top_p=0.9)
+
+    async def main():
+        s = Scheduler(engine)
+        s.start()
+        try:
+            chunks = [c async for c in s.submit(r, whole=True)]
+            streamed = await collect(s.submit(r))
+        finally:
+            await s.close()
+        return chunks, streamed
+
+    chunks, (text, fin) = asyncio.run(main())
+    assert len(chunks) == 1 and chunks[0].finished is not None
+    assert chunks[0].text == text and chunks[0].token_count == fin.generated_tokens == 60
