@@ -72,7 +72,7 @@ def unnormalised_probs(logits: np.ndarray, inv_temperature: np.ndarray) -> np.nd
     return np.exp(z, out=z)
 
 
-# Word vocabularies take the dense pass (max, exp, sums of blocks of 256) in ONNX Runtime: MLAS's
+# Word vocabularies take the dense pass (max, exp) in ONNX Runtime: MLAS's
 # vectorised exp on every core, without the GIL, 2-4x numpy's one-thread exp at batch 64-256
 # (docs/benchmark.md). Chosen by vocabulary size alone, never by batch, so a row's arithmetic
 # (bitwise the same alone or in any batch: tests/test_sampling_exact.py) never depends on what
@@ -82,20 +82,31 @@ _PREP_GRAPH = Path(__file__).with_name("sampler_prep.onnx")
 
 
 class DensePass:
-    """weights float32 [B, V] and the sums of their whole blocks [B, V // 256] (or [B, 0])."""
+    """weights float32 [B, V] = exp((logits - row max) / T)."""
 
     def __init__(self, threads: int = 0):
         self._threads = threads
         self._session = None  # opened on first use: char models never need it
+        # Outputs land in buffers kept between calls (IO binding): a fresh [B, V] array per call
+        # costs its page faults and the binding's copy, as much as the exp itself at batch 64.
+        self._weights = np.zeros((0, 0), np.float32)  # [capacity, V]
 
-    def __call__(self, logits: np.ndarray, inv_temperature: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if logits.shape[1] < ORT_PREP_MIN_VOCAB:
-            return unnormalised_probs(logits, inv_temperature), np.zeros((len(logits), 0), np.float32)
+    def __call__(self, logits: np.ndarray, inv_temperature: np.ndarray) -> np.ndarray:
+        """The returned array is overwritten by the next call (the worker thread's only caller)."""
+        b, v = logits.shape
+        if v < ORT_PREP_MIN_VOCAB:
+            return unnormalised_probs(logits, inv_temperature)
         if self._session is None:
             self._session = self._open()
-        weights, sums = self._session.run(None, {"logits": np.ascontiguousarray(logits, np.float32),
-                                                 "inv_temperature": inv_temperature})
-        return weights, sums
+        if b > len(self._weights) or v != self._weights.shape[1]:
+            self._weights = np.empty((max(b, 2 * len(self._weights)), v), np.float32)
+        weights = self._weights[:b]  # a contiguous prefix [b, V]
+        io = self._session.io_binding()
+        io.bind_cpu_input("logits", np.ascontiguousarray(logits, np.float32))
+        io.bind_cpu_input("inv_temperature", np.ascontiguousarray(inv_temperature, np.float32))
+        io.bind_output("weights", "cpu", 0, np.float32, list(weights.shape), weights.ctypes.data)
+        self._session.run_with_iobinding(io)
+        return weights
 
     def _open(self):
         import onnxruntime as ort
@@ -123,9 +134,8 @@ def choose(logits: np.ndarray, sp: BatchSampling, uniforms: np.ndarray,
         return logits.argmax(axis=1)
     rows = sp.sampled_rows
     out = logits.argmax(axis=1) if sp.any_greedy else np.empty(len(logits), np.int64)
-    probs, block_sums = _dense(logits, sp.inv_temperature)  # [B, V], [B, V // 256]
-    sample_rows(probs, np.ascontiguousarray(uniforms, np.float64), sp.top_k, sp.top_p, sp.min_p, rows, out,
-                block_sums)
+    probs = _dense(logits, sp.inv_temperature)  # [B, V]
+    sample_rows(probs, np.ascontiguousarray(uniforms, np.float64), sp.top_k, sp.top_p, sp.min_p, rows, out)
     return out
 
 

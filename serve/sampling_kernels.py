@@ -41,65 +41,43 @@ CHUNK = 2048  # float32 partial sums over this many values, added up in float64
 
 
 @nb.njit(fastmath=True, **_jit)
+def _count_mass(vals, t, with_mass):
+    """How many vals are >= t and their sum (with_mass is a hint; the sum costs little). Inner
+    loops of a fixed BLOCK trips with a select are what LLVM vectorises (variable bounds or one
+    running sum over the row it does not: 5-10x slower); float32 within a block, float64 across
+    (a nucleus edge deep in a 33k-word tail is a difference of 1e-7)."""
+    whole = vals.shape[0] // BLOCK
+    z = np.float32(0.0)
+    count = 0
+    mass = 0.0
+    for b in range(whole):
+        base = b * BLOCK
+        m = z
+        c = z
+        for i in range(BLOCK):
+            x = vals[base + i]
+            k = np.float32(x >= t)
+            m += x * k
+            c += k
+        mass += m
+        count += int(c)
+    for i in range(whole * BLOCK, vals.shape[0]):
+        x = vals[i]
+        if x >= t:
+            count += 1
+            mass += x
+    return count, mass
+
+
+@nb.njit(**_jit)
 def _above(vals, th, with_mass):
-    """Count (and, with_mass, mass) of vals >= th[j] for the SPLITS (= 8) thresholds, in one pass:
-    eight independent accumulators vectorise; eight passes would read the row eight times. Masses
+    """Count (and, with_mass, mass) of vals >= th[j] for each of the SPLITS thresholds. Masses
     are float32 within a chunk and float64 across chunks: a nucleus edge deep in a 33k-word tail
     is a difference of 1e-7."""
-    t0, t1, t2, t3, t4, t5, t6, t7 = th[0], th[1], th[2], th[3], th[4], th[5], th[6], th[7]
     cnt = np.zeros(SPLITS, np.int64)
     mass = np.zeros(SPLITS, np.float64)
-    z = np.float32(0.0)
-    for a in range(0, vals.shape[0], CHUNK):
-        b = min(a + CHUNK, vals.shape[0])
-        c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = np.int32(0)
-        m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = z
-        if with_mass:
-            for i in range(a, b):
-                x = vals[i]
-                m0 += x if x >= t0 else z
-                c0 += np.int32(x >= t0)
-                m1 += x if x >= t1 else z
-                c1 += np.int32(x >= t1)
-                m2 += x if x >= t2 else z
-                c2 += np.int32(x >= t2)
-                m3 += x if x >= t3 else z
-                c3 += np.int32(x >= t3)
-                m4 += x if x >= t4 else z
-                c4 += np.int32(x >= t4)
-                m5 += x if x >= t5 else z
-                c5 += np.int32(x >= t5)
-                m6 += x if x >= t6 else z
-                c6 += np.int32(x >= t6)
-                m7 += x if x >= t7 else z
-                c7 += np.int32(x >= t7)
-        else:
-            for i in range(a, b):
-                x = vals[i]
-                c0 += np.int32(x >= t0)
-                c1 += np.int32(x >= t1)
-                c2 += np.int32(x >= t2)
-                c3 += np.int32(x >= t3)
-                c4 += np.int32(x >= t4)
-                c5 += np.int32(x >= t5)
-                c6 += np.int32(x >= t6)
-                c7 += np.int32(x >= t7)
-        cnt[0] += c0
-        cnt[1] += c1
-        cnt[2] += c2
-        cnt[3] += c3
-        cnt[4] += c4
-        cnt[5] += c5
-        cnt[6] += c6
-        cnt[7] += c7
-        mass[0] += m0
-        mass[1] += m1
-        mass[2] += m2
-        mass[3] += m3
-        mass[4] += m4
-        mass[5] += m5
-        mass[6] += m6
-        mass[7] += m7
+    for j in range(SPLITS):
+        cnt[j], mass[j] = _count_mass(vals, th[j], with_mass)
     return cnt, mass
 
 
@@ -258,22 +236,30 @@ def _cut_sorted(p, k, top_p, min_p):
 
 @nb.njit(fastmath=True, **_jit)
 def _block_sums(p, vc):
-    """Mass of the tokens with p >= vc in each block of BLOCK tokens."""
-    n_blocks = (p.shape[0] + BLOCK - 1) // BLOCK
-    out = np.empty(n_blocks, np.float64)
-    for b in range(n_blocks):
-        s = np.float32(0.0)  # 256 values: float32 is exact enough, and twice as wide
-        for i in range(b * BLOCK, min((b + 1) * BLOCK, p.shape[0])):
-            x = p[i]
-            s += x if x >= vc else np.float32(0.0)
+    """Mass of the tokens with p >= vc in each block of BLOCK tokens (a fixed-trip inner loop,
+    which LLVM vectorises: see _count_mass)."""
+    whole = p.shape[0] // BLOCK
+    out = np.empty((p.shape[0] + BLOCK - 1) // BLOCK, np.float64)
+    z = np.float32(0.0)
+    for b in range(whole):
+        base = b * BLOCK
+        s = z  # float32 over 256 values is exact enough
+        for i in range(BLOCK):
+            x = p[base + i]
+            s += x * np.float32(x >= vc)
         out[b] = s
+    if out.shape[0] > whole:
+        s = z
+        for i in range(whole * BLOCK, p.shape[0]):
+            x = p[i]
+            s += x if x >= vc else z
+        out[whole] = s
     return out
 
 
 @nb.njit(**_jit)
-def _draw(p, vc, ties, u, sums_head):
-    """Inverse CDF over the kept tokens (vc, ties) in token-id order. sums_head: the sums of the
-    whole blocks of an unfiltered row (vc == 0) when the caller has them, else empty."""
+def _draw(p, vc, ties, u):
+    """Inverse CDF over the kept tokens (vc, ties) in token-id order."""
     V = p.shape[0]
     if ties >= 0:  # some tokens equal to vc are dropped: one plain pass for the mass, one to draw
         total, seen = 0.0, 0
@@ -293,13 +279,7 @@ def _draw(p, vc, ties, u, sums_head):
                         return i
             seen += x == vc
         return last
-    if vc == 0 and sums_head.shape[0]:
-        sums = np.empty((V + BLOCK - 1) // BLOCK, np.float64)
-        sums[: sums_head.shape[0]] = sums_head
-        if sums.shape[0] > sums_head.shape[0]:  # the last, partial block
-            sums[-1] = _block_sums(p[sums_head.shape[0] * BLOCK:], vc)[0]
-    else:
-        sums = _block_sums(p, vc)
+    sums = _block_sums(p, vc)
     t = u * sums.sum()
     c, b = 0.0, 0
     while b < sums.shape[0] - 1 and c + sums[b] <= t:
@@ -322,19 +302,17 @@ def _draw(p, vc, ties, u, sums_head):
 
 
 @nb.njit(**_jit)
-def sample_rows(p, u, top_k, top_p, min_p, rows, out, block_sums):
+def sample_rows(p, u, top_k, top_p, min_p, rows, out):
     """p float32 [B, V] (probabilities, need not be normalised, largest 1), u float64 [B] in
-    [0, 1), top_k int64 [B] (0: off), top_p float64 [B] (1: off), min_p float64 [B] (0: off),
-    block_sums float32 [B, V // BLOCK] or [B, 0] (then computed here): writes the token of each
-    row in `rows` to out int64 [B]."""
-    empty = np.empty(0, np.float32)
+    [0, 1), top_k int64 [B] (0: off), top_p float64 [B] (1: off), min_p float64 [B] (0: off):
+    writes the token of each row in `rows` to out int64 [B]."""
     for j in range(rows.shape[0]):
         r = rows[j]
         if top_k[r] <= 0 and top_p[r] >= 1.0 and min_p[r] <= 0.0:
-            out[r] = _draw(p[r], np.float32(0.0), -1, u[r], block_sums[r])
+            out[r] = _draw(p[r], np.float32(0.0), -1, u[r])
         else:
             vc, ties = _cut(p[r], top_k[r], top_p[r], min_p[r])
-            out[r] = _draw(p[r], vc, ties, u[r], empty)
+            out[r] = _draw(p[r], vc, ties, u[r])
 
 
 @nb.njit(**_jit)

@@ -5,14 +5,15 @@ checks that this script still makes exactly the committed bytes.
 
     inputs   logits float32 [B, V], inv_temperature float32 [B, 1]
     outputs  weights float32 [B, V]       exp((logits - row max) * inv_temperature), max exactly 1
-             block_sums float32 [B, V // 256]   sums of weights over each whole block of 256
+
+(Sums of blocks of 256 in the graph, by Slice + Reshape + ReduceSum, doubled its cost; the kernel
+sums them faster.)
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-BLOCK = 256  # serve/sampling_kernels.py BLOCK
 OUT = Path(__file__).resolve().parents[1] / "serve" / "sampler_prep.onnx"
 
 
@@ -20,33 +21,17 @@ def build():
     import onnx
     from onnx import TensorProto, helper
 
-    def const(name, values):
-        return helper.make_node("Constant", [], [name], value=helper.make_tensor(
-            name, TensorProto.INT64, [len(values)], values))
-
     nodes = [
         helper.make_node("ReduceMax", ["logits"], ["row_max"], axes=[1], keepdims=1),  # [B, 1]
         helper.make_node("Sub", ["logits", "row_max"], ["shifted"]),  # [B, V], <= 0
         helper.make_node("Mul", ["shifted", "inv_temperature"], ["scaled"]),
         helper.make_node("Exp", ["scaled"], ["weights"]),  # [B, V]
-        # the whole blocks: weights[:, : V // 256 * 256] viewed as [B, V // 256, 256], summed
-        helper.make_node("Shape", ["weights"], ["shape"]),
-        const("one", [1]), const("zero", [0]), const("block", [BLOCK]), const("view", [0, -1, BLOCK]),
-        helper.make_node("Gather", ["shape", "one"], ["vocab"], axis=0),  # [1]
-        helper.make_node("Div", ["vocab", "block"], ["n_blocks"]),
-        helper.make_node("Mul", ["n_blocks", "block"], ["whole"]),
-        helper.make_node("Slice", ["weights", "zero", "whole", "one"], ["head"]),  # [B, V // 256 * 256]
-        helper.make_node("Reshape", ["head", "view"], ["blocks"]),  # [B, V // 256, 256]
-        helper.make_node("ReduceSum", ["blocks", "block_axis"], ["block_sums"], keepdims=0),
-        const("block_axis", [2]),
     ]
-    nodes = nodes[:-2] + [nodes[-1], nodes[-2]]  # the axis constant before its use
     graph = helper.make_graph(
         nodes, "lstmgen_sampler_prep",
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", "V"]),
          helper.make_tensor_value_info("inv_temperature", TensorProto.FLOAT, ["B", 1])],
-        [helper.make_tensor_value_info("weights", TensorProto.FLOAT, ["B", "V"]),
-         helper.make_tensor_value_info("block_sums", TensorProto.FLOAT, ["B", "N"])])
+        [helper.make_tensor_value_info("weights", TensorProto.FLOAT, ["B", "V"])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8,
                               producer_name="lstmgen tools/gen_sampler_graph.py")
     onnx.checker.check_model(model)
