@@ -122,12 +122,14 @@ _dense = DensePass()
 
 
 def choose(logits: np.ndarray, sp: BatchSampling, uniforms: np.ndarray,
-           histories: list[TokenHistory | None] | None = None) -> np.ndarray:
-    """logits float32 [B, V] with a finite max per row (penalised in place when a row asks for
-    it), uniforms float64 [B] in [0, 1), histories: each row's TokenHistory (rows with penalties
-    need one) -> token ids int64 [B]."""
+           histories: list[TokenHistory | None] | None = None, overwrite: bool = False) -> np.ndarray:
+    """logits float32 [B, V] with a finite max per row, uniforms float64 [B] in [0, 1),
+    histories: each row's TokenHistory (rows with penalties need one) -> token ids int64 [B].
+    The penalties change the logits in place with `overwrite` (the scheduler's own step output),
+    else in a copy."""
     if sp.penalty_rows:
-        logits = np.array(logits, dtype=np.float32)  # never write into the caller's array
+        if not overwrite:  # a copy of [B, V] costs as much as the dense pass: only when needed
+            logits = np.array(logits, dtype=np.float32)
         apply_penalties(logits, list(sp.penalty_rows), [histories[i] for i in sp.penalty_rows],
                         sp.repetition, sp.frequency, sp.presence)
     if sp.all_greedy:

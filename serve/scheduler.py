@@ -458,8 +458,10 @@ class Scheduler:
         safe_logits = logits if finite.all() else np.where(finite[:, None], logits, 0.0)
         uniforms = np.array([s.rng.random() for s in batch.seqs])  # [B], one draw per row
         histories = [s.history for s in batch.seqs] if batch.sampling.penalty_rows else None
-        next_tokens = choose(safe_logits, batch.sampling, uniforms, histories)  # [B]
-        logprobs = self._logprobs(batch, safe_logits, next_tokens)
+        lp_rows = [i for i, s in enumerate(batch.seqs) if s.request.logprobs]
+        raw = safe_logits[lp_rows] if lp_rows else None  # [R, V] copies: the penalties overwrite
+        next_tokens = choose(safe_logits, batch.sampling, uniforms, histories, overwrite=True)  # [B]
+        logprobs = self._logprobs(batch, lp_rows, raw, next_tokens)
         out, keep, failed = [], [], []
         pieces = self._pieces
         # Python lists: indexing numpy arrays one element at a time costs more than the loop body.
@@ -486,13 +488,14 @@ class Scheduler:
             out += self._fail(failed, StepFailed("the model produced non-finite logits; generation stopped"))
         return out, replace(batch, tokens=next_tokens).filter(keep)
 
-    def _logprobs(self, batch: Batch, logits: np.ndarray, tokens: np.ndarray) -> dict[int, TokenLogprob]:
-        """Row -> its token's log-probability (and alternatives), for the rows that asked."""
-        rows = [i for i, s in enumerate(batch.seqs) if s.request.logprobs]
+    def _logprobs(self, batch: Batch, rows: list[int], raw: np.ndarray | None,
+                  tokens: np.ndarray) -> dict[int, TokenLogprob]:
+        """Row -> its token's log-probability (and alternatives), for the rows that asked; raw:
+        their logits [R, V] before any penalty."""
         if not rows:
             return {}
         n = max(batch.seqs[i].request.top_logprobs for i in rows)
-        lp, top_ids, top_lp = token_logprobs(logits[rows], tokens[rows], n)
+        lp, top_ids, top_lp = token_logprobs(raw, tokens[rows], n)
         pieces, out = self._pieces, {}
         for j, i in enumerate(rows):
             k = batch.seqs[i].request.top_logprobs

@@ -81,6 +81,13 @@ def test_logprobs_match_an_offline_log_softmax(bundles, char_server):
     lp = r.logprobs[0]
     assert abs(lp.logprob - want[lp.token_id]) < 1e-4
     assert [t.token_id for t in lp.top] == list(np.argsort(-want, kind="stable")[:3])
+    # the penalties rewrite the step's logits in place: the reported figures stay the model's
+    with Client(char_server.target) as c:
+        r = c.generate("First", max_new_tokens=1, seed=11, logprobs=True, top_logprobs=3, repetition_penalty=5.0,
+                       frequency_penalty=2.0)
+    lp = r.logprobs[0]
+    assert abs(lp.logprob - want[lp.token_id]) < 1e-4
+    assert [t.token_id for t in lp.top] == list(np.argsort(-want, kind="stable")[:3])
 
 
 def test_model_info_reports_sampling_limits(client):
