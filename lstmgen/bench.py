@@ -43,6 +43,7 @@ class BenchConfig:
     threads: int = 0  # ORT intra-op threads in the server (0: default)
     sampling: tuple[str, ...] = ("plain",)  # modes of SAMPLING_MODES, each measured in one run
     entropy: float | None = None  # target mean entropy (nats) for random weights; None: by level
+    repeats: int = 1  # server points measured this many times, modes interleaved; medians reported
 
 
 # What users run (temperature 0.8, top_k 40, top_p 0.9); "mixed" cycles rows through different
@@ -227,9 +228,10 @@ def torch_eager(ckpt, tokens: int) -> float:
         return tokens / (time.perf_counter() - t0)
 
 
-def ort_steps(bundle: Path, batches, seconds: float = 1.5, modes=()) -> tuple[dict, dict]:
-    """Raw step tokens/s by batch, and {batch: {"step_ms", "sampling_ms": {mode: ms}}}: the model
-    step and the sampler on that step's logits, side by side."""
+def ort_steps(bundle: Path, batches, seconds: float = 1.5, modes=(), windows: int = 3) -> tuple[dict, dict]:
+    """Raw step tokens/s by batch (the median of `windows` windows of `seconds`), and
+    {batch: {"step_ms", "sampling_ms": {mode: ms}}}: the model step and the sampler on that
+    step's logits, side by side."""
     import numpy as np
 
     from lstmgen.serve.engine import Engine, EngineConfig
@@ -242,13 +244,16 @@ def ort_steps(bundle: Path, batches, seconds: float = 1.5, modes=()) -> tuple[di
         h, c = engine.zeros(b)
         for _ in range(5):
             logits, h, c = engine.step(tokens, h, c)
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            logits, h, c = engine.step(tokens, h, c)
-            n += 1
-        dt = time.perf_counter() - t0
-        out[str(b)] = b * n / dt
-        detail[str(b)] = {"step_ms": 1e3 * dt / n,
+        rates = []
+        for _ in range(windows):
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                logits, h, c = engine.step(tokens, h, c)
+                n += 1
+            rates.append(n / (time.perf_counter() - t0))
+        steps_per_s = float(np.median(rates))
+        out[str(b)] = b * steps_per_s
+        detail[str(b)] = {"step_ms": 1e3 / steps_per_s,
                           "sampling_ms": {m: 1e3 * time_sampling(logits, m) for m in modes}}
     return out, detail
 
@@ -315,16 +320,24 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     ttft_prompt = None
     proc, target = start_server(bundle, cfg.threads, max(cfg.concurrency))
     try:
+        runs: dict[tuple[str, int], list[dict]] = {}
+        for r in range(cfg.repeats):  # modes interleaved, so a slow spell of the machine hits all
+            for mode in cfg.sampling:
+                for n in cfg.concurrency:
+                    runs.setdefault((mode, n), []).append(load(target, n, cfg.seconds, "The ", cfg.max_new_tokens, mode))
         for mode in cfg.sampling:
             points = by_mode[mode] = {}
             for n in cfg.concurrency:
-                s = points[str(n)] = load(target, n, cfg.seconds, "The ", cfg.max_new_tokens, mode)
+                tries = sorted(runs[(mode, n)], key=lambda x: x["tokens_per_s"])
+                s = points[str(n)] = dict(tries[len(tries) // 2])  # the median run
+                s["tokens_per_s_runs"] = [t["tokens_per_s"] for t in runs[(mode, n)]]
                 raw = ort.get(str(n))
                 s["vs_ort_same_batch"] = s["tokens_per_s"] / raw if raw else None
                 log(f"4. server [{mode}], {n} streams: {s['tokens_per_s']:,.0f} tok/s ("
                     + (f"{s['vs_ort_same_batch']:.0%} of raw ORT at B={n}, " if raw else "")
                     + f"{s['tokens_per_s'] / ceiling:.0%} of ceiling), ITL p50 {s['p50_ms']} ms p99 {s['p99_ms']} ms, "
-                    f"TTFT {s['ttft_ms']} ms, {s['tokens_per_message']} tok/msg, failed {s['failed']}")
+                    f"TTFT {s['ttft_ms']} ms, {s['tokens_per_message']} tok/msg, failed {s['failed']}"
+                    + (f"; runs {', '.join(f'{x:,.0f}' for x in s['tokens_per_s_runs'])}" if cfg.repeats > 1 else ""))
         prompt = ("".join(ckpt.vocab.tokens) * (cfg.prompt_chars // len(ckpt.vocab) + 1))[: cfg.prompt_chars]
         if ckpt.vocab.level == "word":
             prompt = " ".join(ckpt.vocab.tokens[2:])[: cfg.prompt_chars].rsplit(" ", 1)[0]
@@ -412,6 +425,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampling", default=",".join(d.sampling),
                    help=f"comma-separated sampling modes, each measured in this run: {', '.join(SAMPLING_MODES)} "
                         "(temperature 0.8, top_k 40, top_p 0.9; mixed: rows with different settings)")
+    p.add_argument("--repeats", type=int, default=d.repeats,
+                   help="measure each server point this many times (modes interleaved) and report the median")
     p.add_argument("--entropy", type=float, default=None,
                    help="mean entropy (nats/token) the random model's logits are shaped to "
                         f"(default: {TARGET_ENTROPY['word']} word level, {TARGET_ENTROPY['char']} char level)")
@@ -434,7 +449,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     cfg = BenchConfig(preset=args.preset, checkpoint=args.checkpoint, work_dir=args.work_dir,
-                      vocab_size=args.vocab_size, sampling=modes, entropy=args.entropy,
+                      vocab_size=args.vocab_size, sampling=modes, entropy=args.entropy, repeats=args.repeats,
                       concurrency=tuple(int(x) for x in args.concurrency.split(",")),
                       batches=tuple(int(x) for x in args.batches.split(",")), seconds=args.seconds,
                       max_new_tokens=args.max_new_tokens, int8=args.int8, threads=args.threads)

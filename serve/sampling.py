@@ -20,6 +20,7 @@ a few passes over the vocabulary, never a sort of it.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import numpy as np
 
 from lstmgen.serve.params import SamplingParams
 from lstmgen.serve.penalties import TokenHistory, apply_penalties
-from lstmgen.serve.sampling_kernels import sample_rows
+from lstmgen.serve.sampling_kernels import sample_rows, sample_rows_parallel
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,12 @@ class DensePass:
 
 
 _dense = DensePass()
+# Batches this large (rows x vocabulary) share their rows among the cores: half the time at batch
+# 64 x 10,000 on 2 cores (docs/benchmark.md); below it the threads' start costs more than it saves.
+PARALLEL_MIN_WORK = 32_768
+# numba's default threading layer (workqueue) must not be entered by two threads at once (two
+# schedulers in one process): one parallel call at a time.
+_parallel = threading.Lock()
 
 
 def choose(logits: np.ndarray, sp: BatchSampling, uniforms: np.ndarray,
@@ -137,7 +144,12 @@ def choose(logits: np.ndarray, sp: BatchSampling, uniforms: np.ndarray,
     rows = sp.sampled_rows
     out = logits.argmax(axis=1) if sp.any_greedy else np.empty(len(logits), np.int64)
     probs = _dense(logits, sp.inv_temperature)  # [B, V]
-    sample_rows(probs, np.ascontiguousarray(uniforms, np.float64), sp.top_k, sp.top_p, sp.min_p, rows, out)
+    args = (probs, np.ascontiguousarray(uniforms, np.float64), sp.top_k, sp.top_p, sp.min_p, rows, out)
+    if len(rows) * probs.shape[1] >= PARALLEL_MIN_WORK and len(rows) > 1:
+        with _parallel:
+            sample_rows_parallel(*args)
+    else:
+        sample_rows(*args)
     return out
 
 
@@ -170,3 +182,5 @@ def warm_up() -> None:
     logits = np.linspace(-1, 1, 8 * len(params), dtype=np.float32).reshape(len(params), 8)
     histories = [TokenHistory([1, 2])] * len(params)
     choose(logits, BatchSampling.from_params(params), np.full(len(params), 0.5), histories)
+    wide = np.tile(np.linspace(-1, 1, PARALLEL_MIN_WORK, dtype=np.float32), (len(params), 1))
+    choose(wide, BatchSampling.from_params(params), np.full(len(params), 0.5), histories)  # the parallel path

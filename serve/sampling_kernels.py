@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
+from numba import prange
 
 BLOCK = 256  # tokens per block summed ahead of the inverse-CDF scan
 SPLITS = 8  # thresholds per selection round
@@ -307,6 +308,20 @@ def sample_rows(p, u, top_k, top_p, min_p, rows, out):
     [0, 1), top_k int64 [B] (0: off), top_p float64 [B] (1: off), min_p float64 [B] (0: off):
     writes the token of each row in `rows` to out int64 [B]."""
     for j in range(rows.shape[0]):
+        r = rows[j]
+        if top_k[r] <= 0 and top_p[r] >= 1.0 and min_p[r] <= 0.0:
+            out[r] = _draw(p[r], np.float32(0.0), -1, u[r])
+        else:
+            vc, ties = _cut(p[r], top_k[r], top_p[r], min_p[r])
+            out[r] = _draw(p[r], vc, ties, u[r])
+
+
+@nb.njit(parallel=True, **_jit)
+def sample_rows_parallel(p, u, top_k, top_p, min_p, rows, out):
+    """sample_rows with the rows shared among numba's threads (every core: ONNX Runtime's are idle
+    while the sampler runs). Each row runs the same code as in sample_rows, so its token is the
+    same whichever is called."""
+    for j in prange(rows.shape[0]):
         r = rows[j]
         if top_k[r] <= 0 and top_p[r] >= 1.0 and min_p[r] <= 0.0:
             out[r] = _draw(p[r], np.float32(0.0), -1, u[r])

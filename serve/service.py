@@ -93,7 +93,11 @@ def _not_a_message(cls) -> InvalidRequest:
 class ServiceConfig:
     # Messages per second the server aims to send in all; with many active streams each stream
     # waits active/budget seconds between messages, and the tokens made meanwhile ride together.
-    message_budget_per_s: float = 2000.0
+    # 500: at 64 streams a message every 128 ms per stream (words arrive faster than anyone reads
+    # them). Each message costs the event loop, gRPC and the client CPU that the model's threads
+    # need on a small machine: 2,000/s held a word model at 64 streams to 73% of its raw step rate,
+    # 500/s to 87% (docs/benchmark.md).
+    message_budget_per_s: float = 500.0
     # Floor on the gap between one stream's messages after its first: a char model makes a token
     # every ~0.1-0.2 ms, far faster than anyone reads, and each message costs the server and the
     # client more CPU than a model step. 0: send as fast as tokens come.

@@ -262,3 +262,19 @@ def test_dense_pass_is_the_committed_graph_and_batch_independent():
         ref = np.exp((rows - rows.max(axis=1, keepdims=True)) * 1.25)
         w = sampling._dense(rows, inv_t)
         assert np.allclose(w, ref, rtol=1e-5, atol=1e-30) and (w.max(axis=1) == 1).all()
+
+
+def test_parallel_and_serial_kernels_pick_the_same_tokens():
+    """Large batches share rows among threads; a row's token must not depend on which ran it."""
+    from lstmgen.serve.sampling_kernels import sample_rows, sample_rows_parallel
+
+    rng = np.random.default_rng(9)
+    params = (SETTINGS * 6)[:64]
+    sp = BatchSampling.from_params(params)
+    probs = sampling._dense(rng.normal(0, 3, (64, 4096)).astype(np.float32), sp.inv_temperature).copy()
+    for _ in range(5):
+        u = rng.random(64)
+        a, b = np.zeros(64, np.int64), np.zeros(64, np.int64)
+        sample_rows(probs, u, sp.top_k, sp.top_p, sp.min_p, sp.sampled_rows, a)
+        sample_rows_parallel(probs, u, sp.top_k, sp.top_p, sp.min_p, sp.sampled_rows, b)
+        assert (a == b).all()
