@@ -80,7 +80,13 @@ def requests(draw) -> pb.GenerateRequest:
     for name, value in (("max_new_tokens", draw(usually(st.integers(1, 32), int32))),
                         ("temperature", draw(usually(st.floats(0, 3, width=32), floats32))),
                         ("top_p", draw(usually(unit, floats32))),
-                        ("seed", draw(st.none() | st.integers(0, 2**64 - 1)))):
+                        ("seed", draw(st.none() | st.integers(0, 2**64 - 1))),
+                        ("min_p", draw(st.none() | unit | floats32)),
+                        ("repetition_penalty", draw(st.none() | st.floats(0.5, 2, width=32) | floats32)),
+                        ("frequency_penalty", draw(st.none() | st.floats(-2, 2, width=32) | floats32)),
+                        ("presence_penalty", draw(st.none() | st.floats(-2, 2, width=32) | floats32)),
+                        ("logprobs", draw(st.none() | st.booleans())),
+                        ("top_logprobs", draw(st.none() | st.integers(0, 25) | st.integers(0, 2**32 - 1)))):
         if value is not None:
             setattr(msg, name, value)
     return msg
@@ -98,9 +104,11 @@ def varint(n: int) -> bytes:
 @st.composite
 def unknown_fields(draw) -> bytes:
     """Well-formed fields with numbers the contract does not define (incl. the reserved 10-19)."""
+    defined = {f.number for f in pb.GenerateRequest.DESCRIPTOR.fields}
     out = b""
     for _ in range(draw(st.integers(0, 4))):
-        num, wire = draw(st.integers(10, 2**29 - 1)), draw(st.sampled_from([0, 1, 2, 5]))
+        num = draw(st.integers(10, 2**29 - 1).filter(lambda n: n not in defined))
+        wire = draw(st.sampled_from([0, 1, 2, 5]))
         body = {0: lambda: varint(draw(st.integers(0, 2**64 - 1))), 1: lambda: draw(st.binary(min_size=8, max_size=8)),
                 2: lambda: (lambda b: varint(len(b)) + b)(draw(st.binary(max_size=30))),
                 5: lambda: struct.pack("<f", draw(st.floats(width=32)))}[wire]()
@@ -139,7 +147,8 @@ def check(generate, vocab, data: bytes, msg: pb.GenerateRequest | None) -> None:
         assert sum(m.token_count for m in out) == fin.generated_tokens <= LIMITS.max_new_tokens
     elif status == "INVALID_ARGUMENT":  # the message names the field at fault
         assert details.split(":")[0].split("[")[0] in {"prompt", "max_new_tokens", "temperature", "top_p", "top_k",
-                                                       "seed", "stop", "request"}, details
+                                                       "seed", "stop", "request", "min_p", "repetition_penalty",
+                                                       "frequency_penalty", "presence_penalty", "top_logprobs"}, details
 
 
 @FUZZ

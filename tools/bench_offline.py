@@ -150,7 +150,7 @@ def main() -> int:
         print(name, json.dumps(r, indent=1), flush=True)
         result[name] = r
     char_bundle = work / "char-rnn" / "bundle"
-    result["memory"] = [peak_rss(char_bundle, work, int(n)) for n in args.memory_prompts.split(",")]
+    result["memory"] = [peak_rss(char_bundle, work, int(n)) for n in args.memory_prompts.split(",") if n.strip()]
     print("memory", json.dumps(result["memory"], indent=1), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
