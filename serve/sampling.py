@@ -119,7 +119,18 @@ class DensePass:
         return ort.InferenceSession(str(_PREP_GRAPH), opts, providers=["CPUExecutionProvider"])
 
 
-_dense = DensePass()
+# One DensePass per thread: its output buffer is reused between calls, so two schedulers' worker
+# threads in one process (a Generator beside a server) must not share one.
+_local = threading.local()
+
+
+def _dense(logits: np.ndarray, inv_temperature: np.ndarray) -> np.ndarray:
+    dense = getattr(_local, "dense", None)
+    if dense is None:
+        dense = _local.dense = DensePass()
+    return dense(logits, inv_temperature)
+
+
 # Batches this large (rows x vocabulary) share their rows among the cores: half the time at batch
 # 64 x 10,000 on 2 cores (docs/benchmark.md); below it the threads' start costs more than it saves.
 PARALLEL_MIN_WORK = 32_768

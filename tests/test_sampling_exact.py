@@ -278,3 +278,18 @@ def test_parallel_and_serial_kernels_pick_the_same_tokens():
         sample_rows(probs, u, sp.top_k, sp.top_p, sp.min_p, sp.sampled_rows, a)
         sample_rows_parallel(probs, u, sp.top_k, sp.top_p, sp.min_p, sp.sampled_rows, b)
         assert (a == b).all()
+
+
+def test_each_thread_has_its_own_dense_buffer():
+    """Two schedulers' worker threads in one process: one's weights never land in the other's."""
+    import threading
+
+    a = np.zeros((2, 2048), np.float32)
+    b = np.full((2, 2048), -1.0, np.float32)
+    b[:, 0] = 0.0
+    inv_t = np.ones((2, 1), np.float32)
+    mine = sampling._dense(a, inv_t)
+    other = threading.Thread(target=lambda: sampling._dense(b, inv_t))
+    other.start()
+    other.join()
+    assert (mine == 1.0).all()  # the other thread's call did not overwrite this thread's buffer
