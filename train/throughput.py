@@ -1,6 +1,6 @@
 """Training throughput of `lstmgen train` against a plain PyTorch loop on the same model and batches.
 
-    python -m lstmgen.train.throughput --preset ptb-small --data /work/shared/data/ptb --steps 200
+    python -m lstmgen.train.throughput --preset ptb-small --data ptb --steps 200
 
 The plain loop is pytorch/examples word_language_model's inner loop (detach the state, forward,
 cross-entropy, backward, clip, SGD/Adam step) with nothing else; `lstmgen train` adds its progress
