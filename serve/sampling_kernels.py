@@ -303,17 +303,22 @@ def _draw(p, vc, ties, u):
 
 
 @nb.njit(**_jit)
+def _sample_row(p, u, k, top_p, min_p):
+    """One row's token: a plain draw, or the kept set's boundary and then a draw within it."""
+    if k <= 0 and top_p >= 1.0 and min_p <= 0.0:
+        return _draw(p, np.float32(0.0), -1, u)
+    vc, ties = _cut(p, k, top_p, min_p)
+    return _draw(p, vc, ties, u)
+
+
+@nb.njit(**_jit)
 def sample_rows(p, u, top_k, top_p, min_p, rows, out):
     """p float32 [B, V] (probabilities, need not be normalised, largest 1), u float64 [B] in
     [0, 1), top_k int64 [B] (0: off), top_p float64 [B] (1: off), min_p float64 [B] (0: off):
     writes the token of each row in `rows` to out int64 [B]."""
     for j in range(rows.shape[0]):
         r = rows[j]
-        if top_k[r] <= 0 and top_p[r] >= 1.0 and min_p[r] <= 0.0:
-            out[r] = _draw(p[r], np.float32(0.0), -1, u[r])
-        else:
-            vc, ties = _cut(p[r], top_k[r], top_p[r], min_p[r])
-            out[r] = _draw(p[r], vc, ties, u[r])
+        out[r] = _sample_row(p[r], u[r], top_k[r], top_p[r], min_p[r])
 
 
 @nb.njit(parallel=True, **_jit)
@@ -323,11 +328,7 @@ def sample_rows_parallel(p, u, top_k, top_p, min_p, rows, out):
     same whichever is called."""
     for j in prange(rows.shape[0]):
         r = rows[j]
-        if top_k[r] <= 0 and top_p[r] >= 1.0 and min_p[r] <= 0.0:
-            out[r] = _draw(p[r], np.float32(0.0), -1, u[r])
-        else:
-            vc, ties = _cut(p[r], top_k[r], top_p[r], min_p[r])
-            out[r] = _draw(p[r], vc, ties, u[r])
+        out[r] = _sample_row(p[r], u[r], top_k[r], top_p[r], min_p[r])
 
 
 @nb.njit(**_jit)
