@@ -99,7 +99,9 @@ class DensePass:
             return unnormalised_probs(logits, inv_temperature)
         if self._session is None:
             self._session = self._open()
-        if b > len(self._weights) or v != self._weights.shape[1]:
+        if v != self._weights.shape[1]:  # another model: start over at this batch
+            self._weights = np.empty((b, v), np.float32)
+        elif b > len(self._weights):  # a bigger batch: grow geometrically, rows join one by one
             self._weights = np.empty((max(b, 2 * len(self._weights)), v), np.float32)
         weights = self._weights[:b]  # a contiguous prefix [b, V]
         io = self._session.io_binding()

@@ -293,3 +293,17 @@ def test_each_thread_has_its_own_dense_buffer():
     other.start()
     other.join()
     assert (mine == 1.0).all()  # the other thread's call did not overwrite this thread's buffer
+
+
+def test_dense_buffer_follows_the_batch_not_the_number_of_models():
+    """The reused output grows with the batch; a thread that meets several vocabularies must
+    not keep doubling it (it once reached 229,376 rows and failed to allocate 28 GiB)."""
+    from lstmgen.serve.sampling import DensePass
+
+    dense = DensePass()
+    inv_t = np.ones((3, 1), np.float32)
+    for v in [2048, 4096] * 10:
+        dense(np.zeros((3, v), np.float32), inv_t)
+    assert dense._weights.shape == (3, 4096)
+    dense(np.zeros((5, 4096), np.float32), np.ones((5, 1), np.float32))
+    assert dense._weights.shape[0] >= 5
