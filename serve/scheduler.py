@@ -245,6 +245,11 @@ class Scheduler:
         with self._cv:
             self._accepting = False
 
+    @property
+    def accepting(self) -> bool:
+        with self._cv:
+            return self._accepting
+
     async def drain(self, timeout: float) -> bool:
         """Wait until every accepted stream has been read to its end (generating is not enough:
         a slow reader gets the whole `timeout` to take its output); False if the time ran out."""

@@ -188,6 +188,13 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             status = "OK"
         except grpc.aio.InternalError:  # a send failed in core: the client is gone (status stays CANCELLED)
             await _abort_gone(context, grpc.StatusCode.CANCELLED, "the client went away")
+        except asyncio.CancelledError:
+            if self.scheduler.accepting:
+                raise  # a client's cancel: grpc.aio's own path, which logs it at DEBUG
+            # The server is stopping and gRPC cancels what the grace period left (a client that read
+            # nothing, its write parked by flow control): end quietly, since re-raising here makes
+            # grpc.aio log an ERROR with a traceback for a shutdown that went as documented.
+            status, error = "UNAVAILABLE", "server stopped before this stream was read to its end"
         except Exception as e:  # a GenerationError's own status; anything else is a bug: INTERNAL
             code = status_for(e)
             status, error = code.name, str(e)
