@@ -48,13 +48,17 @@ class Batch:
     h: np.ndarray  # float32 [L, B, H] (an OrtValue on the device between steps with IO binding)
     c: np.ndarray  # float32 [L, B, H]
     sampling: BatchSampling = field(repr=False)
+    # per batch, not per step: the rows that report logprobs, and each row's penalty history
+    logprob_rows: list[int] = field(default_factory=list, repr=False)
+    histories: list[TokenHistory | None] = field(default_factory=list, repr=False)
 
     def __len__(self) -> int:
         return len(self.seqs)
 
     @classmethod
     def create(cls, seqs: list[Sequence], tokens: np.ndarray, h: np.ndarray, c: np.ndarray) -> "Batch":
-        return cls(seqs, tokens, h, c, BatchSampling.from_params([s.request.sampling for s in seqs]))
+        return cls(seqs, tokens, h, c, BatchSampling.from_params([s.request.sampling for s in seqs]),
+                   [i for i, s in enumerate(seqs) if s.request.logprobs], [s.history for s in seqs])
 
     def filter(self, keep: list[int]) -> "Batch | None":
         """The rows at `keep`, in that order; None when nothing is kept."""

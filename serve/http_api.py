@@ -39,7 +39,8 @@ from lstmgen.serve.openai_compat import (FINISH_REASON, CompletionRequest, error
                                          param_name, parse_completion, usage_json)
 from lstmgen.serve.params import MIN_TEMPERATURE
 from lstmgen.serve.scheduler import Chunk, Scheduler, Stream
-from lstmgen.serve.service import REQUEST_ID_KEY, ServiceConfig, rejection_reason, request_id, status_for
+from lstmgen.serve.service import (REQUEST_ID_KEY, ServiceConfig, pace, rejection_reason, request_id,
+                                   status_for)
 
 log = logging.getLogger("lstmgen.http")
 PLAYGROUND = Path(__file__).parent / "playground" / "index.html"
@@ -238,10 +239,7 @@ class HttpApi:
                 t.cancel()
 
     async def _pace(self) -> None:
-        share = self.scheduler.stats().active_rows / self.cfg.message_budget_per_s
-        wait = max(share if share > 0.001 else 0.0, self.cfg.min_message_interval_s)
-        if wait > 0:
-            await asyncio.sleep(wait)
+        await pace(self.scheduler, self.cfg)
 
     async def _collect(self, call: _Call, creq: CompletionRequest) -> dict:
         k = len(call.streams)

@@ -85,8 +85,7 @@ _PREP_GRAPH = Path(__file__).with_name("sampler_prep.onnx")
 class DensePass:
     """weights float32 [B, V] = exp((logits - row max) / T)."""
 
-    def __init__(self, threads: int = 0):
-        self._threads = threads
+    def __init__(self):
         self._session = None  # opened on first use: char models never need it
         # Outputs land in buffers kept between calls (IO binding): a fresh [B, V] array per call
         # costs its page faults and the binding's copy, as much as the exp itself at batch 64.
@@ -115,8 +114,6 @@ class DensePass:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
-        if self._threads:
-            opts.intra_op_num_threads = self._threads
         opts.add_session_config_entry("session.force_spinning_stop", "1")  # no spinning between calls
         return ort.InferenceSession(str(_PREP_GRAPH), opts, providers=["CPUExecutionProvider"])
 

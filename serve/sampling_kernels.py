@@ -38,12 +38,11 @@ TINY = np.float32(1e-45)
 FIRST = np.array([4.0 ** -(j + 1) for j in range(SPLITS - 1)] + [1e-45], np.float32)
 
 
-CHUNK = 2048  # float32 partial sums over this many values, added up in float64
 
 
 @nb.njit(fastmath=True, **_jit)
-def _count_mass(vals, t, with_mass):
-    """How many vals are >= t and their sum (with_mass is a hint; the sum costs little). Inner
+def _count_mass(vals, t):
+    """How many vals are >= t, and their sum. Inner
     loops of a fixed BLOCK trips with a select are what LLVM vectorises (variable bounds or one
     running sum over the row it does not: 5-10x slower); float32 within a block, float64 across
     (a nucleus edge deep in a 33k-word tail is a difference of 1e-7)."""
@@ -71,14 +70,14 @@ def _count_mass(vals, t, with_mass):
 
 
 @nb.njit(**_jit)
-def _above(vals, th, with_mass):
-    """Count (and, with_mass, mass) of vals >= th[j] for each of the SPLITS thresholds. Masses
+def _above(vals, th):
+    """Count and mass of vals >= th[j] for each of the SPLITS thresholds. Masses
     are float32 within a chunk and float64 across chunks: a nucleus edge deep in a 33k-word tail
     is a difference of 1e-7."""
     cnt = np.zeros(SPLITS, np.int64)
     mass = np.zeros(SPLITS, np.float64)
     for j in range(SPLITS):
-        cnt[j], mass[j] = _count_mass(vals, th[j], with_mass)
+        cnt[j], mass[j] = _count_mass(vals, th[j])
     return cnt, mass
 
 
@@ -96,20 +95,18 @@ def _band(vals, lo, hi):
 
 
 @nb.njit(**_jit)
-def _select(vals, th, cnt, mass, floor, by_mass, target, need_mass):
+def _select(vals, th, cnt, mass, floor, by_mass, target):
     """Walk the values >= floor (> 0) in descending order, accumulating a count (or their mass,
     by_mass) until it reaches target; return that value v and the count and mass of the values
     > v and of the values >= v. th, cnt, mass: the first round (_above(vals, th)); th[-1] must be
     <= floor. If the walk never reaches target (float rounding of a mass target), v is the
-    smallest value in play. The masses returned are right only with need_mass (or by_mass), and
-    then the first round's must be too."""
-    with_mass = by_mass or need_mass
+    smallest value in play."""
     hi = np.float32(np.inf)  # the boundary is < hi; everything >= hi is in the prefix
     c_hi, m_hi = 0, 0.0
-    first = True
+    first_round = True  # th, cnt, mass come from the caller; later rounds split the band
     while True:
         n = vals.shape[0]
-        if not first:
+        if not first_round:
             if n <= SORT_BAND:
                 break
             vmax, vmin = np.float32(0.0), np.float32(np.inf)
@@ -124,8 +121,7 @@ def _select(vals, th, cnt, mass, floor, by_mass, target, need_mass):
             for j in range(SPLITS - 1):
                 th[j] = np.float32(vmax * ratio ** (j + 1))
             th[SPLITS - 1] = vmin
-            cnt, mass = _above(vals, th, with_mass)
-        first_round, first = first, False
+            cnt, mass = _above(vals, th)
         j = 0
         while j < SPLITS - 1 and (m_hi + mass[j] if by_mass else c_hi + cnt[j]) < target:
             j += 1
@@ -135,10 +131,10 @@ def _select(vals, th, cnt, mass, floor, by_mass, target, need_mass):
             m_hi += mass[j - 1]
             hi = th[j - 1]
         band = _band(vals, lo, hi)
-        if band.shape[0] >= n and not first_round:  # no progress (equal values): sort what is left
-            vals = band
+        stuck = band.shape[0] >= n and not first_round  # no progress (equal values): sort the rest
+        vals, first_round = band, False
+        if stuck:
             break
-        vals = band
     s = np.sort(vals)[::-1]  # the last band, descending
     c, m = c_hi, m_hi
     i = 0
@@ -169,22 +165,22 @@ def _cut(p, k, top_p, min_p):
     if p.shape[0] <= SMALL_VOCAB:
         return _cut_sorted(p, k, top_p, min_p)
     th = FIRST
-    # cnt[-1], mass[-1]: the row's positive tokens and total mass (mass only when top_p needs it)
-    cnt, mass = _above(p, th, top_p < 1.0)
+    # cnt[-1], mass[-1]: the row's positive tokens and total mass
+    cnt, mass = _above(p, th)
     kept = mass[SPLITS - 1]
     if 0 < k < cnt[SPLITS - 1]:
         # ties at the k-th value all stay (Hugging Face, vLLM): keep p >= v
-        v, c_gt, m_gt, c_ge, m_ge = _select(p, th, cnt, mass, TINY, False, k, top_p < 1.0)
+        v, c_gt, m_gt, c_ge, m_ge = _select(p, th, cnt, mass, TINY, False, k)
         vc, kept = v, m_ge
     if top_p < 1.0:
         target = top_p * kept
         if vc > 0:  # top_p works within what top_k kept: those values only
             vals = _band(p, vc, np.float32(np.inf))
             th2 = np.full(SPLITS, vc, np.float32)  # a first round that puts all of them in one band
-            cnt2, mass2 = _above(vals, th2, True)
-            v, c_gt, m_gt, c_ge, m_ge = _select(vals, th2, cnt2, mass2, vc, True, target, True)
+            cnt2, mass2 = _above(vals, th2)
+            v, c_gt, m_gt, c_ge, m_ge = _select(vals, th2, cnt2, mass2, vc, True, target)
         else:
-            v, c_gt, m_gt, c_ge, m_ge = _select(p, th, cnt, mass, TINY, True, target, True)
+            v, c_gt, m_gt, c_ge, m_ge = _select(p, th, cnt, mass, TINY, True, target)
         if c_ge - c_gt == 1 or m_ge < target:
             vc, ties = v, -1  # one token at the boundary value (or rounding ran the walk out)
         else:

@@ -16,7 +16,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable, NamedTuple, Protocol
 
 import numpy as np
@@ -462,10 +462,9 @@ class Scheduler:
         finite = np.isfinite(logits.max(axis=1))  # [B]
         safe_logits = logits if finite.all() else np.where(finite[:, None], logits, 0.0)
         uniforms = np.array([s.rng.random() for s in batch.seqs])  # [B], one draw per row
-        histories = [s.history for s in batch.seqs] if batch.sampling.penalty_rows else None
-        lp_rows = [i for i, s in enumerate(batch.seqs) if s.request.logprobs]
+        lp_rows = batch.logprob_rows
         raw = safe_logits[lp_rows] if lp_rows else None  # [R, V] copies: the penalties overwrite
-        next_tokens = choose(safe_logits, batch.sampling, uniforms, histories, overwrite=True)  # [B]
+        next_tokens = choose(safe_logits, batch.sampling, uniforms, batch.histories, overwrite=True)  # [B]
         logprobs = self._logprobs(batch, lp_rows, raw, next_tokens)
         out, keep, failed = [], [], []
         pieces = self._pieces

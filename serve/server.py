@@ -22,7 +22,6 @@ from lstmgen.serve.reflection import enable_reflection
 from lstmgen.serve.scheduler import Scheduler, SchedulerConfig
 from lstmgen.serve.service import GeneratorService, ServiceConfig
 from lstmgen_client.v1 import generator_pb2 as pb
-from lstmgen_client.v1 import generator_pb2_grpc as pb_grpc
 
 log = logging.getLogger("lstmgen.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generator"].full_name  # "lstmgen.v1.Generator"

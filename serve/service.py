@@ -104,6 +104,15 @@ class ServiceConfig:
     min_message_interval_s: float = 0.002
 
 
+async def pace(scheduler: Scheduler, cfg: ServiceConfig) -> None:
+    """Let tokens pile up between one stream's messages when many streams are active (both edges,
+    gRPC and HTTP, share the one budget rule)."""
+    share = scheduler.stats().active_rows / cfg.message_budget_per_s
+    wait = max(share if share > 0.001 else 0.0, cfg.min_message_interval_s)
+    if wait > 0:
+        await asyncio.sleep(wait)
+
+
 def request_from_pb(msg: pb.GenerateRequest, request_id: str = "") -> GenerationRequest:
     def opt(name: str, default):
         return getattr(msg, name) if msg.HasField(name) else default
@@ -221,11 +230,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                 seconds * 1e3, f" error={error!r}" if error else "", extra={"request_id": rid})
 
     async def _pace(self) -> None:
-        """Let tokens pile up between messages when many streams are active."""
-        share = self.scheduler.stats().active_rows / self.cfg.message_budget_per_s
-        wait = max(share if share > 0.001 else 0.0, self.cfg.min_message_interval_s)
-        if wait > 0:
-            await asyncio.sleep(wait)
+        await pace(self.scheduler, self.cfg)
 
     async def GetModelInfo(self, request: pb.ModelInfoRequest | None, context) -> pb.ModelInfo:
         if request is None:

@@ -75,6 +75,7 @@ class ServerProc:
     proc: subprocess.Popen
     target: str
     log: Path
+    ready_line: str = ""  # what the server printed once serving (its gRPC, metrics and HTTP addresses)
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:
@@ -96,7 +97,7 @@ def start_server(bundle: Path, log: Path, *extra: str, timeout: float = 60.0) ->
             break
         m = re.search(r"serving on ([\d.]+):(\d+)", line)
         if m:
-            return ServerProc(proc, f"{m.group(1)}:{m.group(2)}", log)
+            return ServerProc(proc, f"{m.group(1)}:{m.group(2)}", log, line)
     proc.kill()
     raise RuntimeError(f"server did not start: {log.read_text()}")
 

@@ -3,12 +3,9 @@ by `curl -N`, against a real `lstmgen serve --http-port 0` process that also ser
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -16,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ServerProc, start_server
 from lstmgen.serve.errors import InvalidRequest
 from lstmgen.serve.openai_compat import parse_completion
 
@@ -24,26 +22,16 @@ openai = pytest.importorskip("openai")
 
 def start_http_server(bundle: Path, log: Path, *extra: str) -> tuple[subprocess.Popen, str, str, str]:
     """`lstmgen serve` with --http-port 0; returns (process, grpc target, http base URL, metrics URL)."""
-    cmd = [sys.executable, "-m", "lstmgen.cli", "serve", str(bundle), "--host", "127.0.0.1", "--port", "0",
-           "--http-port", "0", "--metrics-port", "0", "--device", "cpu", "--threads", "1", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        m = re.search(r"serving on ([\d.]+:\d+) \(metrics on (\S+)\) \(http on (https?://[\d.]+:\d+)/\)", line)
-        if m:
-            return proc, m.group(1), m.group(3), m.group(2)
-    proc.kill()
-    raise RuntimeError(f"server did not start: {log.read_text()}")
+    srv = start_server(bundle, log, "--http-port", "0", "--metrics-port", "0", *extra)
+    m = re.search(r"\(metrics on (\S+)\) \(http on (https?://[\d.]+:\d+)/\)", srv.ready_line)
+    if not m:
+        srv.proc.kill()
+        raise RuntimeError(f"no metrics/http addresses in the ready line: {srv.ready_line!r}")
+    return srv.proc, srv.target, m.group(2), m.group(1)
 
 
 def stop(proc: subprocess.Popen) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    return proc.wait(30)
+    return ServerProc(proc, "", Path()).stop()
 
 
 @pytest.fixture(scope="module")
