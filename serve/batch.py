@@ -30,6 +30,16 @@ class Sequence:
     partial: tuple[np.ndarray, np.ndarray] | None = None
     cancelled: bool = False  # set by the consumer's thread; read by the scheduler between steps
     history: TokenHistory | None = None  # seen tokens, for requests with a penalty
+    carried: int = 0  # 1 when prompt_ids[0] is a continued state's last token (not the prompt's)
+    # A pure continuation (a state and no prompt): its last token and state, (h, c) each [L, H];
+    # the row joins the decode batch directly, as if it had never left it.
+    rejoin: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None
+    want_state: bool = False  # return_state or state_every: outputs may carry the state
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Tokens read from this request's prompt (a carried token is not the prompt's)."""
+        return len(self.prompt_ids) - self.carried
 
     @property
     def prompt_left(self) -> int:

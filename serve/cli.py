@@ -12,6 +12,7 @@ from lstmgen.serve.params import Limits, request_bytes_for
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from lstmgen.serve.engine import SPIN_MODES
+    from lstmgen.serve.scheduler import SchedulerConfig
     from lstmgen.serve.service import ServiceConfig
 
     p.add_argument("bundle", metavar="BUNDLE_DIR", help="bundle folder made by `lstmgen export`")
@@ -43,10 +44,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="largest request message in bytes; bigger ones get RESOURCE_EXHAUSTED before they "
                         "are parsed (unset: 4 bytes per --max-prompt-chars + 64 KiB)")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens primed per call per request")
+    p.add_argument("--prefix-cache-mb", type=float, default=SchedulerConfig.prefix_cache_mb,
+                   help="memory for states after prompt prefixes, so a prompt that begins like an earlier one "
+                        "skips that part (0: off)")
+    p.add_argument("--prefix-cache-every", type=int, default=SchedulerConfig.prefix_cache_every,
+                   help="keep a prefix state every this many prompt tokens (prompts are primed in chunks ending there)")
     p.add_argument("--tls-cert", metavar="PEM", help="certificate chain: serve TLS only (needs --tls-key)")
     p.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     p.add_argument("--auth-token-file", metavar="FILE",
                    help="require 'authorization: Bearer <token>' (the file's content) on every call but health")
+    p.add_argument("--state-key", metavar="FILE",
+                   help="sign the state blobs this server returns and accept only signed ones (HMAC-SHA256 with the "
+                        "file's content, at least 16 bytes); give every replica the same file")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port; unset: off)")
     p.add_argument("--metrics-host", default=None, help="address for the metrics port (unset: --host's)")
@@ -82,8 +91,11 @@ def config_from_args(args: argparse.Namespace):
                                             spin=args.spin),
                         service=ServiceConfig(message_budget_per_s=args.message_budget,
                                               min_message_interval_s=args.min_message_interval_ms / 1e3),
-                        limits=limits, scheduler=SchedulerConfig(prefill_chunk=args.prefill_chunk),
+                        limits=limits, scheduler=SchedulerConfig(prefill_chunk=args.prefill_chunk,
+                                                                 prefix_cache_mb=args.prefix_cache_mb,
+                                                                 prefix_cache_every=args.prefix_cache_every),
                         tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token_file=args.auth_token_file,
+                        state_key_file=args.state_key,
                         metrics_port=args.metrics_port, metrics_host=args.metrics_host,
                         http_port=args.http_port, http_host=args.http_host,
                         inject_step_failure_every=args.inject_step_failure_every,
@@ -99,9 +111,12 @@ def describe(cfg) -> str:
              f"(default {lim.default_new_tokens:,}), {lim.max_concurrent_streams} concurrent, "
              f"{lim.max_queued_streams} queued, request {lim.max_request_bytes:,} bytes",
              f"prefill chunk {cfg.scheduler.prefill_chunk}",
+             "prefix cache " + (f"{cfg.scheduler.prefix_cache_mb:g} MiB, every {cfg.scheduler.prefix_cache_every} tokens"
+                                if cfg.scheduler.prefix_cache_mb > 0 else "off"),
              f"messages {s.message_budget_per_s:g}/s, at least {s.min_message_interval_s * 1e3:g} ms apart",
              f"grace {cfg.grace_s:g}s", "tls " + ("on" if cfg.tls_cert else "off"),
              "token auth " + ("on" if cfg.auth_token_file else "off"),
+             "state signing " + ("on" if cfg.state_key_file else "off"),
              "metrics " + ("off" if cfg.metrics_port is None else f"{cfg.metrics_host or cfg.host}:{cfg.metrics_port}"),
              "http " + ("off" if cfg.http_port is None else f"{cfg.http_host or cfg.host}:{cfg.http_port}")]
     hooks = [f"{name} {getattr(cfg, name)}" for name in ("inject_step_failure_every", "inject_worker_crash_at_step")
@@ -134,6 +149,10 @@ def setup_logging(level: str, fmt: str) -> None:
 def run(args: argparse.Namespace) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         print("lstmgen serve: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    if args.prefix_cache_mb < 0 or args.prefix_cache_every < 1:
+        print(f"lstmgen serve: --prefix-cache-mb must be >= 0 (got {args.prefix_cache_mb:g}) and "
+              f"--prefix-cache-every >= 1 (got {args.prefix_cache_every})", file=sys.stderr)
         return 2
     setup_logging("WARNING" if args.quiet else args.log_level, args.log_format)
     from lstmgen.serve.server import run_until_signal

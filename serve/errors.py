@@ -31,3 +31,11 @@ class StepFailed(GenerationError):
 
 class Unauthenticated(GenerationError):
     """The call lacks the server's bearer token, or carries a wrong one -> UNAUTHENTICATED."""
+
+
+class WrongModel(GenerationError):
+    """A state made by another model (or for another server setup) -> FAILED_PRECONDITION."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")

@@ -71,6 +71,20 @@ class _SchedulerCollector:
         yield CounterMetricFamily("lstmgen_decode_steps", "Decode steps run", value=st.steps)
         yield self.itl.family("lstmgen_inter_token_latency_seconds",
                               "Gap between a row's consecutive tokens (per decode step, weighted by its rows)")
+        cache = getattr(self.scheduler, "prefix_cache", None)
+        if cache is not None:
+            pc = cache.stats()
+            yield CounterMetricFamily("lstmgen_prefix_cache_hits", "Prompts that found a cached prefix state",
+                                      value=pc.hits)
+            yield CounterMetricFamily("lstmgen_prefix_cache_misses", "Prompts that found no cached prefix state",
+                                      value=pc.misses)
+            yield CounterMetricFamily("lstmgen_prefix_cache_tokens_saved", "Prompt tokens not primed thanks to "
+                                      "the prefix cache", value=pc.tokens_saved)
+            yield CounterMetricFamily("lstmgen_prefix_cache_evictions", "Prefix states dropped to stay in budget",
+                                      value=pc.evictions)
+            yield GaugeMetricFamily("lstmgen_prefix_cache_bytes", "Bytes held by the prefix cache",
+                                    value=pc.bytes_held)
+            yield GaugeMetricFamily("lstmgen_prefix_cache_entries", "Prefix states held", value=pc.entries)
 
 
 class Metrics:

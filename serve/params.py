@@ -73,12 +73,15 @@ class GenerationRequest:
     request_id: str = ""
     logprobs: bool = False  # report each generated token's log-probability
     top_logprobs: int = 0  # ... and this many most likely alternatives (needs logprobs)
+    state: bytes = b""  # continue from this state blob (serve/state_blob.py); the prompt may be empty
+    return_state: bool = False  # the last output carries the state after it
+    state_every: int = 0  # and every this many tokens (0: never), for resumable streams
 
 
 def validate(req: GenerationRequest, limits: Limits) -> int:
     """Check every field; returns the effective max_new_tokens."""
-    if not req.prompt:
-        raise InvalidRequest("prompt", "must not be empty")
+    if not req.prompt and not req.state:
+        raise InvalidRequest("prompt", "must not be empty (unless the request continues from a state)")
     if len(req.prompt) > limits.max_prompt_chars:
         raise InvalidRequest("prompt", f"holds {len(req.prompt)} characters; allowed 1..{limits.max_prompt_chars}")
     n = limits.default_new_tokens if req.max_new_tokens is None else req.max_new_tokens
@@ -101,6 +104,8 @@ def validate(req: GenerationRequest, limits: Limits) -> int:
         v = getattr(s, name)
         if math.isnan(v) or not -MAX_OPENAI_PENALTY <= v <= MAX_OPENAI_PENALTY:
             raise InvalidRequest(name, f"is {v}; allowed [-{MAX_OPENAI_PENALTY:g}, {MAX_OPENAI_PENALTY:g}] (0 = off)")
+    if not 0 <= req.state_every <= limits.max_new_tokens:
+        raise InvalidRequest("state_every", f"is {req.state_every}; allowed 0..{limits.max_new_tokens} (0 = off)")
     if not 0 <= req.top_logprobs <= limits.max_top_logprobs:
         raise InvalidRequest("top_logprobs", f"is {req.top_logprobs}; allowed 0..{limits.max_top_logprobs}")
     if req.top_logprobs and not req.logprobs:
@@ -116,7 +121,10 @@ def validate(req: GenerationRequest, limits: Limits) -> int:
 
 
 def encode_prompt(req: GenerationRequest, vocab: Vocab) -> list[int]:
-    """Prompt -> ids with the request's unknown-symbol policy; an empty result is an error."""
+    """Prompt -> ids with the request's unknown-symbol policy; an empty result is an error
+    (unless the request continues from a state: an empty prompt is then a pure continuation)."""
+    if not req.prompt:
+        return []
     if vocab.level == "word" and vocab.unk_id is not None:
         policy = "unk"
     else:
@@ -127,6 +135,6 @@ def encode_prompt(req: GenerationRequest, vocab: Vocab) -> list[int]:
         kind = "characters" if vocab.level == "char" else "words"
         raise InvalidRequest("prompt", f"{e}; the model's vocabulary has {len(vocab)} {kind}; "
                                        "skip_unknown drops them (--skip-unknown on the command line)") from e
-    if not ids:
+    if not ids and not req.state:
         raise InvalidRequest("prompt", "encodes to no tokens (every symbol was unknown and skipped)")
     return ids

@@ -23,6 +23,14 @@ class TokenHistory:
         self._slot = {int(t): i for i, t in enumerate(ids)}
         self._n = len(ids)
 
+    @classmethod
+    def restore(cls, ids: tuple[int, ...], counts: tuple[float, ...], prompt_ids: list[int]) -> "TokenHistory":
+        """A continued state's history, then a new prompt's tokens (count 0 when not seen yet)."""
+        h = cls(list(ids) + list(prompt_ids))
+        for t, n in zip(ids, counts):
+            h._counts[h._slot[t]] = n
+        return h
+
     def add(self, token: int) -> None:
         slot = self._slot.get(token)
         if slot is None:

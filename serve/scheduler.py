@@ -21,12 +21,14 @@ from typing import Callable, NamedTuple, Protocol
 
 import numpy as np
 
-from lstmgen.serve.batch import Batch, Sequence
+from lstmgen.serve.batch import Batch, Sequence, host
 from lstmgen.serve.engine import Engine
 from lstmgen.serve.errors import GenerationError, Overloaded, StepFailed, Unavailable
 from lstmgen.serve.params import GenerationRequest, Limits, encode_prompt, validate
 from lstmgen.serve.penalties import TokenHistory
+from lstmgen.serve.prefix_cache import PrefixCache
 from lstmgen.serve.sampling import choose, token_logprobs, warm_up
+from lstmgen.serve.state_blob import GenerationState, StateCodec, rng_at, rng_position
 from lstmgen.serve.stopping import FinishReason, StopChecker
 
 log = logging.getLogger("lstmgen.scheduler")
@@ -36,6 +38,11 @@ log = logging.getLogger("lstmgen.scheduler")
 class SchedulerConfig:
     prefill_chunk: int = 512  # prompt tokens per row per priming call (bounds others' stall)
     max_prefill_rows: int = 64  # prompts primed together in one call
+    state_key: bytes | None = None  # sign and check state blobs (--state-key); None: check only
+    # States after prompt prefixes, kept at every `prefix_cache_every` tokens (serve/prefix_cache.py):
+    # prompts are then primed in chunks ending there. 0 MiB: off.
+    prefix_cache_mb: float = 64.0
+    prefix_cache_every: int = 64
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,7 @@ class Finished:
     generated_tokens: int
     seed: int
     stop_sequence: str = ""
+    held_text: str = ""  # with return_state at LENGTH: text kept in the state, not sent
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,7 @@ class Chunk:
     token_count: int
     finished: Finished | None = None
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when the request asked for them
+    state: GenerationState | None = None  # the state right after this chunk's last token
 
 
 class Output(NamedTuple):
@@ -74,6 +83,7 @@ class Output(NamedTuple):
     finished: Finished | None = None
     error: GenerationError | None = None
     logprob: TokenLogprob | None = None
+    state: GenerationState | None = None
 
 
 @dataclass(frozen=True)
@@ -123,7 +133,11 @@ class Stream:
 
     With `whole`, the reader gets one chunk with everything, once the stream has ended: offline
     sampling reads no text token by token, and at batch 256 a wake-up per token per row would
-    take the cores ONNX Runtime needs."""
+    take the cores ONNX Runtime needs.
+
+    A state pushed with the output (state_every) cuts the pile there: the reader's chunk ends at
+    the newest state and carries it, and what came after waits for the next read. So a chunk with
+    a state holds exactly the text up to that state, which is what a resuming client needs."""
 
     def __init__(self, seq: Sequence | None = None, on_close: Callable[[], None] | None = None,
                  whole: bool = False):
@@ -136,12 +150,13 @@ class Stream:
         self._logprobs: list[TokenLogprob] = []
         self._finished: Finished | None = None
         self._error: GenerationError | None = None
+        self._cut: tuple[int, int, int, GenerationState] | None = None  # (texts, tokens, logprobs, state)
         self._reader_waiting = False  # the reader awaits _ready; the next push must wake it
         self._ready = asyncio.Event()  # event-loop side only
         self.done = False
 
     def push(self, text: str, tokens: int, finished: Finished | None, error: GenerationError | None,
-             logprob: TokenLogprob | None = None) -> bool:
+             logprob: TokenLogprob | None = None, state: GenerationState | None = None) -> bool:
         """Worker thread: add output. True when the reader is waiting and must be woken."""
         with self._lock:
             if text:
@@ -149,6 +164,8 @@ class Stream:
             if logprob is not None:
                 self._logprobs.append(logprob)
             self._tokens += tokens
+            if state is not None:
+                self._cut = (len(self._text), self._tokens, len(self._logprobs), state)
             self._finished = finished or self._finished
             self._error = error or self._error
             if self.whole and not (self._finished or self._error):
@@ -164,13 +181,27 @@ class Stream:
                 if not (self._tokens or self._text or self._finished) or (self.whole and not self._finished):
                     self._reader_waiting = True
                     return None
-                chunk = Chunk("".join(self._text), self._tokens, self._finished, tuple(self._logprobs))
-                self._text, self._tokens, self._logprobs = [], 0, []
+                chunk = self._chunk()
         if error is not None:
             self.done = True
             self.close()  # the error is the reader's last message
             raise error
         self.done = chunk.finished is not None
+        return chunk
+
+    def _chunk(self) -> Chunk:
+        """Under _lock: everything piled up, or up to the newest state (see the class docstring)."""
+        cut, self._cut = self._cut, None
+        if self._finished is not None or cut is None:
+            at_end = cut is not None and cut[:3] == (len(self._text), self._tokens, len(self._logprobs))
+            chunk = Chunk("".join(self._text), self._tokens, self._finished, tuple(self._logprobs),
+                          cut[3] if at_end else None)
+            self._text, self._tokens, self._logprobs = [], 0, []
+            return chunk
+        n_text, n_tokens, n_logprobs, state = cut
+        chunk = Chunk("".join(self._text[:n_text]), n_tokens, None, tuple(self._logprobs[:n_logprobs]), state)
+        self._text, self._logprobs = self._text[n_text:], self._logprobs[n_logprobs:]
+        self._tokens -= n_tokens
         return chunk
 
     async def next(self) -> Chunk | None:
@@ -218,6 +249,13 @@ class Scheduler:
         self.on_fatal = on_fatal  # called on the event loop if the worker thread cannot go on
         self.vocab = engine.manifest.vocab
         self._pieces = [self.vocab.piece(i) for i in range(len(self.vocab))]  # token id -> text
+        m = engine.manifest
+        self.codec = StateCodec(m.model_sha256, m.inputs[1:], (m.num_layers, m.hidden_size), m.vocab_size,
+                                cfg.state_key)
+        # owned by the worker thread (stats() excepted)
+        self.prefix_cache = (PrefixCache(int(cfg.prefix_cache_mb * 2**20), cfg.prefix_cache_every,
+                                         f"{m.model_sha256}/{m.prompt_model_sha256}".encode())
+                             if cfg.prefix_cache_mb > 0 else None)
         warm_up()  # the sampler's kernels compile (or load) now, not on the first request
         self._loop: asyncio.AbstractEventLoop | None = None
         self._cv = threading.Condition()
@@ -295,13 +333,35 @@ class Scheduler:
         """Validate and enqueue; raises InvalidRequest, Overloaded or Unavailable at once. With
         `whole`, the stream yields one chunk holding everything once generation ends (Stream)."""
         max_new = validate(req, self.limits)
+        state = self.codec.decode(req.state) if req.state else None
         prompt_ids = encode_prompt(req, self.vocab)
-        if not req.seed_given:  # < 2^53: a client reading it as a double (JavaScript) can replay it
-            req = replace(req, sampling=replace(req.sampling, seed=secrets.randbits(53)))
+        if state is not None and (not req.seed_given or req.sampling.seed == state.seed):
+            rng = rng_at(state.rng)  # the state's generator goes on where it stopped
+            req = replace(req, sampling=replace(req.sampling, seed=state.seed))
+        else:
+            if not req.seed_given:  # < 2^53: a client reading it as a double (JavaScript) can replay it
+                req = replace(req, sampling=replace(req.sampling, seed=secrets.randbits(53)))
+            rng = np.random.Generator(np.random.PCG64(req.sampling.seed))
+        # Held-back text goes on only in a pure continuation; after new prompt text it belonged to the
+        # previous turn, which reported it (Finished.held_text).
+        pending = state.pending if state is not None and not prompt_ids else ""
+        stopper = StopChecker(max_new, req.stop, self.vocab.eot_id, pending, hold_at_length=req.return_state)
+        history = None
+        if state is not None and state.history is not None:
+            history = TokenHistory.restore(*state.history, prompt_ids)
+        elif req.sampling.has_penalties:
+            history = TokenHistory(prompt_ids)
+            if state is not None:
+                history.add(state.token)  # generated before the state was taken
         stream = Stream(on_close=self._stream_closed, whole=whole)
-        seq = Sequence(req, prompt_ids, np.random.Generator(np.random.PCG64(req.sampling.seed)),
-                       StopChecker(max_new, req.stop, self.vocab.eot_id), stream,
-                       history=TokenHistory(prompt_ids) if req.sampling.has_penalties else None)
+        seq = Sequence(req, prompt_ids, rng, stopper, stream, history=history,
+                       want_state=req.return_state or req.state_every > 0)
+        if state is not None:
+            h, c = state.tensors
+            if prompt_ids:  # read the state's last token, then the new text, from the state
+                seq.prompt_ids, seq.carried, seq.partial = [state.token, *prompt_ids], 1, (h, c)
+            else:
+                seq.rejoin = (state.token, (h, c))
         stream.seq = seq
         with self._cv:
             if not self._accepting:
@@ -341,9 +401,18 @@ class Scheduler:
         if self._batch is None:
             self._last_step_end = None  # an idle spell is not an inter-token gap
         room = self.limits.max_concurrent_streams - len(self._priming) - (len(self._batch) if self._batch else 0)
+        rejoining = []
         while room > 0 and self._waiting:
-            self._priming.append(self._waiting.popleft())
+            seq = self._waiting.popleft()
+            if seq.rejoin is not None:
+                rejoining.append(seq)
+            else:
+                if self.prefix_cache is not None and not seq.carried:
+                    seq.primed, seq.partial = self.prefix_cache.lookup(seq.prompt_ids)
+                self._priming.append(seq)
             room -= 1
+        if rejoining:
+            self._isolated(rejoining, "state restore", lambda: self._rejoin(rejoining))
         if self._priming:  # first tokens go out now, not after the step below
             rows = self._priming[: self.cfg.max_prefill_rows]
             self._isolated(rows, "prompt step", lambda: self._prime_chunk(rows))
@@ -401,10 +470,21 @@ class Scheduler:
         if n_gone:
             self._release(n_gone)
 
+    def _rejoin(self, rows: list[Sequence]) -> list:
+        """Pure continuations join the decode batch with their state's token and (h, c): their next
+        token comes from the same step call it would have come from had the stream never left."""
+        tokens = np.array([s.rejoin[0] for s in rows], dtype=np.int64)  # [R]
+        h = np.stack([s.rejoin[1][0] for s in rows], axis=1)  # [L, R, H]
+        c = np.stack([s.rejoin[1][1] for s in rows], axis=1)
+        for s in rows:
+            s.rejoin = None
+        self._batch = Batch.concatenate([self._batch, Batch.create(rows, tokens, h, c)])
+        return []
+
     def _prime_chunk(self, rows: list[Sequence]) -> list:
         """One prompt-graph call advancing `rows` (up to max_prefill_rows prompts) by a chunk each."""
-        t = min(self.cfg.prefill_chunk, max(s.prompt_left for s in rows))
-        lengths = np.array([min(t, s.prompt_left) for s in rows], dtype=np.int64)  # [R]
+        lengths = np.array([self._chunk_len(s) for s in rows], dtype=np.int64)  # [R]
+        t = int(lengths.max())
         tokens = np.zeros((len(rows), t), dtype=np.int64)  # [R, T] right-padded
         h, c = self.engine.zeros(len(rows))  # [L, R, H]
         for i, s in enumerate(rows):
@@ -421,8 +501,11 @@ class Scheduler:
         self.observer.on_prime(len(rows), n_tokens, time.perf_counter() - t0)
         self._prompt_tokens += n_tokens
         done: list[int] = []
+        cache = self.prefix_cache
         for i, s in enumerate(rows):
             s.primed += int(lengths[i])
+            if cache is not None and not s.carried and s.primed % cache.every == 0 and s.prompt_left:
+                cache.store(s.prompt_ids, s.primed, (h[:, i], c[:, i]))
             if s.prompt_left:
                 s.partial = (h[:, i].copy(), c[:, i].copy())
             else:
@@ -437,6 +520,16 @@ class Scheduler:
         out, new = self._sample_and_advance(new, logits[idx])
         self._batch = Batch.concatenate([self._batch, new])
         return out
+
+    def _chunk_len(self, s: Sequence) -> int:
+        """Prompt tokens row `s` reads in the next priming call: a chunk, cut at the next prefix-cache
+        checkpoint so that the state there can be kept."""
+        n = min(self.cfg.prefill_chunk, s.prompt_left)
+        if self.prefix_cache is not None and not s.carried:
+            nxt = self.prefix_cache.boundaries(s.primed, len(s.prompt_ids))
+            if nxt:
+                n = min(n, nxt[0] - s.primed)
+        return n
 
     def _decode_step(self) -> list:
         batch = self._batch
@@ -468,6 +561,7 @@ class Scheduler:
         logprobs = self._logprobs(batch, lp_rows, raw, next_tokens)
         out, keep, failed = [], [], []
         pieces = self._pieces
+        states = None  # (h, c) on the host, [L, B, H] each, once a row needs its state
         # Python lists: indexing numpy arrays one element at a time costs more than the loop body.
         for i, (s, ok, tok) in enumerate(zip(batch.seqs, finite.tolist(), next_tokens.tolist())):
             if not ok:
@@ -476,13 +570,18 @@ class Scheduler:
             if s.history is not None:
                 s.history.add(tok)
             text, reason = s.stopper.add(tok, pieces[tok])
-            fin = None
+            fin = state = None
             if reason is not None:
-                fin = Finished(reason, len(s.prompt_ids), s.stopper.generated, s.request.sampling.seed,
-                               s.stopper.matched)
+                held = s.stopper.pending if s.request.return_state and reason is FinishReason.LENGTH else ""
+                fin = Finished(reason, s.prompt_tokens, s.stopper.generated, s.request.sampling.seed,
+                               s.stopper.matched, held)
             else:
                 keep.append(i)
-            out.append(Output(s.sink, text, 1, fin, None, logprobs.get(i)))
+            if s.want_state and (s.request.return_state if fin else
+                                 s.request.state_every and s.stopper.generated % s.request.state_every == 0):
+                states = states or (host(batch.h), host(batch.c))
+                state = self._snapshot(s, tok, states[0][:, i], states[1][:, i], fin)
+            out.append(Output(s.sink, text, 1, fin, None, logprobs.get(i), state))
         self._tokens_generated += len(batch)
         n_done = len(batch) - len(keep) - len(failed)
         if n_done:
@@ -491,6 +590,15 @@ class Scheduler:
             log.error("non-finite logits for %d request(s) request_ids=%s; ending them", len(failed), _ids(failed))
             out += self._fail(failed, StepFailed("the model produced non-finite logits; generation stopped"))
         return out, replace(batch, tokens=next_tokens).filter(keep)
+
+    @staticmethod
+    def _snapshot(s: Sequence, token: int, h: np.ndarray, c: np.ndarray, fin: Finished | None) -> GenerationState:
+        """Row `s`'s state after sampling `token`: h, c [L, H] (copied out of the batch)."""
+        hist = s.history
+        return GenerationState(
+            (h.copy(), c.copy()), token, s.request.sampling.seed, rng_position(s.rng),
+            s.stopper.pending if fin is None or fin.held_text else "",  # after a stop: nothing held
+            (tuple(hist.ids.tolist()), tuple(hist.counts.tolist())) if hist is not None else None)
 
     def _logprobs(self, batch: Batch, rows: list[int], raw: np.ndarray | None,
                   tokens: np.ndarray) -> dict[int, TokenLogprob]:
@@ -530,7 +638,7 @@ class Scheduler:
 
     def _deliver(self, out: list) -> None:
         """Hand output to the streams; one loop wake-up per step, and none when no reader waits."""
-        woken = [o.sink for o in out if o.sink.push(o.text, o.tokens, o.finished, o.error, o.logprob)]
+        woken = [o.sink for o in out if o.sink.push(o.text, o.tokens, o.finished, o.error, o.logprob, o.state)]
         if woken and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(_wake_all, woken)
 

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import signal
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -21,6 +21,7 @@ from lstmgen.serve.params import Limits
 from lstmgen.serve.reflection import enable_reflection
 from lstmgen.serve.scheduler import Scheduler, SchedulerConfig
 from lstmgen.serve.service import GeneratorService, ServiceConfig
+from lstmgen.serve.state_blob import read_state_key
 from lstmgen_client.v1 import generator_pb2 as pb
 
 log = logging.getLogger("lstmgen.server")
@@ -46,6 +47,7 @@ class ServerConfig:
     tls_cert: str | None = None  # PEM certificate chain; with tls_key, the port speaks TLS only
     tls_key: str | None = None  # PEM private key
     auth_token_file: str | None = None  # calls need `authorization: Bearer <token>` (health stays open)
+    state_key_file: str | None = None  # replicas' shared secret: state blobs are signed and checked
     metrics_port: int | None = None  # Prometheus /metrics over HTTP; None: off, 0: any free port
     metrics_host: str | None = None  # None: the same address as the gRPC port
     http_port: int | None = None  # OpenAI-compatible HTTP API + playground (serve/http_api.py); None: off
@@ -71,6 +73,9 @@ class Server:
                 raise UsageError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
             self._tls = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
         token = read_token(cfg.auth_token_file) if cfg.auth_token_file else None
+        sched_cfg = cfg.scheduler
+        if cfg.state_key_file:
+            sched_cfg = replace(sched_cfg, state_key=read_state_key(cfg.state_key_file))
         self.engine = Engine(cfg.bundle, cfg.engine)  # raises BundleError naming the file
         engine = self.engine
         if cfg.inject_step_failure_every or cfg.inject_worker_crash_at_step:
@@ -79,7 +84,7 @@ class Server:
                         cfg.inject_step_failure_every, cfg.inject_worker_crash_at_step)
             engine = FaultyEngine(self.engine, cfg.inject_step_failure_every, cfg.inject_worker_crash_at_step)
         self.metrics = Metrics()
-        self.scheduler = Scheduler(engine, cfg.limits, cfg.scheduler, observer=self.metrics,
+        self.scheduler = Scheduler(engine, cfg.limits, sched_cfg, observer=self.metrics,
                                    on_fatal=self._worker_failed)
         self.failed: BaseException | None = None  # set if the scheduler's worker died
         self.stop_requested = asyncio.Event()  # a signal, or the worker died
@@ -87,8 +92,9 @@ class Server:
         self.health = health.aio.HealthServicer()
         interceptors = [TokenAuth(token, self.metrics.refused)] if token else []
         self.grpc = grpc.aio.server(interceptors=interceptors, options=[
-            # gRPC refuses a bigger request before parsing it: RESOURCE_EXHAUSTED, "larger than max"
-            ("grpc.max_receive_message_length", cfg.limits.max_request_bytes),
+            # gRPC refuses a bigger request before parsing it: RESOURCE_EXHAUSTED, "larger than max".
+            # A state blob rides on top (ModelInfo.limits.max_state_bytes; its decoder checks its size).
+            ("grpc.max_receive_message_length", cfg.limits.max_request_bytes + self.scheduler.codec.max_bytes),
             # gRPC sets SO_REUSEPORT by default: a second server on the same port would then start
             # fine and silently take half the new connections. Off, its bind fails at start.
             ("grpc.so_reuseport", 0),
@@ -126,9 +132,10 @@ class Server:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         m = self.engine.manifest
-        log.info("serving %s (%s-level, %d x %d, vocab %d) on %s:%d with %s%s%s", self.cfg.bundle, m.level,
+        log.info("serving %s (%s-level, %d x %d, vocab %d) on %s:%d with %s%s%s%s", self.cfg.bundle, m.level,
                  m.num_layers, m.hidden_size, m.vocab_size, self.cfg.host, self.port, self.engine.provider,
-                 ", TLS" if self._tls else "", ", token auth" if self.cfg.auth_token_file else "")
+                 ", TLS" if self._tls else "", ", token auth" if self.cfg.auth_token_file else "",
+                 ", signed states" if self.cfg.state_key_file else "")
         return self.port
 
     def _bind(self, address: str) -> int:

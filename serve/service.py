@@ -18,10 +18,11 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from lstmgen.serve.errors import (GenerationError, InvalidRequest, Overloaded, StepFailed, Unauthenticated,
-                                  Unavailable)
+                                  Unavailable, WrongModel)
 from lstmgen.serve.metrics import Metrics
 from lstmgen.serve.params import MIN_TEMPERATURE, GenerationRequest, SamplingParams
 from lstmgen.serve.scheduler import Chunk, Scheduler
+from lstmgen.serve.state_blob import StateCodec
 from lstmgen.serve.stopping import FinishReason
 from lstmgen_client.v1 import generator_pb2 as pb
 from lstmgen_client.v1 import generator_pb2_grpc as pb_grpc
@@ -34,10 +35,12 @@ _STATUS = {
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     StepFailed: grpc.StatusCode.INTERNAL,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    WrongModel: grpc.StatusCode.FAILED_PRECONDITION,
 }
 # Why a call was refused before it generated anything (lstmgen_rejections_total{reason}).
 _REJECTION = {
     InvalidRequest: "invalid_argument",
+    WrongModel: "invalid_argument",
     Overloaded: "overloaded",
     Unavailable: "shutting_down",
     Unauthenticated: "unauthenticated",
@@ -124,16 +127,19 @@ def request_from_pb(msg: pb.GenerateRequest, request_id: str = "") -> Generation
     return GenerationRequest(prompt=msg.prompt, max_new_tokens=opt("max_new_tokens", None),
                              sampling=sampling, seed_given=msg.HasField("seed"),
                              stop=tuple(msg.stop), skip_unknown=msg.skip_unknown, request_id=request_id,
-                             logprobs=msg.logprobs, top_logprobs=msg.top_logprobs)
+                             logprobs=msg.logprobs, top_logprobs=msg.top_logprobs, state=msg.state,
+                             return_state=msg.return_state, state_every=msg.state_every)
 
 
-def chunk_to_pb(chunk: Chunk) -> pb.GenerateResponse:
+def chunk_to_pb(chunk: Chunk, codec: StateCodec) -> pb.GenerateResponse:
     resp = pb.GenerateResponse(text=chunk.text, token_count=chunk.token_count)
     f = chunk.finished
     if f is not None:
         resp.finished.CopyFrom(pb.Finished(reason=_REASON[f.reason], prompt_tokens=f.prompt_tokens,
                                            generated_tokens=f.generated_tokens, seed=f.seed,
-                                           stop_sequence=f.stop_sequence))
+                                           stop_sequence=f.stop_sequence, held_text=f.held_text))
+    if chunk.state is not None:
+        resp.state = codec.encode(chunk.state)
     for lp in chunk.logprobs:
         resp.logprobs.append(pb.TokenLogprob(
             token_id=lp.token_id, text=lp.text, logprob=lp.logprob,
@@ -191,7 +197,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                 if tokens == 0 and chunk.token_count:
                     self.metrics.ttft.observe(time.perf_counter() - t0)
                 tokens += chunk.token_count
-                await context.write(chunk_to_pb(chunk))
+                await context.write(chunk_to_pb(chunk, self.scheduler.codec))
                 if chunk.finished is None:
                     await self._pace()
             status = "OK"
@@ -243,6 +249,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             embedding_size=m.embedding_size, quantization=m.quantization,
             execution_provider=s.engine.provider, model_sha256=m.model_sha256,
             has_prompt_graph=s.engine.prompt_session is not None,
+            state_bytes=s.codec.state_bytes, state_signed=s.codec.key is not None,
             provenance_json=json.dumps(m.provenance, sort_keys=True),
             vocabulary=list(m.vocab.tokens) if request.include_vocabulary else [],
             limits=pb.Limits(
@@ -251,4 +258,5 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                 max_stop_sequence_chars=lim.max_stop_sequence_chars,
                 max_concurrent_streams=lim.max_concurrent_streams,
                 max_queued_streams=lim.max_queued_streams, max_request_bytes=lim.max_request_bytes,
-                max_top_logprobs=lim.max_top_logprobs, min_temperature=MIN_TEMPERATURE))
+                max_top_logprobs=lim.max_top_logprobs, min_temperature=MIN_TEMPERATURE,
+                max_state_bytes=s.codec.max_bytes))

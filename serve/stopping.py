@@ -16,14 +16,25 @@ class FinishReason(enum.Enum):
 
 
 class StopChecker:
-    def __init__(self, max_new_tokens: int, stop: tuple[str, ...] = (), eot_id: int | None = None):
+    """`pending`: text an earlier generation held back (a continued state's), matched and released
+    as if generated first. `hold_at_length`: at max_new_tokens keep the held-back tail (`pending`)
+    instead of releasing it, because the state carries it on to a continuation."""
+
+    def __init__(self, max_new_tokens: int, stop: tuple[str, ...] = (), eot_id: int | None = None,
+                 pending: str = "", hold_at_length: bool = False):
         self.max_new_tokens = max_new_tokens
         self.stop = tuple(s for s in stop if s)
         self.eot_id = eot_id
+        self.hold_at_length = hold_at_length
         self.generated = 0
         self.matched: str = ""  # the stop sequence that ended generation
-        self._text = ""  # all generated text (needed only with stop sequences)
+        self._text = pending  # all generated text (needed only with stop sequences)
         self._sent = 0  # chars of _text already released
+
+    @property
+    def pending(self) -> str:
+        """Generated text not released yet (the tail that may begin a stop sequence)."""
+        return self._text[self._sent:]
 
     def add(self, token_id: int, piece: str) -> tuple[str, FinishReason | None]:
         self.generated += 1
@@ -31,6 +42,8 @@ class StopChecker:
             return self._flush(), FinishReason.END_OF_TEXT
         if not self.stop:  # fast path: release every piece at once
             done = self.generated >= self.max_new_tokens
+            if self._text:  # a continued state's held-back text goes out first
+                piece, self._text = self._text + piece, ""
             return piece, FinishReason.LENGTH if done else None
         self._text += piece
         hit = self._find_stop(len(piece))
@@ -38,11 +51,14 @@ class StopChecker:
             idx, seq = hit
             out, self._sent, self.matched = self._text[self._sent:idx], idx, seq
             return out, FinishReason.STOP_SEQUENCE
-        if self.generated >= self.max_new_tokens:
-            return self._flush(), FinishReason.LENGTH
         safe = len(self._text) - self._held_back()
-        out, self._sent = self._text[self._sent:safe], max(self._sent, safe)
-        return out, None
+        if self.generated >= self.max_new_tokens:
+            return (self._release(safe) if self.hold_at_length else self._flush()), FinishReason.LENGTH
+        return self._release(safe), None
+
+    def _release(self, upto: int) -> str:
+        out, self._sent = self._text[self._sent:upto], max(self._sent, upto)
+        return out
 
     def _flush(self) -> str:
         out, self._sent = self._text[self._sent:], len(self._text)

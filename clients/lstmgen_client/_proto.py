@@ -21,12 +21,14 @@ def build_request(prompt: str, *, max_new_tokens: int | None = None, temperature
                   repetition_penalty: float | None = None, frequency_penalty: float = 0.0,
                   presence_penalty: float = 0.0, seed: int | None = None, greedy: bool = False,
                   stop: Iterable[str] = (), skip_unknown: bool = False, logprobs: bool = False,
-                  top_logprobs: int = 0) -> pb.GenerateRequest:
+                  top_logprobs: int = 0, state: bytes | None = None, return_state: bool = False,
+                  state_every: int = 0) -> pb.GenerateRequest:
     """The request message; unset optional fields take the server's defaults (see the .proto)."""
     req = pb.GenerateRequest(prompt=prompt, top_k=top_k, greedy=greedy, stop=list(stop),
                              skip_unknown=skip_unknown, frequency_penalty=frequency_penalty,
                              presence_penalty=presence_penalty, logprobs=logprobs or top_logprobs > 0,
-                             top_logprobs=top_logprobs)
+                             top_logprobs=top_logprobs, state=state or b"", return_state=return_state,
+                             state_every=state_every)
     for name, value in (("max_new_tokens", max_new_tokens), ("temperature", temperature), ("top_p", top_p),
                         ("min_p", min_p), ("repetition_penalty", repetition_penalty), ("seed", seed)):
         if value is not None:
@@ -39,11 +41,11 @@ def parse_chunk(msg: pb.GenerateResponse) -> StreamChunk:
     if msg.HasField("finished"):
         f = msg.finished
         finished = Finished(_REASONS.get(f.reason, "unspecified"), f.prompt_tokens, f.generated_tokens,
-                            f.seed, f.stop_sequence)
+                            f.seed, f.stop_sequence, f.held_text)
     logprobs = tuple(TokenLogprob(lp.token_id, lp.text, lp.logprob,
                                   tuple(TopLogprob(t.token_id, t.text, t.logprob) for t in lp.top))
                      for lp in msg.logprobs)
-    return StreamChunk(msg.text, msg.token_count, finished, logprobs)
+    return StreamChunk(msg.text, msg.token_count, finished, logprobs, msg.state or None)
 
 
 class Collector:
@@ -53,18 +55,23 @@ class Collector:
         self.parts: list[str] = []
         self.logprobs: list[TokenLogprob] = []
         self.finished: Finished | None = None
+        self.state: bytes | None = None
         self.messages = 0
+        self.resumes = 0
 
     def add(self, chunk: StreamChunk) -> None:
         self.parts.append(chunk.text)
         self.logprobs.extend(chunk.logprobs)
         self.messages += 1
         self.finished = chunk.finished or self.finished
+        if chunk.finished is not None:
+            self.state = chunk.state  # the final state, or None without return_state
 
     def result(self) -> GenerateResult:
         if self.finished is None:
             raise RuntimeError("stream ended without a final message")
-        return GenerateResult("".join(self.parts), self.finished, self.messages, tuple(self.logprobs))
+        return GenerateResult("".join(self.parts), self.finished, self.messages, tuple(self.logprobs),
+                              self.state, self.resumes)
 
 
 def parse_model_info(msg: pb.ModelInfo) -> ModelInfo:
@@ -76,14 +83,14 @@ def parse_model_info(msg: pb.ModelInfo) -> ModelInfo:
         has_prompt_graph=msg.has_prompt_graph,
         limits=Limits(lim.max_prompt_chars, lim.max_new_tokens, lim.default_new_tokens, lim.max_stop_sequences,
                       lim.max_stop_sequence_chars, lim.max_concurrent_streams, lim.max_queued_streams,
-                      lim.max_request_bytes, lim.max_top_logprobs, lim.min_temperature),
+                      lim.max_request_bytes, lim.max_top_logprobs, lim.min_temperature, lim.max_state_bytes),
         provenance=json.loads(msg.provenance_json) if msg.provenance_json else {},
-        vocabulary=tuple(msg.vocabulary))
+        vocabulary=tuple(msg.vocabulary), state_bytes=msg.state_bytes, state_signed=msg.state_signed)
 
 
 # Integer request fields and the range their protobuf type carries; the server checks its own limits.
 _WIRE_INTS = {"max_new_tokens": (-2**31, 2**31 - 1), "top_k": (-2**31, 2**31 - 1), "seed": (0, 2**64 - 1),
-              "top_logprobs": (0, 2**32 - 1)}
+              "top_logprobs": (0, 2**32 - 1), "state_every": (0, 2**32 - 1)}
 
 
 def _invalid(message: str) -> InvalidArgumentError:
@@ -94,8 +101,11 @@ def check_params(prompt: str, params: dict) -> dict:
     """What a request cannot be sent as, raised as InvalidArgumentError before any call is made
     (protobuf would raise a bare ValueError or TypeError); returns params for build_request with a
     single stop string (`stop="\\n\\n"`) taken as one sequence, not as its characters."""
-    if not isinstance(prompt, str) or not prompt:
-        raise _invalid(f"prompt: must be a non-empty string, got {prompt!r:.40}")
+    state = params.get("state")
+    if state is not None and not isinstance(state, (bytes, bytearray)):
+        raise _invalid(f"state: must be the bytes a server returned (result.state), got {type(state).__name__}")
+    if not isinstance(prompt, str) or not (prompt or state):
+        raise _invalid(f"prompt: must be a non-empty string (or empty with a state), got {prompt!r:.40}")
     for name, (lo, hi) in _WIRE_INTS.items():
         v = params.get(name)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi):

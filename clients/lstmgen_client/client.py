@@ -14,22 +14,78 @@ deadline is a number of seconds > 0, or None for none; 0 or less raises InvalidA
 Arguments a request cannot carry (an empty prompt, a seed outside 0..2^64-1, an integer field
 outside its protobuf type) raise InvalidArgumentError when generate / generate_stream is called,
 before any call is made; everything else is checked by the server, against its own limits.
+
+Replicas: `target` may be a list of addresses ("host:port"); calls are then spread over them by
+gRPC's own `round_robin` policy (hostnames are resolved once, here). A single `dns:///name:port`
+target with `load_balancing="round_robin"` spreads over every address the name resolves to (a
+Kubernetes headless Service). State: `return_state=True` puts the model's state on the result
+(`result.state`), `state=` continues from one, on any replica serving the same model.
+`generate_stream(..., resume=True)` survives its replica's death (lstmgen_client.resume).
 """
 from __future__ import annotations
 
-from typing import AsyncIterator, Iterator
+import asyncio
+import socket
+import time
+from typing import AsyncIterator, Iterator, Sequence
 
 import grpc
 
 from lstmgen_client._proto import (Collector, build_request, check_params, check_timeout, parse_chunk,
                                   parse_model_info)
-from lstmgen_client.errors import from_rpc_error
+from lstmgen_client.errors import LstmgenError, from_rpc_error
+from lstmgen_client.resume import DEFAULT_STATE_EVERY, Resumer, new_seed, resumable
 from lstmgen_client.types import GenerateResult, ModelInfo, StreamChunk
 from lstmgen_client.v1 import generator_pb2 as pb
 from lstmgen_client.v1 import generator_pb2_grpc as pb_grpc
 
 _OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
 _UNSET = object()  # a stream's deadline when none is passed: the client's stream_timeout
+
+
+def _channel_target(target: str | Sequence[str], load_balancing: str | None) -> tuple[str, list]:
+    """gRPC target and channel options for one address or a list of replicas."""
+    options = [("grpc.lb_policy_name", load_balancing)] if load_balancing else []
+    if isinstance(target, str):
+        return target, options
+    addrs = list(target)
+    if not addrs or not all(isinstance(a, str) and a.rpartition(":")[2].isdigit() for a in addrs):
+        raise _invalid_target(addrs)
+    resolved = []
+    for addr in addrs:
+        host, _, port = addr.rpartition(":")
+        try:
+            info = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+        except socket.gaierror as e:
+            raise LstmgenError(f"cannot resolve {addr}: {e}") from None
+        family, *_, sockaddr = info[0]
+        resolved.append((family, sockaddr[0], port))
+    families = {f for f, _, _ in resolved}
+    if len(families) != 1:
+        raise LstmgenError(f"addresses {addrs} mix IPv4 and IPv6; give one family")
+    if families == {socket.AF_INET6}:
+        joined = "ipv6:" + ",".join(f"[{ip}]:{port}" for _, ip, port in resolved)
+    else:
+        joined = "ipv4:" + ",".join(f"{ip}:{port}" for _, ip, port in resolved)
+    hosts = {a.rpartition(":")[0] for a in addrs}
+    if len(hosts) == 1:  # TLS checks the certificate against the name given, not the IP
+        options.append(("grpc.ssl_target_name_override", hosts.pop().strip("[]")))
+    return joined, [("grpc.lb_policy_name", load_balancing or "round_robin")] + options[1 if load_balancing else 0:]
+
+
+def _invalid_target(addrs) -> LstmgenError:
+    from lstmgen_client.errors import InvalidArgumentError
+    return InvalidArgumentError(f"INVALID_ARGUMENT: target: expected \"host:port\" or a non-empty list of them, "
+                                f"got {addrs!r:.80}")
+
+
+def _left(end: float | None) -> float | None:
+    """What is left of a whole stream's deadline for its next attempt."""
+    return None if end is None else max(0.001, end - time.monotonic())
+
+
+def _backoff(attempt: int) -> float:
+    return min(2.0, 0.05 * 2 ** (attempt - 1))
 
 
 def _credentials(tls: bool, root_certificates: bytes | None) -> grpc.ChannelCredentials | None:
@@ -53,26 +109,78 @@ def _prepare(prompt: str, params: dict, timeout, stream_timeout: float | None) \
     return build_request(prompt, **check_params(prompt, params)), deadline
 
 
+def _resumable_params(params: dict, default_new_tokens) -> dict:
+    """A resumable stream needs to know its seed and length (to continue or redo it exactly) and
+    asks for states along the way."""
+    p = dict(params)
+    if p.get("seed") is None:
+        p["seed"] = new_seed()
+    if p.get("max_new_tokens") is None:
+        p["max_new_tokens"] = default_new_tokens()
+    if not p.get("state_every"):
+        p["state_every"] = DEFAULT_STATE_EVERY
+    return p
+
+
 class Client:
     """Blocking client; deadlines as in the module's docstring."""
 
-    def __init__(self, target: str, timeout: float | None = 60.0, channel: grpc.Channel | None = None, *,
-                 tls: bool = False, root_certificates: bytes | None = None, token: str | None = None,
-                 stream_timeout: float | None = _UNSET):
+    def __init__(self, target: str | Sequence[str], timeout: float | None = 60.0, channel: grpc.Channel | None = None,
+                 *, tls: bool = False, root_certificates: bytes | None = None, token: str | None = None,
+                 stream_timeout: float | None = _UNSET, load_balancing: str | None = None):
         self.timeout = check_timeout(timeout)
         self.stream_timeout = self.timeout if stream_timeout is _UNSET else check_timeout(stream_timeout,
                                                                                           "stream_timeout")
         self._token = token
+        self._default_new_tokens: int | None = None
         creds = _credentials(tls, root_certificates)
-        self._channel = channel or (grpc.secure_channel(target, creds, options=_OPTIONS) if creds
-                                    else grpc.insecure_channel(target, options=_OPTIONS))
+        if channel is None:
+            target, options = _channel_target(target, load_balancing)
+            channel = (grpc.secure_channel(target, creds, options=_OPTIONS + options) if creds
+                       else grpc.insecure_channel(target, options=_OPTIONS + options))
+        self._channel = channel
         self._stub = pb_grpc.GeneratorStub(self._channel)
 
     def generate_stream(self, prompt: str, *, timeout: float | None = _UNSET, request_id: str | None = None,
-                        **params) -> Iterator[StreamChunk]:
-        """Chunks as they arrive. Checks the arguments now; the call starts on the first iteration."""
+                        resume: bool = False, max_resumes: int = Resumer.MAX, **params) -> Iterator[StreamChunk]:
+        """Chunks as they arrive. Checks the arguments now; the call starts on the first iteration.
+
+        `resume=True`: if the stream breaks (its server dies, the connection drops), continue from
+        the last state the server sent (every `state_every` tokens, 32 unless given) on whichever
+        replica the channel reaches, up to `max_resumes` times; the chunks the caller gets are
+        exactly those of an unbroken stream. Without a seed one is picked here."""
+        if resume:
+            params = _resumable_params(params, self._default_tokens)
         request, deadline = _prepare(prompt, params, timeout, self.stream_timeout)
-        return self._stream(request, deadline, _metadata(self._token, request_id))
+        md = _metadata(self._token, request_id)
+        if resume:
+            return self._resuming(Resumer(request, request.max_new_tokens, max_resumes), deadline, md)
+        return self._stream(request, deadline, md)
+
+    def _default_tokens(self) -> int:
+        if self._default_new_tokens is None:
+            self._default_new_tokens = self.model_info().limits.default_new_tokens
+        return self._default_new_tokens
+
+    def _resuming(self, r: Resumer, deadline: float | None, metadata) -> Iterator[StreamChunk]:
+        end = None if deadline is None else time.monotonic() + deadline
+        request = r.first
+        while True:
+            call = self._stub.Generate(request, timeout=_left(end), metadata=metadata)
+            try:
+                for msg in call:
+                    chunk = r.filter(parse_chunk(msg))
+                    if chunk is not None:
+                        yield chunk
+                return
+            except grpc.RpcError as e:
+                error = from_rpc_error(e)
+                if not resumable(error) or r.resumes >= r.max_resumes:
+                    raise error from None
+            finally:
+                call.cancel()
+            time.sleep(_backoff(r.resumes + 1))
+            request = r.next_request()
 
     def _stream(self, request: pb.GenerateRequest, deadline: float | None, metadata) -> Iterator[StreamChunk]:
         call = self._stub.Generate(request, timeout=deadline, metadata=metadata)
@@ -86,7 +194,8 @@ class Client:
 
     def generate(self, prompt: str, **params) -> GenerateResult:
         acc = Collector()
-        for chunk in self.generate_stream(prompt, **params):
+        stream = self.generate_stream(prompt, **params)
+        for chunk in stream:
             acc.add(chunk)
         return acc.result()
 
@@ -111,23 +220,59 @@ class Client:
 class AsyncClient:
     """asyncio client with the same methods as `Client`, awaited."""
 
-    def __init__(self, target: str, timeout: float | None = 60.0, channel: grpc.aio.Channel | None = None, *,
-                 tls: bool = False, root_certificates: bytes | None = None, token: str | None = None,
-                 stream_timeout: float | None = _UNSET):
+    def __init__(self, target: str | Sequence[str], timeout: float | None = 60.0,
+                 channel: grpc.aio.Channel | None = None, *, tls: bool = False, root_certificates: bytes | None = None,
+                 token: str | None = None, stream_timeout: float | None = _UNSET, load_balancing: str | None = None):
         self.timeout = check_timeout(timeout)
         self.stream_timeout = self.timeout if stream_timeout is _UNSET else check_timeout(stream_timeout,
                                                                                           "stream_timeout")
         self._token = token
+        self._default_new_tokens: int | None = None
         creds = _credentials(tls, root_certificates)
-        self._channel = channel or (grpc.aio.secure_channel(target, creds, options=_OPTIONS) if creds
-                                    else grpc.aio.insecure_channel(target, options=_OPTIONS))
+        if channel is None:
+            target, options = _channel_target(target, load_balancing)
+            channel = (grpc.aio.secure_channel(target, creds, options=_OPTIONS + options) if creds
+                       else grpc.aio.insecure_channel(target, options=_OPTIONS + options))
+        self._channel = channel
         self._stub = pb_grpc.GeneratorStub(self._channel)
 
     def generate_stream(self, prompt: str, *, timeout: float | None = _UNSET, request_id: str | None = None,
-                        **params) -> AsyncIterator[StreamChunk]:
-        """`async for` the chunks. Checks the arguments now; the call starts on the first iteration."""
+                        resume: bool = False, max_resumes: int = Resumer.MAX, **params) -> AsyncIterator[StreamChunk]:
+        """`async for` the chunks. Checks the arguments now; the call starts on the first iteration.
+        `resume=True` as in Client.generate_stream (without max_new_tokens, the first iteration asks the
+        server for its default)."""
+        md = _metadata(self._token, request_id)
+        if resume:
+            params = _resumable_params(params, lambda: 0)  # 0: filled in by _resuming
+            request, deadline = _prepare(prompt, params, timeout, self.stream_timeout)
+            return self._resuming(request, max_resumes, deadline, md)
         request, deadline = _prepare(prompt, params, timeout, self.stream_timeout)
-        return self._stream(request, deadline, _metadata(self._token, request_id))
+        return self._stream(request, deadline, md)
+
+    async def _resuming(self, request: pb.GenerateRequest, max_resumes: int, deadline: float | None,
+                        metadata) -> AsyncIterator[StreamChunk]:
+        end = None if deadline is None else time.monotonic() + deadline
+        if request.max_new_tokens == 0:
+            if self._default_new_tokens is None:
+                self._default_new_tokens = (await self.model_info()).limits.default_new_tokens
+            request.max_new_tokens = self._default_new_tokens
+        r = Resumer(request, request.max_new_tokens, max_resumes)
+        while True:
+            call = self._stub.Generate(request, timeout=_left(end), metadata=metadata)
+            try:
+                async for msg in call:
+                    chunk = r.filter(parse_chunk(msg))
+                    if chunk is not None:
+                        yield chunk
+                return
+            except grpc.RpcError as e:
+                error = from_rpc_error(e)
+                if not resumable(error) or r.resumes >= r.max_resumes:
+                    raise error from None
+            finally:
+                call.cancel()
+            await asyncio.sleep(_backoff(r.resumes + 1))
+            request = r.next_request()
 
     async def _stream(self, request: pb.GenerateRequest, deadline: float | None,
                       metadata) -> AsyncIterator[StreamChunk]:

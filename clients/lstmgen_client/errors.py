@@ -51,9 +51,15 @@ class InternalError(LstmgenError):
     code = grpc.StatusCode.INTERNAL
 
 
+class FailedPreconditionError(LstmgenError):
+    """The request cannot run on this server as it stands, e.g. a state made by another model."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 _BY_CODE = {cls.code: cls for cls in (InvalidArgumentError, OverloadedError, UnavailableError,
                                       DeadlineExceededError, UnauthenticatedError, CancelledError,
-                                      InternalError)}
+                                      InternalError, FailedPreconditionError)}
 
 
 def from_rpc_error(e: grpc.RpcError) -> LstmgenError:

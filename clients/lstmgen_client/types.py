@@ -11,6 +11,7 @@ class Finished:
     generated_tokens: int
     seed: int
     stop_sequence: str = ""
+    held_text: str = ""  # with return_state, ended by length: text kept in the state, not sent
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class StreamChunk:
     token_count: int
     finished: Finished | None = None  # set on the last chunk only
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token, with logprobs=True
+    state: bytes | None = None  # the model's state after this chunk (return_state, state_every)
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,8 @@ class GenerateResult:
     finished: Finished
     messages: int  # stream messages the text arrived in
     logprobs: tuple[TokenLogprob, ...] = ()  # one per generated token, with logprobs=True
+    state: bytes | None = None  # with return_state: continue from it with generate(..., state=...)
+    resumes: int = 0  # times a resumable stream reconnected (resume=True)
 
     @property
     def finish_reason(self) -> str:
@@ -67,6 +71,7 @@ class Limits:
     max_request_bytes: int = 0  # 0: a server older than this field
     max_top_logprobs: int = 0  # likewise
     min_temperature: float = 0.0  # temperatures below this decode greedily
+    max_state_bytes: int = 0  # largest state a request may carry
 
 
 @dataclass(frozen=True)
@@ -83,3 +88,5 @@ class ModelInfo:
     limits: Limits
     provenance: dict = field(default_factory=dict)
     vocabulary: tuple[str, ...] = ()
+    state_bytes: int = 0  # bytes of one state blob (without penalty history)
+    state_signed: bool = False  # the server signs its states (--state-key)

@@ -19,7 +19,7 @@ FINISH_REASON_STOP_SEQUENCE: FinishReason
 FINISH_REASON_END_OF_TEXT: FinishReason
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "greedy", "stop", "skip_unknown", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "logprobs", "top_logprobs")
+    __slots__ = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "greedy", "stop", "skip_unknown", "state", "return_state", "state_every", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "logprobs", "top_logprobs")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,9 @@ class GenerateRequest(_message.Message):
     GREEDY_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     SKIP_UNKNOWN_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    RETURN_STATE_FIELD_NUMBER: _ClassVar[int]
+    STATE_EVERY_FIELD_NUMBER: _ClassVar[int]
     MIN_P_FIELD_NUMBER: _ClassVar[int]
     REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
     FREQUENCY_PENALTY_FIELD_NUMBER: _ClassVar[int]
@@ -44,27 +47,32 @@ class GenerateRequest(_message.Message):
     greedy: bool
     stop: _containers.RepeatedScalarFieldContainer[str]
     skip_unknown: bool
+    state: bytes
+    return_state: bool
+    state_every: int
     min_p: float
     repetition_penalty: float
     frequency_penalty: float
     presence_penalty: float
     logprobs: bool
     top_logprobs: int
-    def __init__(self, prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., greedy: _Optional[bool] = ..., stop: _Optional[_Iterable[str]] = ..., skip_unknown: _Optional[bool] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
+    def __init__(self, prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., greedy: _Optional[bool] = ..., stop: _Optional[_Iterable[str]] = ..., skip_unknown: _Optional[bool] = ..., state: _Optional[bytes] = ..., return_state: _Optional[bool] = ..., state_every: _Optional[int] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
 
 class Finished(_message.Message):
-    __slots__ = ("reason", "prompt_tokens", "generated_tokens", "seed", "stop_sequence")
+    __slots__ = ("reason", "prompt_tokens", "generated_tokens", "seed", "stop_sequence", "held_text")
     REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     STOP_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    HELD_TEXT_FIELD_NUMBER: _ClassVar[int]
     reason: FinishReason
     prompt_tokens: int
     generated_tokens: int
     seed: int
     stop_sequence: str
-    def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., stop_sequence: _Optional[str] = ...) -> None: ...
+    held_text: str
+    def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., stop_sequence: _Optional[str] = ..., held_text: _Optional[str] = ...) -> None: ...
 
 class TopLogprob(_message.Message):
     __slots__ = ("token_id", "text", "logprob")
@@ -89,16 +97,18 @@ class TokenLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., text: _Optional[str] = ..., logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("text", "token_count", "finished", "logprobs")
+    __slots__ = ("text", "token_count", "finished", "logprobs", "state")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_count: int
     finished: Finished
     logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
-    def __init__(self, text: _Optional[str] = ..., token_count: _Optional[int] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
+    state: bytes
+    def __init__(self, text: _Optional[str] = ..., token_count: _Optional[int] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., state: _Optional[bytes] = ...) -> None: ...
 
 class ModelInfoRequest(_message.Message):
     __slots__ = ("include_vocabulary",)
@@ -107,7 +117,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self, include_vocabulary: _Optional[bool] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_prompt_chars", "max_new_tokens", "default_new_tokens", "max_stop_sequences", "max_stop_sequence_chars", "max_concurrent_streams", "max_queued_streams", "max_request_bytes", "max_top_logprobs", "min_temperature")
+    __slots__ = ("max_prompt_chars", "max_new_tokens", "default_new_tokens", "max_stop_sequences", "max_stop_sequence_chars", "max_concurrent_streams", "max_queued_streams", "max_request_bytes", "max_top_logprobs", "min_temperature", "max_state_bytes")
     MAX_PROMPT_CHARS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +128,7 @@ class Limits(_message.Message):
     MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     MIN_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    MAX_STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     max_prompt_chars: int
     max_new_tokens: int
     default_new_tokens: int
@@ -128,10 +139,11 @@ class Limits(_message.Message):
     max_request_bytes: int
     max_top_logprobs: int
     min_temperature: float
-    def __init__(self, max_prompt_chars: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., default_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_stop_sequence_chars: _Optional[int] = ..., max_concurrent_streams: _Optional[int] = ..., max_queued_streams: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., min_temperature: _Optional[float] = ...) -> None: ...
+    max_state_bytes: int
+    def __init__(self, max_prompt_chars: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., default_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_stop_sequence_chars: _Optional[int] = ..., max_concurrent_streams: _Optional[int] = ..., max_queued_streams: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., min_temperature: _Optional[float] = ..., max_state_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("level", "vocab_size", "num_layers", "hidden_size", "embedding_size", "quantization", "execution_provider", "model_sha256", "limits", "provenance_json", "vocabulary", "has_prompt_graph")
+    __slots__ = ("level", "vocab_size", "num_layers", "hidden_size", "embedding_size", "quantization", "execution_provider", "model_sha256", "limits", "provenance_json", "vocabulary", "has_prompt_graph", "state_bytes", "state_signed")
     LEVEL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +156,8 @@ class ModelInfo(_message.Message):
     PROVENANCE_JSON_FIELD_NUMBER: _ClassVar[int]
     VOCABULARY_FIELD_NUMBER: _ClassVar[int]
     HAS_PROMPT_GRAPH_FIELD_NUMBER: _ClassVar[int]
+    STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STATE_SIGNED_FIELD_NUMBER: _ClassVar[int]
     level: str
     vocab_size: int
     num_layers: int
@@ -156,4 +170,6 @@ class ModelInfo(_message.Message):
     provenance_json: str
     vocabulary: _containers.RepeatedScalarFieldContainer[str]
     has_prompt_graph: bool
-    def __init__(self, level: _Optional[str] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., embedding_size: _Optional[int] = ..., quantization: _Optional[str] = ..., execution_provider: _Optional[str] = ..., model_sha256: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., provenance_json: _Optional[str] = ..., vocabulary: _Optional[_Iterable[str]] = ..., has_prompt_graph: _Optional[bool] = ...) -> None: ...
+    state_bytes: int
+    state_signed: bool
+    def __init__(self, level: _Optional[str] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., embedding_size: _Optional[int] = ..., quantization: _Optional[str] = ..., execution_provider: _Optional[str] = ..., model_sha256: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., provenance_json: _Optional[str] = ..., vocabulary: _Optional[_Iterable[str]] = ..., has_prompt_graph: _Optional[bool] = ..., state_bytes: _Optional[int] = ..., state_signed: _Optional[bool] = ...) -> None: ...

@@ -1,0 +1,194 @@
+"""The portable generation state: everything the next token depends on, as bytes a client keeps.
+
+An LSTM's memory of a text is its state tensors, a few kilobytes, so a server can hand it to the
+client and forget it; any replica continues from it. Exact continuation needs more than (h, c):
+the last sampled token (sampled, not yet fed to the model), the request's random generator where
+it stopped, the text the stop matcher still holds back, and the penalty history when there is one.
+
+Layout (integers little-endian):
+    b"LGST" | version u8 | flags u8 (bit 0: signed) | header length u32 | header (UTF-8 JSON)
+    | tensor data (float32, C order, in the header's order) | HMAC-SHA256 (32 bytes, when signed)
+The header names the model by its sha256, so a state never silently runs on another model. With a
+key, the MAC is checked before anything else is parsed.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lstmgen.errors import UsageError
+from lstmgen.serve.errors import InvalidRequest, WrongModel
+
+MAGIC = b"LGST"
+VERSION = 1
+_PREFIX = struct.Struct("<4sBBI")  # magic, version, flags, header length
+_SIGNED = 1
+_MAC = 32
+MAX_PENDING_CHARS = 1024  # held-back text is shorter than the longest stop sequence
+MIN_KEY_BYTES = 16
+FIELD = "state"
+
+
+@dataclass(frozen=True)
+class GenerationState:
+    tensors: tuple[np.ndarray, ...]  # the model's state for one row, each float32 [L, H] (h, c)
+    token: int  # the last sampled token: the model has not read it yet
+    seed: int  # the seed the request's generator started from (Finished.seed)
+    rng: tuple[int, int, int, int]  # numpy PCG64 position: state, inc, has_uint32, uinteger
+    pending: str = ""  # generated text the stop matcher holds back (not sent yet)
+    history: tuple[tuple[int, ...], tuple[float, ...]] | None = None  # penalty history: ids, counts
+
+
+def rng_position(rng: np.random.Generator) -> tuple[int, int, int, int]:
+    st = rng.bit_generator.state
+    return st["state"]["state"], st["state"]["inc"], st["has_uint32"], st["uinteger"]
+
+
+def rng_at(position: tuple[int, int, int, int]) -> np.random.Generator:
+    bg = np.random.PCG64()
+    state, inc, has_uint32, uinteger = position
+    bg.state = {"bit_generator": "PCG64", "state": {"state": state, "inc": inc},
+                "has_uint32": has_uint32, "uinteger": uinteger}
+    return np.random.Generator(bg)
+
+
+def read_state_key(path: str | Path) -> bytes:
+    """The replicas' shared secret (--state-key FILE): its bytes, surrounding whitespace removed."""
+    try:
+        key = Path(path).read_bytes().strip()
+    except OSError as e:
+        raise UsageError(f"--state-key {path}: cannot read it: {e.strerror or e}") from e
+    if len(key) < MIN_KEY_BYTES:
+        raise UsageError(f"--state-key {path}: holds {len(key)} bytes; a key needs at least {MIN_KEY_BYTES} "
+                         "(e.g. `head -c 32 /dev/urandom | base64 > FILE`)")
+    return key
+
+
+class StateCodec:
+    """Encodes and checks the states of one model. Decoding never trusts the blob: every field is
+    checked, and a failure names what was wrong."""
+
+    def __init__(self, model_sha256: str, names: tuple[str, ...], shape: tuple[int, int], vocab_size: int,
+                 key: bytes | None = None):
+        self.model_sha256 = model_sha256
+        self.names = names  # state tensor names, in the graph's order
+        self.shape = shape  # one row's [L, H]
+        self.vocab_size = vocab_size
+        self.key = key
+        self._tensor_bytes = len(names) * 4 * shape[0] * shape[1]
+        # the header with a full penalty history (every token id and a count) still fits
+        self.max_bytes = self._tensor_bytes + 64 * 1024 + 24 * vocab_size
+
+    @property
+    def state_bytes(self) -> int:
+        """Size of a blob without penalty history."""
+        dummy = GenerationState(tuple(np.zeros(self.shape, np.float32) for _ in self.names), 0, 0, (0, 1, 0, 0))
+        return len(self.encode(dummy))
+
+    # -- encoding --------------------------------------------------------------------------------
+    def encode(self, st: GenerationState) -> bytes:
+        header = {"model": self.model_sha256, "tensors": [[n, list(self.shape)] for n in self.names],
+                  "token": st.token, "seed": st.seed, "rng": [str(v) for v in st.rng], "pending": st.pending}
+        if st.history is not None:
+            header["history"] = [list(st.history[0]), list(st.history[1])]
+        head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        body = b"".join([_PREFIX.pack(MAGIC, VERSION, _SIGNED if self.key else 0, len(head)), head,
+                         *(np.ascontiguousarray(t, dtype="<f4").tobytes() for t in st.tensors)])
+        return body + self._mac(body) if self.key else body
+
+    def _mac(self, body: bytes) -> bytes:
+        return hmac.new(self.key, body, hashlib.sha256).digest()
+
+    # -- decoding --------------------------------------------------------------------------------
+    def decode(self, blob: bytes) -> GenerationState:
+        if len(blob) > self.max_bytes:
+            raise _bad(f"is {len(blob):,} bytes; this model's states are at most {self.max_bytes:,}")
+        if len(blob) < _PREFIX.size or blob[:4] != MAGIC:
+            raise _bad("is not an lstmgen state (it must be the bytes a server returned, unchanged)")
+        _, version, flags, head_len = _PREFIX.unpack_from(blob)
+        if version != VERSION:
+            raise _bad(f"has format version {version}; this server reads version {VERSION}")
+        if flags & ~_SIGNED:
+            raise _bad(f"has unknown flags {flags:#x}")
+        body = blob
+        if self.key is not None:
+            if not flags & _SIGNED:
+                raise _bad("is not signed; this server only accepts states signed with its --state-key")
+            body, mac = blob[:-_MAC], blob[-_MAC:]
+            if len(blob) < _PREFIX.size + _MAC or not hmac.compare_digest(mac, self._mac(body)):
+                raise _bad("signature does not match: the state was altered, truncated, or signed with "
+                           "another --state-key")
+        elif flags & _SIGNED:
+            raise _bad("is signed, but this server has no --state-key to check it (start it with the "
+                       "key of the server that made the state)")
+        want = _PREFIX.size + head_len + self._tensor_bytes
+        if len(body) != want:
+            raise _bad(f"is {len(body):,} bytes where its header says {want:,}: truncated or extended")
+        try:
+            header = json.loads(body[_PREFIX.size:_PREFIX.size + head_len].decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise _bad(f"header is not valid JSON ({e})") from e
+        if not isinstance(header, dict):
+            raise _bad("header is not a JSON object")
+        return self._fields(header, body[_PREFIX.size + head_len:])
+
+    def _fields(self, h: dict, data: bytes) -> GenerationState:
+        model = h.get("model")
+        if model != self.model_sha256:
+            shown = model[:16] + "..." if isinstance(model, str) else repr(model)
+            raise WrongModel(FIELD, f"was made by model {shown}; this server serves {self.model_sha256[:16]}...")
+        want = [[n, list(self.shape)] for n in self.names]
+        if h.get("tensors") != want:
+            raise _bad(f"tensors {h.get('tensors')!r:.120} differ from this model's {want}")
+        token, seed = h.get("token"), h.get("seed")
+        if not _int_in(token, 0, self.vocab_size - 1):
+            raise _bad(f"token {token!r:.40} is not a token id of this model (0..{self.vocab_size - 1})")
+        if not _int_in(seed, 0, 2**64 - 1):
+            raise _bad(f"seed {seed!r:.40} is not in 0..2^64-1")
+        rng = h.get("rng")
+        try:
+            state, inc, has_uint32, uinteger = (int(v) for v in rng)
+        except (TypeError, ValueError):
+            raise _bad("random generator position is malformed") from None
+        if not (0 <= state < 2**128 and 0 <= inc < 2**128 and inc % 2 == 1 and has_uint32 in (0, 1)
+                and 0 <= uinteger < 2**32):
+            raise _bad("random generator position is out of range")
+        pending = h.get("pending", "")
+        if not isinstance(pending, str) or len(pending) > MAX_PENDING_CHARS:
+            raise _bad(f"held-back text must be a string of at most {MAX_PENDING_CHARS} characters")
+        history = self._history(h.get("history"))
+        n = self.shape[0] * self.shape[1]
+        flat = np.frombuffer(data, dtype="<f4").astype(np.float32)  # copy: the blob's bytes are read-only
+        if not np.isfinite(flat).all():
+            raise _bad("holds non-finite values (NaN or infinity)")
+        tensors = tuple(flat[i * n:(i + 1) * n].reshape(self.shape) for i in range(len(self.names)))
+        return GenerationState(tensors, token, seed, (state, inc, has_uint32, uinteger), pending, history)
+
+    def _history(self, raw) -> tuple[tuple[int, ...], tuple[float, ...]] | None:
+        if raw is None:
+            return None
+        ok = isinstance(raw, list) and len(raw) == 2 and all(isinstance(x, list) for x in raw) \
+            and len(raw[0]) == len(raw[1]) <= self.vocab_size
+        if ok:
+            ids, counts = raw
+            ok = (all(_int_in(t, 0, self.vocab_size - 1) for t in ids) and len(set(ids)) == len(ids)
+                  and all(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) and c >= 0
+                          for c in counts))
+        if not ok:
+            raise _bad("penalty history is malformed (distinct token ids of this model, counts >= 0)")
+        return tuple(ids), tuple(float(c) for c in counts)
+
+
+def _int_in(v, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _bad(message: str) -> InvalidRequest:
+    return InvalidRequest(FIELD, message)
