@@ -128,9 +128,8 @@ class StateCodec:
         elif flags & _SIGNED:
             raise _bad("is signed, but this server has no --state-key to check it (start it with the "
                        "key of the server that made the state)")
-        want = _PREFIX.size + head_len + self._tensor_bytes
-        if len(body) != want:
-            raise _bad(f"is {len(body):,} bytes where its header says {want:,}: truncated or extended")
+        if _PREFIX.size + head_len > len(body):
+            raise _bad(f"is {len(body):,} bytes, shorter than its {head_len:,}-byte header: truncated")
         try:
             header = json.loads(body[_PREFIX.size:_PREFIX.size + head_len].decode())
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -147,6 +146,9 @@ class StateCodec:
         want = [[n, list(self.shape)] for n in self.names]
         if h.get("tensors") != want:
             raise _bad(f"tensors {h.get('tensors')!r:.120} differ from this model's {want}")
+        if len(data) != self._tensor_bytes:
+            raise _bad(f"holds {len(data):,} bytes of tensor data where this model's state has "
+                       f"{self._tensor_bytes:,}: truncated or extended")
         token, seed = h.get("token"), h.get("seed")
         if not _int_in(token, 0, self.vocab_size - 1):
             raise _bad(f"token {token!r:.40} is not a token id of this model (0..{self.vocab_size - 1})")

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", default="localhost:50051", help="HOST:PORT of a running `lstmgen serve`")
-    p.add_argument("--prompt", help="text that primes the model ('-' reads stdin); needed unless --info")
+    p.add_argument("--server", default="localhost:50051",
+                   help="HOST:PORT of a running `lstmgen serve`; several, comma-separated, are balanced round-robin")
+    p.add_argument("--prompt", help="text that primes the model ('-' reads stdin); needed unless --info or --state-in")
     p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (server default if unset)")
     p.add_argument("--temperature", type=float, default=None, help="softmax temperature (>= 0; 0 = greedy)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
@@ -31,6 +34,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
     p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
     p.add_argument("--skip-unknown", action="store_true", help="drop prompt characters the model does not know")
+    p.add_argument("--state-in", metavar="FILE",
+                   help="continue from the state saved in FILE (by --state-out): the prompt is then optional and "
+                        "read after it")
+    p.add_argument("--state-out", metavar="FILE", help="save the model's state after the generation to FILE")
+    p.add_argument("--resume", action="store_true",
+                   help="if the stream breaks (server died), continue it from its last state on another server")
     p.add_argument("--timeout", type=float, default=120.0, help="deadline of the whole call in seconds")
     p.add_argument("--no-echo", action="store_true", help="do not print the prompt before the generated text")
     p.add_argument("--json", action="store_true", help="print one JSON object with the result instead of streaming")
@@ -56,29 +65,34 @@ def connection_kwargs(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     from lstmgen_client import Client, LstmgenError
 
-    if args.prompt is None and not args.info:
-        print("lstmgen generate: error: --prompt is required (or --info for the model's description)",
-              file=sys.stderr)
+    if args.prompt is None and not args.info and not args.state_in:
+        print("lstmgen generate: error: --prompt is required (or --info for the model's description, or "
+              "--state-in to continue a saved state)", file=sys.stderr)
         return 2
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = sys.stdin.read() if args.prompt == "-" else (args.prompt or "")
     params = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                   frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
                   seed=args.seed, greedy=args.greedy, stop=args.stop, skip_unknown=args.skip_unknown,
-                  logprobs=args.logprobs is not None, top_logprobs=args.logprobs or 0)
+                  logprobs=args.logprobs is not None, top_logprobs=args.logprobs or 0,
+                  return_state=bool(args.state_out))
     try:
         conn = connection_kwargs(args)
+        if args.state_in:
+            params["state"] = Path(args.state_in).read_bytes()
     except OSError as e:
         print(f"lstmgen generate: {e}", file=sys.stderr)
         return 2
+    servers = args.server.split(",") if "," in args.server else args.server
     try:
-        with Client(args.server, timeout=args.timeout, **conn) as client:
+        with Client(servers, timeout=args.timeout, **conn) as client:
             if args.info:
                 info = client.model_info()
                 print(json.dumps(info.__dict__, default=lambda o: o.__dict__, indent=2))
                 return 0
             if args.json:
-                r = client.generate(prompt, **params)
+                r = client.generate(prompt, resume=args.resume, **params)
+                _save_state(args.state_out, r.state)
                 fin = asdict(r.finished)
                 # the names `lstmgen sample` writes (and the OpenAI API uses)
                 out = {"prompt": prompt, "text": r.text, "finish_reason": fin.pop("reason"), **fin}
@@ -89,10 +103,12 @@ def run(args: argparse.Namespace) -> int:
             if not args.no_echo:
                 sys.stdout.write(prompt)
             finished = None
-            for chunk in client.generate_stream(prompt, **params):
+            for chunk in client.generate_stream(prompt, resume=args.resume, **params):
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
-                finished = chunk.finished or finished
+                if chunk.finished is not None:
+                    finished = chunk.finished
+                    _save_state(args.state_out, chunk.state)
             sys.stdout.write("\n")
             if finished is not None:
                 print(f"[{finished.reason}: {finished.generated_tokens} tokens, prompt {finished.prompt_tokens} "
@@ -103,6 +119,14 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _save_state(path: str | None, state: bytes | None) -> None:
+    """Write the state atomically: a crash mid-write must not leave half a state to continue from."""
+    if path and state:
+        tmp = Path(path).with_name(Path(path).name + ".tmp")
+        tmp.write_bytes(state)
+        os.replace(tmp, path)
 
 
 COMMANDS = {"generate": ("lstmgen_client.cli", "stream generated text from a running server"),
