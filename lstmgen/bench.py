@@ -5,7 +5,9 @@
 3. raw ONNX Runtime step throughput at several batch sizes, and beside each step the time the
 sampler takes for that batch in every sampling mode asked for; 4. the real gRPC server under 1..256
 concurrent streams driven by a separate client process, per sampling mode, against raw ORT at the
-same batch; 5. time to first token for a long prompt.
+same batch; 5. time to first token for a long prompt, cold and when it shares its first 95% with an
+earlier prompt (the prefix-state cache); 6. with --state-every N, what returning the state costs:
+the server at 64 streams with return_state, and with a state every N tokens, against without.
 
 Random weights give nearly uniform logits, which no trained model has (a nucleus would hold almost
 the whole vocabulary). The output layer is scaled until the mean entropy per token matches a
@@ -44,6 +46,7 @@ class BenchConfig:
     sampling: tuple[str, ...] = ("plain",)  # modes of SAMPLING_MODES, each measured in one run
     entropy: float | None = None  # target mean entropy (nats) for random weights; None: by level
     repeats: int = 1  # server points measured this many times, modes interleaved; medians reported
+    state_every: int = 0  # > 0: also measure return_state and state_every=N at 64 streams (section 6)
 
 
 # What users run (temperature 0.8, top_k 40, top_p 0.9); "mixed" cycles rows through different
@@ -279,12 +282,54 @@ def start_server(bundle: Path, threads: int, max_concurrent: int):
     return proc, f"{m.group(1)}:{m.group(2)}"
 
 
-def load(target: str, streams: int, seconds: float, prompt: str, max_new_tokens: int, mode: str = "plain") -> dict:
+def load(target: str, streams: int, seconds: float, prompt: str, max_new_tokens: int, mode: str = "plain",
+         extra: dict | None = None) -> dict:
+    settings = [{**d, **(extra or {})} for d in SAMPLING_MODES[mode]]
     cmd = [sys.executable, "-m", "lstmgen_client.loadgen", "--target", target, "--streams", str(streams),
            "--seconds", str(seconds), "--prompt", prompt, "--max-new-tokens", str(max_new_tokens),
-           "--sampling-json", json.dumps(SAMPLING_MODES[mode])]
+           "--sampling-json", json.dumps(settings)]
     r = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def random_prompt(vocab, chars: int, rng) -> str:
+    """About `chars` characters of random tokens of the vocabulary (words joined by spaces)."""
+    if vocab.level == "word":
+        words = [t for t in vocab.tokens if t.isprintable() and not t.startswith("<") and t.strip()]
+        out = ""
+        while len(out) < chars:
+            out += words[int(rng.integers(len(words)))] + " "
+        return out[:chars].rsplit(" ", 1)[0]
+    symbols = [t for t in vocab.tokens if t.isprintable()]
+    return "".join(symbols[int(i)] for i in rng.integers(len(symbols), size=chars))
+
+
+def prefix_ttft(target: str, vocab, chars: int = 1000, shared: int = 950, trials: int = 7) -> dict:
+    """Time to first token (client side, one request at a time) for `chars`-character prompts: cold
+    (nothing shared with earlier prompts), and sharing their first `shared` characters with a prompt
+    sent just before (a prefix-cache hit). Medians, ms."""
+    import numpy as np
+
+    from lstmgen_client import Client
+
+    rng = np.random.default_rng(7)
+
+    def ttft(client, prompt: str) -> float:
+        t0 = time.perf_counter()
+        for _ in client.generate_stream(prompt, max_new_tokens=1, greedy=True):
+            break
+        return 1e3 * (time.perf_counter() - t0)
+
+    cold, hit = [], []
+    with Client(target) as client:
+        ttft(client, random_prompt(vocab, chars, rng))  # warm-up
+        for _ in range(trials):
+            base = random_prompt(vocab, chars, rng)
+            cold.append(ttft(client, base))  # unlike any earlier prompt: a miss
+            hit.append(ttft(client, base[:shared] + random_prompt(vocab, chars - shared, rng)))
+    return {"prompt_chars": chars, "shared_chars": shared, "cold_ms": float(np.median(cold)),
+            "hit_ms": float(np.median(hit)), "speedup": float(np.median(cold) / np.median(hit)),
+            "cold_runs_ms": cold, "hit_runs_ms": hit}
 
 
 def run_bench(cfg: BenchConfig, log=print) -> dict:
@@ -317,7 +362,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     log(f"   uniform worst case (not targeted), B={worst_b}: " + ", ".join(
         f"{m} {ms:.3f} ms ({ms / steps[str(worst_b)]['step_ms']:.0%} of the step)" for m, ms in worst.items()))
     by_mode: dict[str, dict] = {}
-    ttft_prompt = None
+    ttft_prompt, prefix, state_cost = None, {}, {}
     proc, target = start_server(bundle, cfg.threads, max(cfg.concurrency))
     try:
         runs: dict[tuple[str, int], list[dict]] = {}
@@ -338,13 +383,26 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                     + f"{s['tokens_per_s'] / ceiling:.0%} of ceiling), ITL p50 {s['p50_ms']} ms p99 {s['p99_ms']} ms, "
                     f"TTFT {s['ttft_ms']} ms, {s['tokens_per_message']} tok/msg, failed {s['failed']}"
                     + (f"; runs {', '.join(f'{x:,.0f}' for x in s['tokens_per_s_runs'])}" if cfg.repeats > 1 else ""))
-        prompt = ("".join(ckpt.vocab.tokens) * (cfg.prompt_chars // len(ckpt.vocab) + 1))[: cfg.prompt_chars]
-        if ckpt.vocab.level == "word":
-            prompt = " ".join(ckpt.vocab.tokens[2:])[: cfg.prompt_chars].rsplit(" ", 1)[0]
-        prompt = prompt.replace("\x03", " ")
-        long = load(target, 1, 5.0, prompt, 1)
-        ttft_prompt = long["ttft_ms"]
-        log(f"5. TTFT with a {len(prompt)}-char prompt: {ttft_prompt} ms (p99 {long['ttft_p99_ms']} ms)")
+        prefix = prefix_ttft(target, ckpt.vocab, cfg.prompt_chars, cfg.prompt_chars * 95 // 100)
+        ttft_prompt = prefix["cold_ms"]
+        log(f"5. TTFT with a {cfg.prompt_chars}-char prompt: cold {prefix['cold_ms']:.1f} ms; sharing its first "
+            f"{prefix['shared_chars']} chars with the prompt before (prefix cache hit) {prefix['hit_ms']:.1f} ms "
+            f"({prefix['speedup']:.1f}x faster)")
+        state_cost = {}
+        if cfg.state_every:
+            n, mode = 64, cfg.sampling[0]
+            variants = {"none": None, "return_state": {"return_state": True},
+                        f"state_every_{cfg.state_every}": {"state_every": cfg.state_every}}
+            tries: dict[str, list[float]] = {k: [] for k in variants}
+            for _ in range(max(2, cfg.repeats)):  # interleaved, as above
+                for k, extra in variants.items():
+                    tries[k].append(load(target, n, cfg.seconds, "The ", cfg.max_new_tokens, mode, extra)["tokens_per_s"])
+            base = sorted(tries["none"])[len(tries["none"]) // 2]
+            for k, runs_ in tries.items():
+                med = sorted(runs_)[len(runs_) // 2]
+                state_cost[k] = {"tokens_per_s": med, "vs_none": med / base, "runs": runs_}
+            log(f"6. state hand-off [{mode}], {n} streams: " + ", ".join(
+                f"{k} {v['tokens_per_s']:,.0f} tok/s ({v['vs_none']:.0%})" for k, v in state_cost.items()))
     finally:
         proc.terminate()
         proc.wait(30)
@@ -358,6 +416,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         "server": server,  # the first sampling mode, as before
         "server_by_sampling": by_mode,
         "ttft_prompt_1000_ms": ttft_prompt,
+        "prefix_cache_ttft": prefix,
+        "state_cost_64_streams": state_cost,
         "logit_entropy_nats": entropy,
         "ratios": {
             "server_64_vs_ceiling": server.get("64", {}).get("tokens_per_s", 0) / ceiling,
@@ -437,6 +497,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="tokens per request")
     p.add_argument("--int8", action="store_true", help="benchmark the int8 (dynamic quantized) export")
     p.add_argument("--threads", type=int, default=d.threads, help="server ORT intra-op threads (0: default)")
+    p.add_argument("--state-every", type=int, default=0, metavar="N",
+                   help="also measure the cost of return_state and of a state every N tokens at 64 streams")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--plot", default=None, help="draw tokens/s against concurrency into this PNG")
 
@@ -452,7 +514,8 @@ def run(args: argparse.Namespace) -> int:
                       vocab_size=args.vocab_size, sampling=modes, entropy=args.entropy, repeats=args.repeats,
                       concurrency=tuple(int(x) for x in args.concurrency.split(",")),
                       batches=tuple(int(x) for x in args.batches.split(",")), seconds=args.seconds,
-                      max_new_tokens=args.max_new_tokens, int8=args.int8, threads=args.threads)
+                      max_new_tokens=args.max_new_tokens, int8=args.int8, threads=args.threads,
+                      state_every=args.state_every)
     result = run_bench(cfg)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
