@@ -19,9 +19,22 @@ reference that these must match.
 """
 from __future__ import annotations
 
-import numba as nb
+import os
+import tempfile
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if "NUMBA_CACHE_DIR" not in os.environ and not os.access(os.path.join(_HERE, "__pycache__"), os.W_OK) \
+        and not os.access(_HERE, os.W_OK):
+    # A read-only install (a container's site-packages): numba cannot cache beside the module and,
+    # without a writable home, refuses to start ("no locator available"). Cache in a temp folder.
+    os.environ["NUMBA_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"lstmgen-numba-{os.getuid()}")
+
+import numba as nb  # noqa: E402 (after the cache folder is settled)
 import numpy as np
 from numba import prange
+
+if os.environ.get("NUMBA_CACHE_DIR"):
+    nb.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]  # numba may have been imported before this module
 
 BLOCK = 256  # tokens per block summed ahead of the inverse-CDF scan
 SPLITS = 8  # thresholds per selection round
