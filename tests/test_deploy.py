@@ -97,7 +97,7 @@ def test_a_killed_replica_costs_no_call(replicas, nginx):
 
 def k8s_documents() -> list[dict]:
     if os.environ.get("CI"):
-        import yaml  # comes with the ray extra; in CI a missing one is a failure, not a skip
+        import yaml  # the dev extra; in CI a missing one is a failure, not a skip
     else:
         yaml = pytest.importorskip("yaml")
     return [d for f in sorted((DEPLOY / "k8s").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
