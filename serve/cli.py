@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from lstmgen.serve.params import Limits, request_bytes_for
+from lstmgen.serve.params import Limits
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="streams waiting for a slot; beyond this: RESOURCE_EXHAUSTED")
     p.add_argument("--max-request-bytes", type=int, default=None,
                    help="largest request message in bytes; bigger ones get RESOURCE_EXHAUSTED before they "
-                        "are parsed (unset: 4 bytes per --max-prompt-chars + 64 KiB)")
+                        "are parsed (unset: 4 bytes per --max-prompt-chars + 64 KiB + the model's largest state)")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens primed per call per request")
     p.add_argument("--prefix-cache-mb", type=float, default=SchedulerConfig.prefix_cache_mb,
                    help="memory for states after prompt prefixes, so a prompt that begins like an earlier one "
@@ -85,7 +85,7 @@ def config_from_args(args: argparse.Namespace):
                     default_new_tokens=min(args.default_new_tokens, args.max_new_tokens),
                     max_stop_sequences=d.max_stop_sequences, max_stop_sequence_chars=d.max_stop_sequence_chars,
                     max_concurrent_streams=args.max_concurrent, max_queued_streams=args.max_queued,
-                    max_request_bytes=args.max_request_bytes or request_bytes_for(args.max_prompt_chars))
+                    max_request_bytes=args.max_request_bytes or 0)
     return ServerConfig(bundle=args.bundle, host=args.host, port=args.port, grace_s=args.grace,
                         engine=EngineConfig(device=args.device, intra_op_threads=args.threads,
                                             spin=args.spin),
@@ -109,7 +109,8 @@ def describe(cfg) -> str:
              f"device {e.device} (threads {e.intra_op_threads or 'default'}, spin {e.spin})",
              f"limits: prompt {lim.max_prompt_chars:,} chars, new tokens {lim.max_new_tokens:,} "
              f"(default {lim.default_new_tokens:,}), {lim.max_concurrent_streams} concurrent, "
-             f"{lim.max_queued_streams} queued, request {lim.max_request_bytes:,} bytes",
+             f"{lim.max_queued_streams} queued, request "
+             + (f"{lim.max_request_bytes:,} bytes" if lim.max_request_bytes else "bytes: prompt and state limits"),
              f"prefill chunk {cfg.scheduler.prefill_chunk}",
              "prefix cache " + (f"{cfg.scheduler.prefix_cache_mb:g} MiB, every {cfg.scheduler.prefix_cache_every} tokens"
                                 if cfg.scheduler.prefix_cache_mb > 0 else "off"),

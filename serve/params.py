@@ -22,14 +22,15 @@ class Limits:
     max_concurrent_streams: int = 512
     max_queued_streams: int = 1_024
     # Largest serialized request; gRPC refuses bigger ones before parsing (RESOURCE_EXHAUSTED).
-    # The default fits the longest prompt at 4 UTF-8 bytes per character plus 64 KiB for the rest.
-    max_request_bytes: int = 4 * 16_384 + 64 * 1024
+    # 0: the server's default, the longest prompt at 4 UTF-8 bytes per character plus 64 KiB for the
+    # rest plus the model's largest state blob (request_bytes_for).
+    max_request_bytes: int = 0
     max_top_logprobs: int = 20  # most alternatives a request may ask for per token
 
 
-def request_bytes_for(max_prompt_chars: int) -> int:
-    """The default max_request_bytes for a prompt limit (see Limits.max_request_bytes)."""
-    return 4 * max_prompt_chars + 64 * 1024
+def request_bytes_for(max_prompt_chars: int, max_state_bytes: int = 0) -> int:
+    """The default max_request_bytes for a prompt limit and a model's largest state."""
+    return 4 * max_prompt_chars + 64 * 1024 + max_state_bytes
 
 
 # Temperatures below this decode greedily: logits / 1e-40 overflow float32 to inf, then NaN.

@@ -28,7 +28,7 @@ from lstmgen.serve.params import GenerationRequest, Limits, encode_prompt, valid
 from lstmgen.serve.penalties import TokenHistory
 from lstmgen.serve.prefix_cache import PrefixCache
 from lstmgen.serve.sampling import choose, token_logprobs, warm_up
-from lstmgen.serve.state_blob import GenerationState, StateCodec, rng_at, rng_position
+from lstmgen.serve.state_blob import GenerationState, codec_for, rng_at, rng_position
 from lstmgen.serve.stopping import FinishReason, StopChecker
 
 log = logging.getLogger("lstmgen.scheduler")
@@ -250,8 +250,7 @@ class Scheduler:
         self.vocab = engine.manifest.vocab
         self._pieces = [self.vocab.piece(i) for i in range(len(self.vocab))]  # token id -> text
         m = engine.manifest
-        self.codec = StateCodec(m.model_sha256, m.inputs[1:], (m.num_layers, m.hidden_size), m.vocab_size,
-                                cfg.state_key)
+        self.codec = codec_for(m, cfg.state_key)
         # owned by the worker thread (stats() excepted)
         self.prefix_cache = (PrefixCache(int(cfg.prefix_cache_mb * 2**20), cfg.prefix_cache_every,
                                          f"{m.model_sha256}/{m.prompt_model_sha256}".encode())

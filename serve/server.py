@@ -17,11 +17,11 @@ from lstmgen.serve.auth import TokenAuth, read_token
 from lstmgen.serve.engine import Engine, EngineConfig
 from lstmgen.serve.faults import FaultyEngine
 from lstmgen.serve.metrics import Metrics
-from lstmgen.serve.params import Limits
+from lstmgen.serve.params import Limits, request_bytes_for
 from lstmgen.serve.reflection import enable_reflection
 from lstmgen.serve.scheduler import Scheduler, SchedulerConfig
 from lstmgen.serve.service import GeneratorService, ServiceConfig
-from lstmgen.serve.state_blob import read_state_key
+from lstmgen.serve.state_blob import codec_for, read_state_key
 from lstmgen_client.v1 import generator_pb2 as pb
 
 log = logging.getLogger("lstmgen.server")
@@ -84,7 +84,11 @@ class Server:
                         cfg.inject_step_failure_every, cfg.inject_worker_crash_at_step)
             engine = FaultyEngine(self.engine, cfg.inject_step_failure_every, cfg.inject_worker_crash_at_step)
         self.metrics = Metrics()
-        self.scheduler = Scheduler(engine, cfg.limits, sched_cfg, observer=self.metrics,
+        limits = cfg.limits
+        if not limits.max_request_bytes:  # 0: room for the longest prompt and the largest state
+            limits = replace(limits, max_request_bytes=request_bytes_for(
+                limits.max_prompt_chars, codec_for(self.engine.manifest).max_bytes))
+        self.scheduler = Scheduler(engine, limits, sched_cfg, observer=self.metrics,
                                    on_fatal=self._worker_failed)
         self.failed: BaseException | None = None  # set if the scheduler's worker died
         self.stop_requested = asyncio.Event()  # a signal, or the worker died
@@ -92,9 +96,8 @@ class Server:
         self.health = health.aio.HealthServicer()
         interceptors = [TokenAuth(token, self.metrics.refused)] if token else []
         self.grpc = grpc.aio.server(interceptors=interceptors, options=[
-            # gRPC refuses a bigger request before parsing it: RESOURCE_EXHAUSTED, "larger than max".
-            # A state blob rides on top (ModelInfo.limits.max_state_bytes; its decoder checks its size).
-            ("grpc.max_receive_message_length", cfg.limits.max_request_bytes + self.scheduler.codec.max_bytes),
+            # gRPC refuses a bigger request before parsing it: RESOURCE_EXHAUSTED, "larger than max"
+            ("grpc.max_receive_message_length", limits.max_request_bytes),
             # gRPC sets SO_REUSEPORT by default: a second server on the same port would then start
             # fine and silently take half the new connections. Off, its bind fails at start.
             ("grpc.so_reuseport", 0),

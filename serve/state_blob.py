@@ -71,6 +71,12 @@ def read_state_key(path: str | Path) -> bytes:
     return key
 
 
+def codec_for(manifest, key: bytes | None = None) -> "StateCodec":
+    """The codec of a bundle's model: its state tensors are the step graph's inputs after the tokens."""
+    return StateCodec(manifest.model_sha256, manifest.inputs[1:], (manifest.num_layers, manifest.hidden_size),
+                      manifest.vocab_size, key)
+
+
 class StateCodec:
     """Encodes and checks the states of one model. Decoding never trusts the blob: every field is
     checked, and a failure names what was wrong."""

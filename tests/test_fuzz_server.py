@@ -11,15 +11,17 @@ import os
 import struct
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from lstmgen.bundle import load_manifest
-from lstmgen.serve.errors import InvalidRequest
+from lstmgen.serve.errors import InvalidRequest, WrongModel
 from lstmgen.serve.params import Limits, encode_prompt, validate
 from lstmgen.serve.service import request_from_pb
+from lstmgen.serve.state_blob import GenerationState, codec_for, rng_position
 from lstmgen_client.v1 import generator_pb2 as pb
 from tests.conftest import CHAR_TEXT, start_server
 
@@ -50,6 +52,11 @@ def generate(fuzz_server):
 @pytest.fixture(scope="module")
 def vocab(bundles):
     return load_manifest(bundles["char"]).vocab
+
+
+@pytest.fixture(scope="module")
+def codec(bundles):
+    return codec_for(load_manifest(bundles["char"]))
 
 
 chars = st.characters(exclude_categories=("Cs",))  # protobuf strings are UTF-8: no lone surrogates
@@ -86,6 +93,8 @@ def requests(draw) -> pb.GenerateRequest:
                         ("frequency_penalty", draw(st.none() | st.floats(-2, 2, width=32) | floats32)),
                         ("presence_penalty", draw(st.none() | st.floats(-2, 2, width=32) | floats32)),
                         ("logprobs", draw(st.none() | st.booleans())),
+                        ("return_state", draw(st.none() | st.booleans())),
+                        ("state_every", draw(usually(st.integers(0, 40), st.integers(0, 2**32 - 1)))),
                         ("top_logprobs", draw(st.none() | st.integers(0, 25) | st.integers(0, 2**32 - 1)))):
         if value is not None:
             setattr(msg, name, value)
@@ -116,15 +125,38 @@ def unknown_fields(draw) -> bytes:
     return out
 
 
-def expected_status(msg: pb.GenerateRequest | None, size: int, vocab) -> str:
+# A request's state: none, random bytes, or a well-formed state of this model, intact, with a byte
+# changed or cut short (seed, what to do, where).
+states = st.one_of(st.none(), st.none(), st.binary(max_size=64),
+                   st.tuples(st.integers(0, 2**31), st.sampled_from(["intact", "flip", "cut"]), st.integers(0, 10**6)))
+
+
+def make_state(codec, choice) -> bytes | None:
+    if choice is None or isinstance(choice, bytes):
+        return choice
+    seed, how, at = choice
+    rng = np.random.default_rng(seed)
+    blob = codec.encode(GenerationState(
+        tuple(rng.standard_normal(codec.shape).astype(np.float32) for _ in codec.names),
+        int(rng.integers(codec.vocab_size)), int(rng.integers(2**63)),
+        rng_position(np.random.Generator(np.random.PCG64(seed))), ""))
+    i = at % len(blob)
+    return {"intact": blob, "flip": blob[:i] + bytes([blob[i] ^ 0x41]) + blob[i + 1:], "cut": blob[:i]}[how]
+
+
+def expected_status(msg: pb.GenerateRequest | None, size: int, vocab, codec) -> str:
     if size > LIMITS.max_request_bytes:
         return "RESOURCE_EXHAUSTED"
     if msg is None:
         return "INVALID_ARGUMENT"
-    try:
+    try:  # the server's own order: fields, then the state, then the prompt
         req = request_from_pb(msg)
         validate(req, LIMITS)
+        if req.state:
+            codec.decode(req.state)
         encode_prompt(req, vocab)
+    except WrongModel:
+        return "FAILED_PRECONDITION"
     except InvalidRequest:
         return "INVALID_ARGUMENT"
     return "OK"
@@ -137,10 +169,10 @@ def call(generate, data: bytes) -> tuple[str, list, str]:
         return e.code().name, [], e.details()
 
 
-def check(generate, vocab, data: bytes, msg: pb.GenerateRequest | None) -> None:
+def check(generate, vocab, codec, data: bytes, msg: pb.GenerateRequest | None) -> None:
     status, out, details = call(generate, data)
     event(status)  # pytest --hypothesis-show-statistics shows the mix
-    assert status == expected_status(msg, len(data), vocab), (status, details)
+    assert status == expected_status(msg, len(data), vocab, codec), (status, details)
     if status == "OK":
         fin = out[-1].finished
         assert out[-1].HasField("finished") and all(not m.HasField("finished") for m in out[:-1])
@@ -148,14 +180,18 @@ def check(generate, vocab, data: bytes, msg: pb.GenerateRequest | None) -> None:
     elif status == "INVALID_ARGUMENT":  # the message names the field at fault
         assert details.split(":")[0].split("[")[0] in {"prompt", "max_new_tokens", "temperature", "top_p", "top_k",
                                                        "seed", "stop", "request", "min_p", "repetition_penalty",
-                                                       "frequency_penalty", "presence_penalty", "top_logprobs"}, details
+                                                       "frequency_penalty", "presence_penalty", "top_logprobs",
+                                                       "state", "state_every"}, details
 
 
 @FUZZ
-@given(msg=requests(), extra=unknown_fields())
-def test_fuzzed_requests_get_the_predicted_status(generate, vocab, msg, extra):
+@given(msg=requests(), extra=unknown_fields(), state=states)
+def test_fuzzed_requests_get_the_predicted_status(generate, vocab, codec, msg, extra, state):
+    blob = make_state(codec, state)
+    if blob is not None:
+        msg.state = blob
     data = msg.SerializeToString() + extra
-    check(generate, vocab, data, pb.GenerateRequest.FromString(data))
+    check(generate, vocab, codec, data, pb.GenerateRequest.FromString(data))
 
 
 @st.composite
@@ -176,12 +212,12 @@ def mutated(draw) -> bytes:
 
 @FUZZ
 @given(data=st.binary(max_size=300) | mutated())
-def test_arbitrary_bytes_never_crash(generate, vocab, data):
+def test_arbitrary_bytes_never_crash(generate, vocab, codec, data):
     try:
         msg = pb.GenerateRequest.FromString(data)
     except Exception:
         msg = None  # not a message (or bad UTF-8): the server says INVALID_ARGUMENT
-    check(generate, vocab, data, msg)
+    check(generate, vocab, codec, data, msg)
 
 
 def test_server_survived(fuzz_server):

@@ -57,7 +57,6 @@ class Collector:
         self.finished: Finished | None = None
         self.state: bytes | None = None
         self.messages = 0
-        self.resumes = 0
 
     def add(self, chunk: StreamChunk) -> None:
         self.parts.append(chunk.text)
@@ -71,7 +70,7 @@ class Collector:
         if self.finished is None:
             raise RuntimeError("stream ended without a final message")
         return GenerateResult("".join(self.parts), self.finished, self.messages, tuple(self.logprobs),
-                              self.state, self.resumes)
+                              self.state)
 
 
 def parse_model_info(msg: pb.ModelInfo) -> ModelInfo:

@@ -48,7 +48,6 @@ class GenerateResult:
     messages: int  # stream messages the text arrived in
     logprobs: tuple[TokenLogprob, ...] = ()  # one per generated token, with logprobs=True
     state: bytes | None = None  # with return_state: continue from it with generate(..., state=...)
-    resumes: int = 0  # times a resumable stream reconnected (resume=True)
 
     @property
     def finish_reason(self) -> str:
