@@ -192,3 +192,26 @@ def test_state_key_file_errors(bundles, tmp_path):
         r = subprocess.run([sys.executable, "-m", "lstmgen.cli", "serve", str(bundles["char"]), "--port", "0",
                             "--host", "127.0.0.1", "--state-key", str(key)], capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and words in r.stderr and str(key) in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_state_out_and_in(char_server, tmp_path):
+    """`lstmgen generate --state-out F`, then `--state-in F` (no prompt): the two halves make the whole."""
+    import json
+    import subprocess
+    import sys
+
+    def gen(*args: str) -> dict:
+        r = subprocess.run([sys.executable, "-m", "lstmgen.cli", "generate", "--server", char_server.target, "--json",
+                            "--seed", "9", "--temperature", "0.8", *args], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    state = tmp_path / "s.bin"
+    full = gen("--prompt", "First", "--max-new-tokens", "50")
+    first = gen("--prompt", "First", "--max-new-tokens", "20", "--state-out", str(state))
+    assert state.stat().st_size > 0
+    rest = gen("--state-in", str(state), "--max-new-tokens", "30")
+    assert first["text"] + rest["text"] == full["text"]
+    bad = subprocess.run([sys.executable, "-m", "lstmgen.cli", "generate", "--server", char_server.target,
+                          "--state-in", str(tmp_path / "missing.bin")], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "missing.bin" in bad.stderr and "Traceback" not in bad.stderr
