@@ -15,7 +15,8 @@ from lstmgen.errors import UserError
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("lstmgen.train.cli", "train a stacked LSTM language model on a text corpus"),
+    "train": ("lstmgen.train.cli", "train a stacked LSTM (or GRU) language model on text, or a frame "
+                                   "regressor or classifier on float sequences"),
     "export": ("lstmgen.export.cli", "export a checkpoint to an ONNX bundle and verify it against PyTorch"),
     "serve": ("lstmgen.serve.cli", "serve a bundle over gRPC on ONNX Runtime"),
     "generate": ("lstmgen_client.cli", "stream generated text from a running server"),

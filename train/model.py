@@ -1,4 +1,4 @@
-"""The stacked LSTM language model: embedding -> N x LSTM (dropout between) -> linear to vocab."""
+"""The stacked recurrent language model: embedding -> N x LSTM or GRU (dropout between) -> linear to vocab."""
 from __future__ import annotations
 
 import torch
@@ -6,10 +6,34 @@ from torch import nn
 
 from lstmgen.train.config import ModelConfig
 
-State = tuple[torch.Tensor, torch.Tensor]  # (h, c), each [L, B, H]
+# The recurrent state as a tuple of named tensors, each [L, B, H]: (h, c) for an LSTM, (h,) for a GRU.
+State = tuple[torch.Tensor, ...]
+STATE_NAMES = {"lstm": ("h", "c"), "gru": ("h",)}
+
+
+def make_rnn(cell: str, input_size: int, hidden_size: int, num_layers: int, dropout: float) -> nn.Module:
+    """nn.LSTM or nn.GRU, sequence first. Kept as torch's own modules, not hand-written cells:
+    export maps them onto the ONNX LSTM op, and nn.GRU onto ONNX GRU with linear_before_reset=1
+    (torch applies the reset gate after the recurrent matmul)."""
+    if cell not in STATE_NAMES:
+        raise ValueError(f"cell must be one of {', '.join(STATE_NAMES)} (got {cell!r})")
+    kind = nn.LSTM if cell == "lstm" else nn.GRU
+    return kind(input_size, hidden_size, num_layers, dropout=dropout if num_layers > 1 else 0.0)
+
+
+def run_rnn(rnn: nn.Module, cell: str, x, state: State) -> tuple[object, State]:
+    """One call of the recurrent stack with the state as a tuple whatever the cell."""
+    if cell == "lstm":
+        y, (h, c) = rnn(x, state)
+        return y, (h, c)
+    y, h = rnn(x, state[0])
+    return y, (h,)
 
 
 class StackedLSTM(nn.Module):
+    """The language model. The name stays for the checkpoints and imports that use it; with
+    cell="gru" the stack is a GRU (its weights under `gru.*` instead of `lstm.*`)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.tie_weights and cfg.embedding_size != cfg.hidden_size:
@@ -18,14 +42,19 @@ class StackedLSTM(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.embedding_size)
         # Dropout on the non-recurrent connections only (Zaremba et al. 2014): the input of
-        # every layer and the output of the last one; nn.LSTM applies it between layers.
+        # every layer and the output of the last one; the torch module applies it between layers.
         self.drop = nn.Dropout(cfg.dropout)
-        self.lstm = nn.LSTM(cfg.embedding_size, cfg.hidden_size, cfg.num_layers,
-                            dropout=cfg.dropout if cfg.num_layers > 1 else 0.0)
+        # named after the cell, so an LSTM's state_dict keys (lstm.weight_ih_l0, ...) never change
+        setattr(self, cfg.cell, make_rnn(cfg.cell, cfg.embedding_size, cfg.hidden_size, cfg.num_layers,
+                                         cfg.dropout))
         self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size)
         if cfg.tie_weights:
             self.head.weight = self.embed.weight
         self.reset_parameters(cfg.init_scale)
+
+    @property
+    def rnn(self) -> nn.Module:
+        return getattr(self, self.cfg.cell)
 
     def reset_parameters(self, scale: float) -> None:
         if scale > 0:  # Zaremba: every weight uniform in [-scale, scale]
@@ -34,11 +63,11 @@ class StackedLSTM(nn.Module):
 
     def init_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
         shape = (self.cfg.num_layers, batch_size, self.cfg.hidden_size)  # [L, B, H]
-        return torch.zeros(shape, device=device), torch.zeros(shape, device=device)
+        return tuple(torch.zeros(shape, device=device) for _ in STATE_NAMES[self.cfg.cell])
 
     def forward(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        # tokens [T, B] (sequence first, as the ONNX LSTM op); state (h, c) [L, B, H]
+        # tokens [T, B] (sequence first, as the ONNX LSTM op); state (h, c) or (h,), each [L, B, H]
         x = self.drop(self.embed(tokens))  # [T, B, E]
-        y, (h, c) = self.lstm(x, state)  # y [T, B, H]
+        y, state = run_rnn(self.rnn, self.cfg.cell, x, state)  # y [T, B, H]
         logits = self.head(self.drop(y))  # [T, B, V]
-        return logits, (h, c)
+        return logits, state

@@ -69,8 +69,19 @@ def _floats(rows: list[dict[str, str]], x: str, y: str) -> tuple[list[float], li
     return [a for a, _ in pts], [b for _, b in pts]
 
 
+def _best_note(level: str, metrics: list[dict[str, str]], best: float) -> str:
+    if level == "regression":
+        return f"best val MSE {best:.4g}"
+    if level == "classification":
+        _, acc = _floats(metrics, "step", "val_accuracy")
+        return f"best val loss {best:.4f}" + (f" (accuracy up to {max(acc):.2%})" if acc else "")
+    unit = f"ppl {math.exp(best):.2f}" if level == "word" else f"{best / math.log(2):.4f} bpc"
+    return f"best val {best:.4f} ({unit})"
+
+
 def plot_curves(run_dir: Path, level: str, title: str = "") -> Path | None:
-    """curves.png from steps.csv and metrics.csv; None when matplotlib is not installed."""
+    """curves.png from steps.csv and metrics.csv; None when matplotlib is not installed.
+    `level`: char or word for text; regression or classification for frame models."""
     try:
         from matplotlib.figure import Figure  # no pyplot: no global figure state, Agg for PNG
     except ImportError:
@@ -83,11 +94,10 @@ def plot_curves(run_dir: Path, level: str, title: str = "") -> Path | None:
     xs, ys = _floats(metrics, "step", "val_loss")
     ax.plot(xs, ys, "o-", lw=1.5, label="validation")
     ax.set_xlabel("update")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel({"regression": "mean squared error", "classification": "loss (cross-entropy)"}
+                  .get(level, "loss (nats/token)"))
     if metrics and ys:
-        best = min(ys)
-        unit = f"ppl {math.exp(best):.2f}" if level == "word" else f"{best / math.log(2):.4f} bpc"
-        title = f"{title}  best val {best:.4f} ({unit})".strip()
+        title = f"{title}  {_best_note(level, metrics, min(ys))}".strip()
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -39,8 +39,8 @@ from lstmgen.train.runlog import METRICS_CSV, STEPS_CSV
 CONFIG_JSON, CACHE_DIR = "config.json", "cache"
 # A resumed run may change when it stops, its lr or dropout, but not what these fix: the model's
 # shape, the tokens, the optimizer state's meaning, or how the stream is cut into batches.
-_FIXED_FIELDS = ("embedding_size", "hidden_size", "num_layers", "tie_weights", "level", "min_count",
-                 "max_vocab", "valid_fraction", "optimizer", "batch_size", "bptt")
+_FIXED_FIELDS = ("task", "cell", "embedding_size", "hidden_size", "num_layers", "tie_weights", "level",
+                 "min_count", "max_vocab", "valid_fraction", "optimizer", "batch_size", "bptt")
 
 Log = Callable[[str], None]
 
@@ -66,8 +66,14 @@ def check_config(cfg: TrainConfig) -> None:
         problems.append(f"dropout must be in [0, 1) (got {cfg.dropout})")
     if not 0 < cfg.valid_fraction < 1:
         problems.append(f"valid_fraction must be in (0, 1) (got {cfg.valid_fraction})")
+    if cfg.projection_size < 0:
+        problems.append(f"projection_size must be >= 0 (got {cfg.projection_size})")
+    if cfg.task == "lm" and (cfg.projection_size or cfg.standardize != "none" or cfg.stream):
+        problems.append("projection_size, standardize and stream apply to --task regression or classification")
     for k, allowed in (("optimizer", ("sgd", "adam")), ("level", ("char", "word")),
-                       ("device", ("auto", "cpu", "cuda")), ("amp", ("off", "bf16"))):
+                       ("device", ("auto", "cpu", "cuda")), ("amp", ("off", "bf16")),
+                       ("task", ("lm", "regression", "classification")), ("cell", ("lstm", "gru")),
+                       ("standardize", ("none", "global", "sequence"))):
         if getattr(cfg, k) not in allowed:
             problems.append(f"{k} must be one of {', '.join(allowed)} (got {getattr(cfg, k)!r})")
     if cfg.tie_weights and cfg.embedding_size != cfg.hidden_size:
@@ -202,8 +208,8 @@ class _Run:
         if self.device.type == "cuda" and prog["rng"].get("cuda") and not self.dist.enabled:
             torch.cuda.set_rng_state_all(prog["rng"]["cuda"])
         if prog.get("hidden") and self.p.step_in_epoch:
-            h, c = (t[:, self.shard] for t in prog["hidden"])  # saved for the whole batch  [L, B, H]
-            self.hidden = (h.to(self.device).contiguous(), c.to(self.device).contiguous())
+            # saved for the whole batch, each [L, B, H]: (h, c) for an LSTM, (h,) for a GRU
+            self.hidden = tuple(t[:, self.shard].to(self.device).contiguous() for t in prog["hidden"])
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> bool:
@@ -249,7 +255,7 @@ class _Run:
         for k in range(p.step_in_epoch, self.n_batches):
             x, y = get_batch(self.train_data, k * cfg.bptt, cfg.bptt)  # [T, b]
             # truncate BPTT at the batch edge; fp32 so bf16 autocast never leaks into last.pt
-            state = (state[0].detach().float(), state[1].detach().float())
+            state = tuple(t.detach().float() for t in state)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 logits, state = self.net(x, state)  # [T, b, V]
                 # mean over this rank's equal shard: DDP's average over ranks is the global mean
@@ -415,9 +421,12 @@ def _check_resumable(saved: TrainConfig, cfg: TrainConfig, path: Path) -> None:
 
 
 def train(cfg: TrainConfig, data: str | None, out_dir: str | os.PathLike, *, resume: bool = False,
-          log: Log | None = None, progress_bar: bool = True, console: Console | None = None) -> Path:
+          log: Log | None = None, progress_bar: bool = True, console: Console | None = None,
+          targets: str | None = None) -> Path:
     """Train (or, with resume=True, continue) the run in `out_dir` on `data` (a path, split prefix,
     directory or http(s) URL; None when resuming: the run's own corpus). Returns best.pt's path.
+    cfg.task regression or classification trains a frame model instead (frame_trainer.py): `data`
+    is then frame data (frames.py) and `targets` the .npy of targets for .npy inputs.
 
     Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set) every process calls this; they train one
     model data-parallel and rank 0 alone logs and writes the run directory.
@@ -428,6 +437,15 @@ def train(cfg: TrainConfig, data: str | None, out_dir: str | os.PathLike, *, res
 
     Raises TrainError, DataError or CheckpointError with a message fit for the user.
     """
+    if cfg.task != "lm":  # float frames: their own data, model and loop
+        from lstmgen.train.frame_trainer import train_frames
+        return train_frames(cfg, data, out_dir, resume=resume, log=log, progress_bar=progress_bar,
+                            console=console, targets=targets)
+    if targets is not None:
+        raise TrainError("--targets is for frame data (--task regression or classification)")
+    if data and (data.startswith(("builtin:", "mnist:")) or data.endswith((".npz", ".npy"))):
+        raise TrainError(f"{data} is frame data, not text; train it with --task regression or "
+                         "--task classification")
     dist = ddp.from_env()
     console = console or Console(progress=progress_bar)
     if not dist.is_main:
@@ -497,6 +515,7 @@ def _train(cfg: TrainConfig, data: str, out: Path, prior: Checkpoint | None, dev
     log(f"data: {data} ({corpus.source['layout']} layout; tokens "
         + ", ".join(f"{k} {v:,}" for k, v in corpus.source["tokens"].items())
         + f"; vocab {len(corpus.vocab)}) | model: {n_params:,} parameters on {device}"
+        + (f" | cell {cfg.cell}" if cfg.cell != "lstm" else "")
         + (f" | {dist.world_size} processes (DDP), {cfg.batch_size // dist.world_size} streams each"
            if dist.enabled else "")
         + (" | bf16 autocast" if run.amp else "")
