@@ -1,14 +1,16 @@
-"""StackedLSTM state_dict -> ONNX graphs, built node by node with `onnx.helper`.
+"""Recurrent state_dicts -> ONNX graphs, built node by node with `onnx.helper`.
 
-Two graphs share one layout of initializers:
-  step   (model.onnx):  tokens int64 [B], h, c [L, B, H] -> logits [B, V], h_out, c_out [L, B, H]
-  prompt (prompt.onnx): tokens int64 [B, T], lengths int32 [B], h, c -> the same outputs, taken at
+The language model's two graphs share one layout of initializers:
+  step   (model.onnx):  tokens int64 [B], *state [L, B, H] -> logits [B, V], *state_out [L, B, H]
+  prompt (prompt.onnx): tokens int64 [B, T], lengths int32 [B], *state -> the same outputs, taken at
                         each row's last valid token (rows are right-padded).
+The state is (h, c) for an LSTM, (h,) for a GRU (lstmgen/bundle.py graph_names). The frame model's
+graphs (frame_graph.py) reuse the recurrent stack built here.
 
 Built by hand rather than with torch.onnx.export so that the names and the symbolic batch dim are
-exactly the bundle contract, each layer is one ONNX `LSTM` op whose W/R are plain initializers
-(quantize_dynamic turns those into DynamicQuantizeLSTM), and `sequence_lens` batches prompts of
-different lengths.
+exactly the bundle contract, each layer is one ONNX `LSTM` or `GRU` op whose W/R are plain
+initializers (quantize_dynamic turns LSTM ones into DynamicQuantizeLSTM), and `sequence_lens`
+batches prompts of different lengths.
 """
 from __future__ import annotations
 
@@ -20,17 +22,21 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from lstmgen import __version__
-from lstmgen.bundle import PROMPT_INPUTS, STEP_INPUTS, STEP_OUTPUTS
+from lstmgen.bundle import graph_names
 from lstmgen.errors import UsageError, UserError
 from lstmgen.train.config import ModelConfig
 
 DEFAULT_OPSET = 17
-MIN_OPSET = 14  # Squeeze/Unsqueeze take axes as an input from 13, LSTM gained `layout` in 14
+MIN_OPSET = 14  # Squeeze/Unsqueeze take axes as an input from 13, LSTM and GRU gained `layout` in 14
 BATCH, TIME = "batch", "time"  # symbolic dim names
 EMBED = "embed.weight"
 
 # PyTorch stacks the LSTM gate blocks as (i, f, g, o); ONNX expects (i, o, f, c).
 TORCH_TO_ONNX_GATES = (0, 3, 1, 2)
+# PyTorch stacks the GRU's as (r, z, n); ONNX expects (z, r, h). nn.GRU applies the reset gate after
+# the recurrent matmul and its bias (n = tanh(W_in x + b_in + r * (W_hn h + b_hn))): ONNX GRU's
+# linear_before_reset=1, whose Rbh sits inside the reset product the same way.
+TORCH_TO_ONNX_GRU_GATES = (1, 0, 2)
 
 
 class GraphError(UserError, ValueError):
@@ -38,24 +44,40 @@ class GraphError(UserError, ValueError):
 
 
 @dataclass(frozen=True)
+class RNNWeights:
+    """One stack of nn.LSTM / nn.GRU layers as ONNX initializers (float32, ONNX gate order)."""
+
+    cell: str  # "lstm" | "gru"
+    hidden_size: int
+    w: tuple[np.ndarray, ...]  # per layer [1, G*H, in] (G = 4 gates for an LSTM, 3 for a GRU)
+    r: tuple[np.ndarray, ...]  # per layer [1, G*H, H]
+    b: tuple[np.ndarray, ...]  # per layer [1, 2*G*H] = (Wb, Rb)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.w)
+
+
+@dataclass(frozen=True)
 class _Weights:
-    """The state_dict as ONNX initializers: float32 numpy arrays in ONNX layout."""
+    """The language model's state_dict as ONNX initializers."""
 
     embed: np.ndarray  # [V, E]
-    w: tuple[np.ndarray, ...]  # per layer [1, 4H, in]
-    r: tuple[np.ndarray, ...]  # per layer [1, 4H, H]
-    b: tuple[np.ndarray, ...]  # per layer [1, 8H] = (Wb, Rb)
+    rnn: RNNWeights
     head_w: np.ndarray | None  # [V, H]; None when tied to the embedding
     head_b: np.ndarray  # [V]
 
 
-def reorder_gates(a: np.ndarray, hidden_size: int) -> np.ndarray:
-    """Reorder the 4 gate blocks along axis 0 from PyTorch's (i, f, g, o) to ONNX's (i, o, f, c)."""
-    blocks = a.reshape(4, hidden_size, *a.shape[1:])
-    return blocks[list(TORCH_TO_ONNX_GATES)].reshape(a.shape)
+def reorder_gates(a: np.ndarray, hidden_size: int, order: tuple[int, ...] | None = None) -> np.ndarray:
+    """Reorder the gate blocks along axis 0 from PyTorch's order to ONNX's; `order` defaults to the
+    LSTM's (i, f, g, o) -> (i, o, f, c)."""
+    order = TORCH_TO_ONNX_GATES if order is None else order  # read at call time: tests patch it
+    blocks = a.reshape(len(order), hidden_size, *a.shape[1:])
+    return blocks[list(order)].reshape(a.shape)
 
 
-def _array(state_dict: Mapping, key: str, shape: tuple[int, ...]) -> np.ndarray:
+def array_of(state_dict: Mapping, key: str, shape: tuple[int, ...]) -> np.ndarray:
+    """state_dict[key] as float32 numpy, which must have `shape`."""
     if key not in state_dict:
         raise GraphError(f"state_dict has no {key!r}")
     t = state_dict[key]
@@ -65,22 +87,31 @@ def _array(state_dict: Mapping, key: str, shape: tuple[int, ...]) -> np.ndarray:
     return a
 
 
-def _weights(state_dict: Mapping, cfg: ModelConfig) -> _Weights:
-    V, E, H, L = cfg.vocab_size, cfg.embedding_size, cfg.hidden_size, cfg.num_layers
+def rnn_weights(state_dict: Mapping, cell: str, input_size: int, hidden_size: int,
+                num_layers: int) -> RNNWeights:
+    """The `{cell}.*_l{k}` tensors of nn.LSTM / nn.GRU in ONNX layout."""
+    H = hidden_size
+    order = TORCH_TO_ONNX_GATES if cell == "lstm" else TORCH_TO_ONNX_GRU_GATES
+    gates = len(order)
     w, r, b = [], [], []
-    for k in range(L):
-        n_in = E if k == 0 else H
-        w.append(reorder_gates(_array(state_dict, f"lstm.weight_ih_l{k}", (4 * H, n_in)), H)[None])
-        r.append(reorder_gates(_array(state_dict, f"lstm.weight_hh_l{k}", (4 * H, H)), H)[None])
-        b_ih = reorder_gates(_array(state_dict, f"lstm.bias_ih_l{k}", (4 * H,)), H)
-        b_hh = reorder_gates(_array(state_dict, f"lstm.bias_hh_l{k}", (4 * H,)), H)
-        b.append(np.concatenate([b_ih, b_hh])[None])  # [1, 8H]
-    head_w = None if cfg.tie_weights else _array(state_dict, "head.weight", (V, H))
-    return _Weights(_array(state_dict, EMBED, (V, E)), tuple(w), tuple(r), tuple(b),
-                    head_w, _array(state_dict, "head.bias", (V,)))
+    for k in range(num_layers):
+        n_in = input_size if k == 0 else H
+        w.append(reorder_gates(array_of(state_dict, f"{cell}.weight_ih_l{k}", (gates * H, n_in)), H, order)[None])
+        r.append(reorder_gates(array_of(state_dict, f"{cell}.weight_hh_l{k}", (gates * H, H)), H, order)[None])
+        b_ih = reorder_gates(array_of(state_dict, f"{cell}.bias_ih_l{k}", (gates * H,)), H, order)
+        b_hh = reorder_gates(array_of(state_dict, f"{cell}.bias_hh_l{k}", (gates * H,)), H, order)
+        b.append(np.concatenate([b_ih, b_hh])[None])  # [1, 2GH]
+    return RNNWeights(cell, H, tuple(w), tuple(r), tuple(b))
 
 
-class _Builder:
+def _weights(state_dict: Mapping, cfg: ModelConfig) -> _Weights:
+    V, E, H = cfg.vocab_size, cfg.embedding_size, cfg.hidden_size
+    rnn = rnn_weights(state_dict, cfg.cell, E, H, cfg.num_layers)
+    head_w = None if cfg.tie_weights else array_of(state_dict, "head.weight", (V, H))
+    return _Weights(array_of(state_dict, EMBED, (V, E)), rnn, head_w, array_of(state_dict, "head.bias", (V,)))
+
+
+class Builder:
     """Collects nodes and initializers; `op` returns the output name(s) of the node it adds."""
 
     def __init__(self) -> None:
@@ -99,59 +130,61 @@ class _Builder:
         self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name, **attrs))
         return outputs
 
+    def axis(self, k: int) -> str:
+        return self.init(f"axis{k}", np.array([k], dtype=np.int64))
 
-def _lstm_stack(g: _Builder, wt: _Weights, x: str, h: str, c: str, seq_lens: str,
-                num_layers: int, hidden_size: int) -> str:
-    """The layers over x [T, B, E]; writes h_out/c_out [L, B, H]; returns the last Y_h [B, H]."""
-    ys_h, ys_c = [], []
-    for k in range(num_layers):
-        if num_layers == 1:  # the whole state is this layer's; no slicing, no concat
-            h0, c0, yh, yc = h, c, STEP_OUTPUTS[1], STEP_OUTPUTS[2]
+
+def rnn_stack(g: Builder, rnn: RNNWeights, x: str, state_in: tuple[str, ...], state_out: tuple[str, ...],
+              seq_lens: str, top_sequence: bool = False) -> tuple[str, str | None]:
+    """The layers over x [T, B, in]; writes `state_out` ([L, B, H] each, from `state_in`). Returns
+    the top layer's last output [B, H] and, with `top_sequence`, its output at every step
+    [T, 1, B, H] (zero past each row's length)."""
+    L, op_type = rnn.num_layers, rnn.cell.upper()
+    attrs = {"linear_before_reset": 1} if rnn.cell == "gru" else {}
+    finals: list[list[str]] = [[] for _ in state_in]  # per state tensor, each layer's final value
+    top_y = None
+    for k in range(L):
+        if L == 1:  # the whole state is this layer's; no slicing, no concat
+            init, outs = list(state_in), list(state_out)
         else:
             idx = g.init(f"layer{k}.index", np.array([k], dtype=np.int64))
-            # Gather with a 1-element index keeps axis 0: [1, B, H], the LSTM op's initial_h
-            [h0] = g.op("Gather", [h, idx], [f"layer{k}.h0"], axis=0)
-            [c0] = g.op("Gather", [c, idx], [f"layer{k}.c0"], axis=0)
-            yh, yc = f"layer{k}.Y_h", f"layer{k}.Y_c"
-        last = k == num_layers - 1
-        y = "" if last else f"layer{k}.Y"  # the top layer's Y is not needed: logits come from Y_h
-        g.op("LSTM", [x, g.init(f"lstm.W_l{k}", wt.w[k]), g.init(f"lstm.R_l{k}", wt.r[k]),
-                      g.init(f"lstm.B_l{k}", wt.b[k]), seq_lens, h0, c0],
-             [y, yh, yc], hidden_size=hidden_size, direction="forward")
+            # Gather with a 1-element index keeps axis 0: [1, B, H], the op's initial_h / initial_c
+            init = [g.op("Gather", [s, idx], [f"layer{k}.{s}0"], axis=0)[0] for s in state_in]
+            outs = [f"layer{k}.Y_{s}" for s in state_in]
+        last = k == L - 1
+        # the top layer's Y is only needed for per-step outputs: the text head reads Y_h
+        y = f"layer{k}.Y" if not last else ("top.Y" if top_sequence else "")
+        g.op(op_type, [x, g.init(f"{rnn.cell}.W_l{k}", rnn.w[k]), g.init(f"{rnn.cell}.R_l{k}", rnn.r[k]),
+                       g.init(f"{rnn.cell}.B_l{k}", rnn.b[k]), seq_lens, *init],
+             [y, *outs], hidden_size=rnn.hidden_size, direction="forward", **attrs)
         if not last:
             # Y [T, 1, B, H] -> [T, B, H]; past a row's length it is zero, and the next layer
             # stops at the same length, so the padding never reaches a state
-            [x] = g.op("Squeeze", [y, g.init("axis1", np.array([1], dtype=np.int64))],
-                       [f"layer{k}.out"])
-        ys_h.append(yh)
-        ys_c.append(yc)
-    if num_layers > 1:
-        g.op("Concat", ys_h, [STEP_OUTPUTS[1]], axis=0)  # [L, B, H]
-        g.op("Concat", ys_c, [STEP_OUTPUTS[2]], axis=0)
-    axis0 = g.init("axis0", np.array([0], dtype=np.int64))
-    [top] = g.op("Squeeze", [ys_h[-1], axis0], ["top.h"])  # [B, H]
-    return top
+            [x] = g.op("Squeeze", [y, g.axis(1)], [f"layer{k}.out"])
+        else:
+            top_y = y or None
+        for final, o in zip(finals, outs):
+            final.append(o)
+    if L > 1:
+        for final, name in zip(finals, state_out):
+            g.op("Concat", final, [name], axis=0)  # [L, B, H]
+    [top] = g.op("Squeeze", [finals[0][-1], g.axis(0)], ["top.h"])  # [B, H]
+    return top, top_y
 
 
-def _head(g: _Builder, wt: _Weights, top: str) -> None:
-    # Tied: the head reads the embedding initializer itself, so the matrix is stored once
-    weight = EMBED if wt.head_w is None else g.init("head.weight", wt.head_w)
-    g.op("Gemm", [top, weight, g.init("head.bias", wt.head_b)], [STEP_OUTPUTS[0]], transB=1)  # [B, V]
+def state_io(num_layers: int, hidden_size: int, state_in: tuple[str, ...], state_out: tuple[str, ...],
+             state_doc: str = "state after the input [L, B, H]"
+             ) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
+    """Value infos of the state inputs and outputs, each float32 [L, B, H]."""
+    L, H, f32 = num_layers, hidden_size, TensorProto.FLOAT
+    ins = [helper.make_tensor_value_info(n, f32, [L, BATCH, H], doc_string=f"{n} state [L, B, H]")
+           for n in state_in]
+    outs = [helper.make_tensor_value_info(n, f32, [L, BATCH, H], doc_string=state_doc) for n in state_out]
+    return ins, outs
 
 
-def _state_io(cfg: ModelConfig) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
-    L, H, V = cfg.num_layers, cfg.hidden_size, cfg.vocab_size
-    f32 = TensorProto.FLOAT
-    state_in = [helper.make_tensor_value_info(n, f32, [L, BATCH, H], doc_string=f"{n} state [L, B, H]")
-                for n in STEP_INPUTS[1:]]
-    outputs = [helper.make_tensor_value_info(STEP_OUTPUTS[0], f32, [BATCH, V], doc_string="next-token logits [B, V]")]
-    outputs += [helper.make_tensor_value_info(n, f32, [L, BATCH, H], doc_string="state after the input [L, B, H]")
-                for n in STEP_OUTPUTS[1:]]
-    return state_in, outputs
-
-
-def _model(g: _Builder, name: str, doc: str, inputs, outputs, cfg: ModelConfig, kind: str,
-           opset: int) -> onnx.ModelProto:
+def make_model(g: Builder, name: str, doc: str, inputs, outputs, meta: dict, opset: int) -> onnx.ModelProto:
+    """The graph as a model of `opset`, with lstmgen's metadata props (`meta`, as strings)."""
     if opset < MIN_OPSET:
         raise UsageError(f"opset {opset} is too old; lstmgen exports opset {MIN_OPSET} or newer")
     graph = helper.make_graph(g.nodes, name, inputs, outputs, initializer=g.inits, doc_string=doc)
@@ -159,44 +192,69 @@ def _model(g: _Builder, name: str, doc: str, inputs, outputs, cfg: ModelConfig, 
     model = helper.make_model(graph, opset_imports=opsets, producer_name="lstmgen",
                               producer_version=__version__, doc_string=doc,
                               ir_version=helper.find_min_ir_version_for(opsets))
-    meta = {"lstmgen.graph": kind, "lstmgen.vocab_size": cfg.vocab_size,
-            "lstmgen.embedding_size": cfg.embedding_size, "lstmgen.hidden_size": cfg.hidden_size,
-            "lstmgen.num_layers": cfg.num_layers, "lstmgen.tie_weights": cfg.tie_weights}
     helper.set_model_props(model, {k: str(v) for k, v in meta.items()})
     return model
 
 
+# -- the language model ---------------------------------------------------------------------------
+def _head(g: Builder, wt: _Weights, top: str, out: str) -> None:
+    # Tied: the head reads the embedding initializer itself, so the matrix is stored once
+    weight = EMBED if wt.head_w is None else g.init("head.weight", wt.head_w)
+    g.op("Gemm", [top, weight, g.init("head.bias", wt.head_b)], [out], transB=1)  # [B, V]
+
+
+def _text_io(cfg: ModelConfig, names: dict) -> tuple[list, list]:
+    state_in, state_out = state_io(cfg.num_layers, cfg.hidden_size, names["inputs"][1:], names["outputs"][1:])
+    logits = helper.make_tensor_value_info(names["outputs"][0], TensorProto.FLOAT, [BATCH, cfg.vocab_size],
+                                           doc_string="next-token logits [B, V]")
+    return state_in, [logits, *state_out]
+
+
+def _text_meta(cfg: ModelConfig, kind: str) -> dict:
+    meta = {"lstmgen.graph": kind, "lstmgen.vocab_size": cfg.vocab_size,
+            "lstmgen.embedding_size": cfg.embedding_size, "lstmgen.hidden_size": cfg.hidden_size,
+            "lstmgen.num_layers": cfg.num_layers, "lstmgen.tie_weights": cfg.tie_weights}
+    if cfg.cell != "lstm":  # LSTM graphs keep the props (and bytes) they had before the GRU
+        meta["lstmgen.cell"] = cfg.cell
+    return meta
+
+
 def build_step_graph(state_dict: Mapping, cfg: ModelConfig, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
-    """One LSTM step for a batch: tokens [B], (h, c) [L, B, H] -> logits [B, V], (h_out, c_out)."""
+    """One step for a batch: tokens [B], state [L, B, H] each -> logits [B, V], the new state."""
     wt = _weights(state_dict, cfg)
-    g = _Builder()
-    [emb] = g.op("Gather", [g.init(EMBED, wt.embed), STEP_INPUTS[0]], ["embedded"], axis=0)  # [B, E]
-    [x] = g.op("Unsqueeze", [emb, g.init("axis0", np.array([0], dtype=np.int64))], ["x"])  # [1, B, E]
-    top = _lstm_stack(g, wt, x, STEP_INPUTS[1], STEP_INPUTS[2], "", cfg.num_layers, cfg.hidden_size)
-    _head(g, wt, top)
-    state_in, outputs = _state_io(cfg)
-    tokens = helper.make_tensor_value_info(STEP_INPUTS[0], TensorProto.INT64, [BATCH], doc_string="token ids [B]")
-    doc = ("lstmgen step graph: one token per row -> next-token logits and the new LSTM state. "
-           "Feed h_out/c_out back as h/c; rows are independent, so a batch is any stack of states.")
-    return _model(g, "lstmgen_step", doc, [tokens, *state_in], outputs, cfg, "step", opset)
+    names = graph_names("text", cfg.cell)
+    ins, outs = names["inputs"], names["outputs"]
+    g = Builder()
+    [emb] = g.op("Gather", [g.init(EMBED, wt.embed), ins[0]], ["embedded"], axis=0)  # [B, E]
+    [x] = g.op("Unsqueeze", [emb, g.axis(0)], ["x"])  # [1, B, E]
+    top, _ = rnn_stack(g, wt.rnn, x, ins[1:], outs[1:], "")
+    _head(g, wt, top, outs[0])
+    state_in, outputs = _text_io(cfg, names)
+    tokens = helper.make_tensor_value_info(ins[0], TensorProto.INT64, [BATCH], doc_string="token ids [B]")
+    doc = (f"lstmgen step graph: one token per row -> next-token logits and the new {cfg.cell.upper()} state. "
+           f"Feed {'/'.join(outs[1:])} back as {'/'.join(ins[1:])}; rows are independent, so a batch is "
+           "any stack of states.")
+    return make_model(g, "lstmgen_step", doc, [tokens, *state_in], outputs, _text_meta(cfg, "step"), opset)
 
 
 def build_prompt_graph(state_dict: Mapping, cfg: ModelConfig, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
-    """A whole right-padded prompt batch: tokens [B, T], lengths [B], (h, c) -> logits at each
-    row's last valid token [B, V] and the state after it (h_out, c_out) [L, B, H]."""
+    """A whole right-padded prompt batch: tokens [B, T], lengths [B], state -> logits at each
+    row's last valid token [B, V] and the state after it [L, B, H] each."""
     wt = _weights(state_dict, cfg)
-    g = _Builder()
-    # ONNX Runtime runs the LSTM op only time-major (layout=0): transpose the ids, not the floats
-    [tt] = g.op("Transpose", [PROMPT_INPUTS[0]], ["tokens.T"], perm=[1, 0])  # [T, B]
+    names = graph_names("text", cfg.cell)
+    ins, outs = names["prompt_inputs"], names["outputs"]
+    g = Builder()
+    # ONNX Runtime runs the LSTM/GRU ops only time-major (layout=0): transpose the ids, not the floats
+    [tt] = g.op("Transpose", [ins[0]], ["tokens.T"], perm=[1, 0])  # [T, B]
     [x] = g.op("Gather", [g.init(EMBED, wt.embed), tt], ["x"], axis=0)  # [T, B, E]
-    top = _lstm_stack(g, wt, x, PROMPT_INPUTS[2], PROMPT_INPUTS[3], PROMPT_INPUTS[1],
-                      cfg.num_layers, cfg.hidden_size)
-    _head(g, wt, top)
-    state_in, outputs = _state_io(cfg)
-    tokens = helper.make_tensor_value_info(PROMPT_INPUTS[0], TensorProto.INT64, [BATCH, TIME],
+    top, _ = rnn_stack(g, wt.rnn, x, ins[2:], outs[1:], ins[1])
+    _head(g, wt, top, outs[0])
+    state_in, outputs = _text_io(cfg, names)
+    tokens = helper.make_tensor_value_info(ins[0], TensorProto.INT64, [BATCH, TIME],
                                            doc_string="token ids [B, T], right-padded")
-    lengths = helper.make_tensor_value_info(PROMPT_INPUTS[1], TensorProto.INT32, [BATCH],
+    lengths = helper.make_tensor_value_info(ins[1], TensorProto.INT32, [BATCH],
                                             doc_string="valid tokens per row [B], 1 <= lengths <= T")
     doc = ("lstmgen prompt graph: a right-padded batch of prompts in one call -> the logits after "
            "each row's last valid token and the state there (continue with the step graph).")
-    return _model(g, "lstmgen_prompt", doc, [tokens, lengths, *state_in], outputs, cfg, "prompt", opset)
+    return make_model(g, "lstmgen_prompt", doc, [tokens, lengths, *state_in], outputs,
+                      _text_meta(cfg, "prompt"), opset)

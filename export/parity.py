@@ -1,4 +1,5 @@
-"""Parity: the exported graphs, run by ONNX Runtime, against the PyTorch model they came from.
+"""Parity: the exported graphs, run by ONNX Runtime, against the PyTorch language model they came from
+(frame models: frame_parity.py). The state is a tuple: (h, c) for an LSTM, (h,) for a GRU.
 
 Step graph vs PyTorch: both are stepped in lockstep over every row's prompt and then `steps` greedy
 tokens, at each batch size (batch 1 and batch 7 by default, a different prompt of a different
@@ -18,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from lstmgen.bundle import PROMPT_INPUTS, STEP_INPUTS
+from lstmgen.bundle import STATE_NAMES, graph_names
 from lstmgen.errors import UsageError, UserError
 from lstmgen.train.model import StackedLSTM
 
@@ -41,7 +42,7 @@ class StepParity:
     batch: int
     steps: int  # lockstep calls; every row generates at least the requested greedy steps
     max_logit_diff: float
-    max_state_diff: float  # final (h, c)
+    max_state_diff: float  # final state, every tensor
     token_agreement: float  # fraction of (step, row) where both argmaxes agree
     tokens_identical: bool
 
@@ -61,9 +62,23 @@ class GraphParity:
     step: tuple[StepParity, ...]
     prompt: PromptParity | None
 
+    def lines(self) -> list[str]:
+        out = [f"{self.quantization} step graph vs PyTorch, batch {s.batch}, {s.steps} steps: "
+               f"max |logit diff| {s.max_logit_diff:.3g}, state diff {s.max_state_diff:.3g}, "
+               f"greedy tokens {'identical' if s.tokens_identical else 'DIFFER'} "
+               f"(agreement {s.token_agreement:.1%})" for s in self.step]
+        if self.prompt is not None:
+            out.append(f"{self.quantization} prompt graph vs step graph, lengths {list(self.prompt.lengths)}: "
+                       f"max |logit diff| {self.prompt.max_logit_diff:.3g}, "
+                       f"state diff {self.prompt.max_state_diff:.3g}")
+        return out
+
 
 @dataclass(frozen=True)
 class ParityReport:
+    """fp32 (enforced) and int8 (measured) results: GraphParity for text, frame_parity's
+    FrameGraphParity for frames; both have `lines()`."""
+
     fp32: GraphParity
     int8: GraphParity | None = None
 
@@ -71,20 +86,7 @@ class ParityReport:
         return asdict(self)
 
     def lines(self) -> list[str]:
-        out = []
-        for gp in (self.fp32, self.int8):
-            if gp is None:
-                continue
-            for s in gp.step:
-                out.append(f"{gp.quantization} step graph vs PyTorch, batch {s.batch}, {s.steps} steps: "
-                           f"max |logit diff| {s.max_logit_diff:.3g}, state diff {s.max_state_diff:.3g}, "
-                           f"greedy tokens {'identical' if s.tokens_identical else 'DIFFER'} "
-                           f"(agreement {s.token_agreement:.1%})")
-            if gp.prompt is not None:
-                out.append(f"{gp.quantization} prompt graph vs step graph, lengths {list(gp.prompt.lengths)}: "
-                           f"max |logit diff| {gp.prompt.max_logit_diff:.3g}, "
-                           f"state diff {gp.prompt.max_state_diff:.3g}")
-        return out
+        return [line for gp in (self.fp32, self.int8) if gp is not None for line in gp.lines()]
 
 
 def session(path: str | os.PathLike) -> ort.InferenceSession:
@@ -100,7 +102,7 @@ def session(path: str | os.PathLike) -> ort.InferenceSession:
 
 
 @contextmanager
-def _torch_single_thread() -> Iterator[None]:
+def torch_single_thread() -> Iterator[None]:
     # One token per call is far too little work to share out, and PyTorch's pool waits for every
     # worker at each op: with another process on the cores, one step takes a scheduler tick per op
     previous = torch.get_num_threads()
@@ -128,17 +130,18 @@ def check_step(model: StackedLSTM, sess: ort.InferenceSession, prompts: list[lis
                steps: int, strict: bool = True, logit_tol: float = LOGIT_TOL) -> StepParity:
     """Lockstep greedy decoding of PyTorch and ORT; both always get the same (PyTorch's) tokens,
     so the argmax comparison at every position is on identical inputs."""
-    B, L, H = len(prompts), model.cfg.num_layers, model.cfg.hidden_size
-    h_t, c_t = model.init_state(B)  # [L, B, H]
-    h_o, c_o = h_t.numpy(), c_t.numpy()
+    B = len(prompts)
+    names = graph_names("text", model.cfg.cell)["inputs"]
+    state_t = model.init_state(B)  # each [L, B, H]
+    state_o = tuple(s.numpy() for s in state_t)
     tokens = np.array([p[0] for p in prompts], dtype=np.int64)  # [B]
     n_calls = max(len(p) for p in prompts) + steps - 1
     max_diff, agree = 0.0, 0
-    with torch.inference_mode(), _torch_single_thread():
+    with torch.inference_mode(), torch_single_thread():
         for t in range(n_calls):
-            logits_t, (h_t, c_t) = model(torch.from_numpy(tokens)[None], (h_t, c_t))
+            logits_t, state_t = model(torch.from_numpy(tokens)[None], state_t)
             ref = logits_t[0].numpy()  # [B, V]
-            got, h_o, c_o = sess.run(None, {STEP_INPUTS[0]: tokens, STEP_INPUTS[1]: h_o, STEP_INPUTS[2]: c_o})
+            got, *state_o = sess.run(None, dict(zip(names, (tokens, *state_o))))
             diff = float(np.abs(got - ref).max())
             max_diff = max(max_diff, diff)
             want, have = ref.argmax(-1), got.argmax(-1)  # [B]
@@ -148,7 +151,7 @@ def check_step(model: StackedLSTM, sess: ort.InferenceSession, prompts: list[lis
             # rows still in their prompt get its next token, the others their greedy choice
             tokens = np.array([p[t + 1] if t + 1 < len(p) else want[r] for r, p in enumerate(prompts)],
                               dtype=np.int64)
-    state_diff = max(float(np.abs(h_o - h_t.numpy()).max()), float(np.abs(c_o - c_t.numpy()).max()))
+    state_diff = max_diff_of(state_o, [s.numpy() for s in state_t])
     return StepParity(B, n_calls, max_diff, state_diff, agree / (n_calls * B), agree == n_calls * B)
 
 
@@ -167,28 +170,39 @@ def _raise_on_mismatch(want, have, ref, got, diff, logit_tol, batch, t) -> None:
                           f"exceeds {tol:.3g} (ONNX {got[r, v]:.6g}, PyTorch {ref[r, v]:.6g})")
 
 
+def max_diff_of(a, b) -> float:
+    """The largest |difference| over pairs of arrays (the tensors of two states)."""
+    return max(float(np.abs(x - y).max()) for x, y in zip(a, b))
+
+
+def random_state(cell: str, num_layers: int, batch: int, hidden_size: int, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """A non-zero initial state, so a graph that ignored its state inputs would be caught."""
+    rng = np.random.default_rng(seed)
+    return tuple((0.5 * rng.standard_normal((num_layers, batch, hidden_size))).astype(np.float32)  # [L, B, H]
+                 for _ in STATE_NAMES[cell])
+
+
 def check_prompt(prompt_sess: ort.InferenceSession, step_sess: ort.InferenceSession,
                  prompts: list[list[int]], num_layers: int, hidden_size: int,
-                 strict: bool = True, tol: float = PROMPT_TOL, seed: int = 0) -> PromptParity:
+                 strict: bool = True, tol: float = PROMPT_TOL, seed: int = 0, cell: str = "lstm") -> PromptParity:
     """One right-padded [B, T] prompt-graph call against stepping each row alone at batch 1."""
     B, T = len(prompts), max(len(p) for p in prompts)
-    rng = np.random.default_rng(seed)
-    h0 = (0.5 * rng.standard_normal((num_layers, B, hidden_size))).astype(np.float32)  # [L, B, H]
-    c0 = (0.5 * rng.standard_normal((num_layers, B, hidden_size))).astype(np.float32)
+    names = graph_names("text", cell)
+    state0 = random_state(cell, num_layers, B, hidden_size, seed)
     tokens = np.zeros((B, T), dtype=np.int64)  # padding id 0: must be ignored past each length
     for r, p in enumerate(prompts):
         tokens[r, :len(p)] = p
     lengths = np.array([len(p) for p in prompts], dtype=np.int32)  # [B]
-    logits, h, c = prompt_sess.run(None, dict(zip(PROMPT_INPUTS, (tokens, lengths, h0, c0))))
+    logits, *state = prompt_sess.run(None, dict(zip(names["prompt_inputs"], (tokens, lengths, *state0))))
     max_logit, max_state = 0.0, 0.0
     for r, p in enumerate(prompts):
-        hr, cr = h0[:, r:r + 1], c0[:, r:r + 1]  # [L, 1, H]
+        row = [s[:, r:r + 1] for s in state0]  # each [L, 1, H]
         for tok in p:
-            lr, hr, cr = step_sess.run(None, dict(zip(STEP_INPUTS, (np.array([tok], np.int64), hr, cr))))
+            lr, *row = step_sess.run(None, dict(zip(names["inputs"], (np.array([tok], np.int64), *row))))
         dl = float(np.abs(lr[0] - logits[r]).max())
-        ds = max(float(np.abs(hr[:, 0] - h[:, r]).max()), float(np.abs(cr[:, 0] - c[:, r]).max()))
+        ds = max_diff_of(row, [s[:, r:r + 1] for s in state])
         if strict and max(dl, ds) > tol:
-            what = "logits" if dl > tol else "state (h_out/c_out)"
+            what = "logits" if dl > tol else f"state ({'/'.join(names['outputs'][1:])})"
             raise ParityError(f"prompt graph row {r} (length {len(p)} of {T}): {what} differ from stepping "
                               f"the prompt token by token by {max(dl, ds):.3g} (tolerance {tol:g})")
         max_logit, max_state = max(max_logit, dl), max(max_state, ds)
@@ -209,5 +223,5 @@ def check_graphs(model: StackedLSTM, step_path: str | os.PathLike,
     if prompt_path is not None:
         prompts = verification_prompts(first_prompt, V, max(batch_sizes))
         prompt = check_prompt(session(prompt_path), step_sess, prompts, model.cfg.num_layers,
-                              model.cfg.hidden_size, strict)
+                              model.cfg.hidden_size, strict, cell=model.cfg.cell)
     return GraphParity(quantization, step, prompt)

@@ -244,14 +244,14 @@ def ort_steps(bundle: Path, batches, seconds: float = 1.5, modes=(), windows: in
     rng = np.random.default_rng(0)
     for b in batches:
         tokens = rng.integers(0, engine.manifest.vocab_size, b).astype(np.int64)
-        h, c = engine.zeros(b)
+        state = engine.zeros(b)
         for _ in range(5):
-            logits, h, c = engine.step(tokens, h, c)
+            logits, state = engine.step(tokens, state)
         rates = []
         for _ in range(windows):
             n, t0 = 0, time.perf_counter()
             while time.perf_counter() - t0 < seconds:
-                logits, h, c = engine.step(tokens, h, c)
+                logits, state = engine.step(tokens, state)
                 n += 1
             rates.append(n / (time.perf_counter() - t0))
         steps_per_s = float(np.median(rates))

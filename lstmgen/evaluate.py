@@ -160,7 +160,7 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, cfg: EvalConfig = Eval
     ids, mapped, skipped = encode_text(engine.manifest.vocab, read_text(data), str(data), cfg.skip_unknown)
     source = batchify(ids, cfg.batch_size, str(data))  # [N, B]
     n_steps = source.shape[0] - 1
-    h, c = engine.zeros(cfg.batch_size)  # [L, B, H]
+    state = engine.zeros(cfg.batch_size)  # each [L, B, H]
     total = 0.0
     t0 = time.perf_counter()
     with display.progress_bar(total=n_steps, unit="step") as bar:
@@ -168,7 +168,7 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, cfg: EvalConfig = Eval
             t_len = min(cfg.bptt, n_steps - i)
             chunk = []
             for t in range(i, i + t_len):
-                logits, h, c = engine.step(source[t], h, c)  # [B, V]; the state runs through the file
+                logits, state = engine.step(source[t], state)  # [B, V]; the state runs through the file
                 chunk.append(logits)
             total += nll_sum(np.concatenate(chunk), source[i + 1:i + 1 + t_len].reshape(-1))
             bar.update(t_len)

@@ -1,8 +1,9 @@
 """Per-request generation state, and the batch of rows that share one model step.
 
 As in TGI v0.4.0, a `Batch` owns the per-step arrays plus ONE list of per-request objects, and
-`filter`/`concatenate` return new batches. For an LSTM a row's whole context is its (h, c)
-column, so joining and leaving is indexing along axis 1.
+`filter`/`concatenate` return new batches. A recurrent model's whole context for a row is its
+column of the state tensors (an LSTM's (h, c), a GRU's h; the manifest says which), so joining
+and leaving is indexing along axis 1.
 """
 from __future__ import annotations
 
@@ -26,14 +27,14 @@ class Sequence:
     stopper: StopChecker
     sink: object  # where its output goes (scheduler.Stream); opaque here
     primed: int = 0  # prompt tokens consumed so far
-    # State after `primed` tokens while a long prompt is primed in chunks: (h, c), each [L, H]
-    partial: tuple[np.ndarray, np.ndarray] | None = None
+    # State after `primed` tokens while a long prompt is primed in chunks: each state tensor [L, H]
+    partial: tuple[np.ndarray, ...] | None = None
     cancelled: bool = False  # set by the consumer's thread; read by the scheduler between steps
     history: TokenHistory | None = None  # seen tokens, for requests with a penalty
     carried: int = 0  # 1 when prompt_ids[0] is a continued state's last token (not the prompt's)
-    # A pure continuation (a state and no prompt): its last token and state, (h, c) each [L, H];
-    # the row joins the decode batch directly, as if it had never left it.
-    rejoin: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None
+    # A pure continuation (a state and no prompt): its last token and state (each [L, H]); the
+    # row joins the decode batch directly, as if it had never left it.
+    rejoin: tuple[int, tuple[np.ndarray, ...]] | None = None
     want_state: bool = False  # return_state or state_every: outputs may carry the state
 
     @property
@@ -55,8 +56,8 @@ def host(x) -> np.ndarray:
 class Batch:
     seqs: list[Sequence]
     tokens: np.ndarray  # int64 [B]: each row's last sampled token, the next step's input
-    h: np.ndarray  # float32 [L, B, H] (an OrtValue on the device between steps with IO binding)
-    c: np.ndarray  # float32 [L, B, H]
+    # the state tensors, each float32 [L, B, H] (OrtValues on the device between steps with IO binding)
+    state: tuple
     sampling: BatchSampling = field(repr=False)
     # per batch, not per step: the rows that report logprobs, and each row's penalty history
     logprob_rows: list[int] = field(default_factory=list, repr=False)
@@ -66,8 +67,8 @@ class Batch:
         return len(self.seqs)
 
     @classmethod
-    def create(cls, seqs: list[Sequence], tokens: np.ndarray, h: np.ndarray, c: np.ndarray) -> "Batch":
-        return cls(seqs, tokens, h, c, BatchSampling.from_params([s.request.sampling for s in seqs]),
+    def create(cls, seqs: list[Sequence], tokens: np.ndarray, state: tuple) -> "Batch":
+        return cls(seqs, tokens, state, BatchSampling.from_params([s.request.sampling for s in seqs]),
                    [i for i, s in enumerate(seqs) if s.request.logprobs], [s.history for s in seqs])
 
     def filter(self, keep: list[int]) -> "Batch | None":
@@ -79,7 +80,7 @@ class Batch:
         idx = np.asarray(keep)
         # Rows leave: the one time state crosses back to the host under IO binding.
         return Batch.create([self.seqs[i] for i in keep], self.tokens[idx],
-                            host(self.h)[:, idx], host(self.c)[:, idx])  # [L, B', H]
+                            tuple(host(x)[:, idx] for x in self.state))  # each [L, B', H]
 
     @staticmethod
     def concatenate(batches: list["Batch | None"]) -> "Batch | None":
@@ -90,5 +91,5 @@ class Batch:
             return batches[0]
         return Batch.create([s for b in batches for s in b.seqs],
                             np.concatenate([b.tokens for b in batches]),
-                            np.concatenate([host(b.h) for b in batches], axis=1),  # [L, B1+B2, H]
-                            np.concatenate([host(b.c) for b in batches], axis=1))
+                            tuple(np.concatenate([host(b.state[k]) for b in batches], axis=1)  # [L, B1+B2, H]
+                                  for k in range(len(batches[0].state))))

@@ -14,6 +14,7 @@ import onnxruntime as ort
 
 from lstmgen.bundle import BundleError, Manifest, load_manifest, read_graph
 from lstmgen.errors import UsageError
+from lstmgen.serve.state_blob import state_layout
 
 log = logging.getLogger("lstmgen.engine")
 
@@ -74,6 +75,7 @@ class Engine:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         elif cfg.spin == "run":
             opts.add_session_config_entry("session.force_spinning_stop", "1")
+        self._opts, self._providers = opts, providers  # for the graphs a subclass opens
         self.step_session = self._open(self.manifest.model_file, self.manifest.model_sha256, opts, providers)
         self.provider = self.step_session.get_providers()[0]
         if cfg.device == "cuda" and self.provider != CUDA:
@@ -84,6 +86,11 @@ class Engine:
         self.prompt_session = (self._open(self.manifest.prompt_model_file, self.manifest.prompt_model_sha256 or "",
                                           opts, providers)
                                if self.manifest.prompt_model_file else None)
+        # The state tensors, in the graphs' order (the step graph's inputs after the tokens): (h, c)
+        # for an LSTM, (h,) for a GRU; one row's shape each, [L, H] (the graphs hold [L, B, H]).
+        layout = state_layout(self.manifest)
+        self.state_names: tuple[str, ...] = tuple(name for name, _ in layout)
+        self.state_shapes: tuple[tuple[int, int], ...] = tuple(shape for _, shape in layout)
         self._check_contract()
         self.io_binding = cfg.io_binding == "on" or (cfg.io_binding == "auto" and self.provider == CUDA)
         self._state_device = "cuda" if self.provider == CUDA else "cpu"
@@ -116,66 +123,69 @@ class Engine:
         if tuple(ins) != want_inputs or tuple(outs) != m.outputs:
             raise BundleError(f"{path}: graph inputs {list(ins)} / outputs {list(outs)} differ from the "
                               f"manifest's {list(want_inputs)} / {list(m.outputs)}")
-        tokens, h, c = ins[want_inputs[0]], ins[want_inputs[-2]], ins[want_inputs[-1]]
-        logits = outs[m.outputs[0]]
-        if len(tokens.shape) != rank or len(h.shape) != 3 or len(c.shape) != 3:
-            want = "[B]" if rank == 1 else "[B, T]"
-            raise BundleError(f"{path}: expected tokens {want}, h [L, B, H], c [L, B, H]; got "
-                              f"{tokens.shape}, {h.shape}, {c.shape}")
-        for shape, name in ((h.shape, "h"), (c.shape, "c")):
-            if shape[0] != m.num_layers or shape[2] != m.hidden_size:
+        n = len(self.state_names)
+        if tuple(want_inputs[-n:]) != self.state_names:
+            raise BundleError(f"{path}: the manifest's inputs {list(want_inputs)} do not end with its state "
+                              f"tensors {list(self.state_names)}")
+        tokens, logits = ins[want_inputs[0]], outs[m.outputs[0]]
+        if len(tokens.shape) != rank:
+            raise BundleError(f"{path}: expected tokens {'[B]' if rank == 1 else '[B, T]'}; got {tokens.shape}")
+        for name, (layers, hidden) in zip(self.state_names, self.state_shapes):
+            shape = ins[name].shape
+            if len(shape) != 3 or shape[0] != layers or shape[2] != hidden:
                 raise BundleError(f"{path}: input {name} has shape {shape}; the manifest says "
-                                  f"[{m.num_layers}, B, {m.hidden_size}] (num_layers, hidden_size)")
+                                  f"[{layers}, B, {hidden}] (num_layers, hidden_size)")
         if logits.shape[-1] != m.vocab_size:
             raise BundleError(f"{path}: logits width {logits.shape[-1]} differs from the vocabulary "
                               f"size {m.vocab_size} in the manifest")
 
     # -- running -------------------------------------------------------------------------------
-    def zeros(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
-        shape = (self.manifest.num_layers, batch, self.manifest.hidden_size)  # [L, B, H]
-        return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    def zeros(self, batch: int) -> tuple[np.ndarray, ...]:
+        """The empty state of `batch` rows: one float32 [L, B, H] array per state tensor."""
+        return tuple(np.zeros((layers, batch, hidden), np.float32) for layers, hidden in self.state_shapes)
 
-    def step(self, tokens: np.ndarray, h, c):
-        """tokens int64 [B], h/c float32 [L, B, H] -> logits [B, V] (numpy), h_out, c_out.
+    def step(self, tokens: np.ndarray, state: tuple) -> tuple[np.ndarray, tuple]:
+        """tokens int64 [B], the state (each [L, B, H]) -> logits [B, V] (numpy), the new state.
 
-        With IO binding, h/c may be OrtValues from the previous step and h_out/c_out come back
-        as OrtValues on the device; `host()` brings one back when the batch changes shape."""
+        With IO binding, the state may hold OrtValues from the previous step and the new one comes
+        back as OrtValues on the device; `host()` brings one back when the batch changes shape."""
         names = self.manifest.inputs
         if not self.io_binding:
-            return tuple(self.step_session.run(None, {names[0]: tokens, names[1]: h, names[2]: c}))
+            logits, *new = self.step_session.run(None, {names[0]: tokens, **dict(zip(names[1:], state))})
+            return logits, tuple(new)
         io = self.step_session.io_binding()
         io.bind_cpu_input(names[0], tokens)
-        for name, x in ((names[1], h), (names[2], c)):
+        for name, x in zip(names[1:], state):
             if isinstance(x, ort.OrtValue):
                 io.bind_ortvalue_input(name, x)  # already on the device: no copy
             else:
                 io.bind_cpu_input(name, x)
         out = self.manifest.outputs
         io.bind_output(out[0], "cpu")  # sampling needs the logits on the host
-        io.bind_output(out[1], self._state_device)
-        io.bind_output(out[2], self._state_device)
+        for name in out[1:]:
+            io.bind_output(name, self._state_device)
         self.step_session.run_with_iobinding(io)
-        logits, h_out, c_out = io.get_outputs()
-        return logits.numpy(), h_out, c_out
+        logits, *new = io.get_outputs()
+        return logits.numpy(), tuple(new)
 
-    def prime(self, tokens: np.ndarray, lengths: np.ndarray, h: np.ndarray, c: np.ndarray):
-        """Right-padded prompts tokens int64 [B, T], lengths [B] (1..T) -> logits at each row's
-        last token [B, V], and the state after it."""
+    def prime(self, tokens: np.ndarray, lengths: np.ndarray, state: tuple) -> tuple[np.ndarray, tuple]:
+        """Right-padded prompts tokens int64 [B, T], lengths [B] (1..T), the state to start from
+        -> logits at each row's last token [B, V], and the state after it."""
         if self.prompt_session is not None:
             names = self.manifest.prompt_inputs
-            return tuple(self.prompt_session.run(None, {
-                names[0]: tokens, names[1]: lengths.astype(np.int32), names[2]: h, names[3]: c}))
-        return self._prime_by_steps(tokens, lengths, h, c)
+            logits, *new = self.prompt_session.run(None, {
+                names[0]: tokens, names[1]: lengths.astype(np.int32), **dict(zip(names[2:], state))})
+            return logits, tuple(new)
+        return self._prime_by_steps(tokens, lengths, state)
 
-    def _prime_by_steps(self, tokens, lengths, h, c):
+    def _prime_by_steps(self, tokens, lengths, state):
         """Fallback for bundles without a prompt graph: one step call per prompt position."""
         logits = None
         for t in range(tokens.shape[1]):
             live = lengths > t  # rows whose prompt still has a token at t  [B]
-            step_logits, h2, c2 = self.step(tokens[:, t], h, c)
+            step_logits, new = self.step(tokens[:, t], state)
             if logits is None:
                 logits = np.zeros_like(step_logits)
             logits[live] = step_logits[live]
-            h = np.where(live[None, :, None], h2, h)
-            c = np.where(live[None, :, None], c2, c)
-        return logits, h, c
+            state = tuple(np.where(live[None, :, None], x2, x) for x2, x in zip(new, state))
+        return logits, state

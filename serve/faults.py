@@ -46,13 +46,13 @@ class FaultyEngine:
                              f"and one of them > 0, got {every} and {crash_at}")
         self.engine, self.every, self.crash_at, self.calls = engine, every, crash_at, 0
 
-    def step(self, tokens, h, c):
+    def step(self, tokens, state):
         self.calls += 1
         if self.calls == self.crash_at:
             raise InjectedCrash(f"injected worker crash (test hook: decode step {self.calls})")
         if self.every and self.calls % self.every == 0:
             raise InjectedFault(f"injected step failure (test hook: every {self.every} steps; call {self.calls})")
-        return self.engine.step(tokens, h, c)
+        return self.engine.step(tokens, state)
 
     def __getattr__(self, name):  # manifest, prime, zeros, provider, prompt_session: the real engine's
         return getattr(self.engine, name)

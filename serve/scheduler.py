@@ -356,11 +356,10 @@ class Scheduler:
         seq = Sequence(req, prompt_ids, rng, stopper, stream, history=history,
                        want_state=req.return_state or req.state_every > 0)
         if state is not None:
-            h, c = state.tensors
             if prompt_ids:  # read the state's last token, then the new text, from the state
-                seq.prompt_ids, seq.carried, seq.partial = [state.token, *prompt_ids], 1, (h, c)
+                seq.prompt_ids, seq.carried, seq.partial = [state.token, *prompt_ids], 1, state.tensors
             else:
-                seq.rejoin = (state.token, (h, c))
+                seq.rejoin = (state.token, state.tensors)
         stream.seq = seq
         with self._cv:
             if not self._accepting:
@@ -473,11 +472,11 @@ class Scheduler:
         """Pure continuations join the decode batch with their state's token and (h, c): their next
         token comes from the same step call it would have come from had the stream never left."""
         tokens = np.array([s.rejoin[0] for s in rows], dtype=np.int64)  # [R]
-        h = np.stack([s.rejoin[1][0] for s in rows], axis=1)  # [L, R, H]
-        c = np.stack([s.rejoin[1][1] for s in rows], axis=1)
+        state = tuple(np.stack([s.rejoin[1][k] for s in rows], axis=1)  # each [L, R, H]
+                      for k in range(len(rows[0].rejoin[1])))
         for s in rows:
             s.rejoin = None
-        self._batch = Batch.concatenate([self._batch, Batch.create(rows, tokens, h, c)])
+        self._batch = Batch.concatenate([self._batch, Batch.create(rows, tokens, state)])
         return []
 
     def _prime_chunk(self, rows: list[Sequence]) -> list:
@@ -485,14 +484,15 @@ class Scheduler:
         lengths = np.array([self._chunk_len(s) for s in rows], dtype=np.int64)  # [R]
         t = int(lengths.max())
         tokens = np.zeros((len(rows), t), dtype=np.int64)  # [R, T] right-padded
-        h, c = self.engine.zeros(len(rows))  # [L, R, H]
+        state = self.engine.zeros(len(rows))  # each [L, R, H]
         for i, s in enumerate(rows):
             tokens[i, : lengths[i]] = s.prompt_ids[s.primed : s.primed + lengths[i]]
             if s.partial is not None:
-                h[:, i], c[:, i] = s.partial
+                for x, row in zip(state, s.partial):
+                    x[:, i] = row
         t0 = time.perf_counter()
         try:
-            logits, h, c = self.engine.prime(tokens, lengths, h, c)
+            logits, state = self.engine.prime(tokens, lengths, state)
         except Exception as e:  # isolate: only these rows fail; the server goes on
             log.exception("prompt step failed for %d request(s) request_ids=%s", len(rows), _ids(rows))
             return self._fail(rows, StepFailed(f"model failed while reading the prompt: {e}"))
@@ -504,9 +504,9 @@ class Scheduler:
         for i, s in enumerate(rows):
             s.primed += int(lengths[i])
             if cache is not None and not s.carried and s.primed % cache.every == 0 and s.prompt_left:
-                cache.store(s.prompt_ids, s.primed, (h[:, i], c[:, i]))
+                cache.store(s.prompt_ids, s.primed, tuple(x[:, i] for x in state))
             if s.prompt_left:
-                s.partial = (h[:, i].copy(), c[:, i].copy())
+                s.partial = tuple(x[:, i].copy() for x in state)
             else:
                 s.partial = None
                 done.append(i)
@@ -515,7 +515,7 @@ class Scheduler:
         finished = {id(rows[i]) for i in done}
         self._priming = [s for s in self._priming if id(s) not in finished]
         idx = np.asarray(done)
-        new = Batch.create([rows[i] for i in done], np.zeros(len(done), np.int64), h[:, idx], c[:, idx])
+        new = Batch.create([rows[i] for i in done], np.zeros(len(done), np.int64), tuple(x[:, idx] for x in state))
         out, new = self._sample_and_advance(new, logits[idx])
         self._batch = Batch.concatenate([self._batch, new])
         return out
@@ -534,7 +534,7 @@ class Scheduler:
         batch = self._batch
         t0 = time.perf_counter()
         try:
-            logits, h, c = self.engine.step(batch.tokens, batch.h, batch.c)
+            logits, state = self.engine.step(batch.tokens, batch.state)
         except Exception as e:
             log.exception("model step failed for %d request(s) request_ids=%s", len(batch), _ids(batch.seqs))
             self._batch = self._last_step_end = None
@@ -543,7 +543,7 @@ class Scheduler:
         gap = None if self._last_step_end is None else t1 - self._last_step_end
         self.observer.on_decode(len(batch), t1 - t0, gap)
         self._steps += 1
-        out, self._batch = self._sample_and_advance(replace(batch, h=h, c=c), logits)
+        out, self._batch = self._sample_and_advance(replace(batch, state=state), logits)
         self._last_step_end = t1 if self._batch is not None else None
         return out
 
@@ -560,7 +560,7 @@ class Scheduler:
         logprobs = self._logprobs(batch, lp_rows, raw, next_tokens)
         out, keep, failed = [], [], []
         pieces = self._pieces
-        states = None  # (h, c) on the host, [L, B, H] each, once a row needs its state
+        states = None  # the state tensors on the host, [L, B, H] each, once a row needs its state
         # Python lists: indexing numpy arrays one element at a time costs more than the loop body.
         for i, (s, ok, tok) in enumerate(zip(batch.seqs, finite.tolist(), next_tokens.tolist())):
             if not ok:
@@ -578,8 +578,8 @@ class Scheduler:
                 keep.append(i)
             if s.want_state and (s.request.return_state if fin else
                                  s.request.state_every and s.stopper.generated % s.request.state_every == 0):
-                states = states or (host(batch.h), host(batch.c))
-                state = self._snapshot(s, tok, states[0][:, i], states[1][:, i], fin)
+                states = states or tuple(host(x) for x in batch.state)
+                state = self._snapshot(s, tok, tuple(x[:, i] for x in states), fin)
             out.append(Output(s.sink, text, 1, fin, None, logprobs.get(i), state))
         self._tokens_generated += len(batch)
         n_done = len(batch) - len(keep) - len(failed)
@@ -591,11 +591,11 @@ class Scheduler:
         return out, replace(batch, tokens=next_tokens).filter(keep)
 
     @staticmethod
-    def _snapshot(s: Sequence, token: int, h: np.ndarray, c: np.ndarray, fin: Finished | None) -> GenerationState:
-        """Row `s`'s state after sampling `token`: h, c [L, H] (copied out of the batch)."""
+    def _snapshot(s: Sequence, token: int, tensors: tuple, fin: Finished | None) -> GenerationState:
+        """Row `s`'s state after sampling `token`: its state tensors, each [L, H] (copied out of the batch)."""
         hist = s.history
         return GenerationState(
-            (h.copy(), c.copy()), token, s.request.sampling.seed, rng_position(s.rng),
+            tuple(x.copy() for x in tensors), token, s.request.sampling.seed, rng_position(s.rng),
             s.stopper.pending if fin is None or fin.held_text else "",  # after a stop: nothing held
             (tuple(hist.ids.tolist()), tuple(hist.counts.tolist())) if hist is not None else None)
 

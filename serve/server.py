@@ -14,7 +14,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from lstmgen.errors import UsageError, UserError
 from lstmgen.serve.auth import TokenAuth, read_token
+from lstmgen.bundle import load_manifest
 from lstmgen.serve.engine import Engine, EngineConfig
+from lstmgen.serve.frame_engine import FrameEngine
+from lstmgen.serve.frame_service import FrameService, frame_model_info
+from lstmgen.serve.frames import FrameLimits, FrameScheduler
 from lstmgen.serve.faults import FaultyEngine
 from lstmgen.serve.metrics import Metrics
 from lstmgen.serve.params import Limits, request_bytes_for
@@ -26,6 +30,7 @@ from lstmgen_client.v1 import generator_pb2 as pb
 
 log = logging.getLogger("lstmgen.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generator"].full_name  # "lstmgen.v1.Generator"
+FRAMES_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FrameModel"].full_name
 
 
 class BindError(UserError, OSError):
@@ -76,23 +81,14 @@ class Server:
         sched_cfg = cfg.scheduler
         if cfg.state_key_file:
             sched_cfg = replace(sched_cfg, state_key=read_state_key(cfg.state_key_file))
-        self.engine = Engine(cfg.bundle, cfg.engine)  # raises BundleError naming the file
-        engine = self.engine
-        if cfg.inject_step_failure_every or cfg.inject_worker_crash_at_step:
-            log.warning("TEST HOOK: every %d-th decode step fails (--inject-step-failure-every), decode step %d "
-                        "kills the worker (--inject-worker-crash-at-step); 0 = off",
-                        cfg.inject_step_failure_every, cfg.inject_worker_crash_at_step)
-            engine = FaultyEngine(self.engine, cfg.inject_step_failure_every, cfg.inject_worker_crash_at_step)
         self.metrics = Metrics()
-        limits = cfg.limits
-        if not limits.max_request_bytes:  # 0: room for the longest prompt and the largest state
-            limits = replace(limits, max_request_bytes=request_bytes_for(
-                limits.max_prompt_chars, codec_for(self.engine.manifest).max_bytes))
-        self.scheduler = Scheduler(engine, limits, sched_cfg, observer=self.metrics,
-                                   on_fatal=self._worker_failed)
         self.failed: BaseException | None = None  # set if the scheduler's worker died
         self.stop_requested = asyncio.Event()  # a signal, or the worker died
-        self.metrics.watch(self.scheduler)
+        # The manifest's kind picks the engine, the scheduler and the service (BundleError names the file)
+        if load_manifest(cfg.bundle, verify_checksums=False).kind == "frames":
+            limits = self._frames(cfg)
+        else:
+            limits = self._text(cfg, sched_cfg)
         self.health = health.aio.HealthServicer()
         interceptors = [TokenAuth(token, self.metrics.refused)] if token else []
         self.grpc = grpc.aio.server(interceptors=interceptors, options=[
@@ -112,11 +108,48 @@ class Server:
             self.http = HttpServer(self.http_api.app, cfg.http_host or cfg.host, cfg.http_port, cfg.tls_cert,
                                    cfg.tls_key)
 
+    def _text(self, cfg: ServerConfig, sched_cfg: SchedulerConfig) -> Limits:
+        """A language model: the continuous-batching scheduler and the Generator service."""
+        self.engine = Engine(cfg.bundle, cfg.engine)
+        engine = self.engine
+        if cfg.inject_step_failure_every or cfg.inject_worker_crash_at_step:
+            log.warning("TEST HOOK: every %d-th decode step fails (--inject-step-failure-every), decode step %d "
+                        "kills the worker (--inject-worker-crash-at-step); 0 = off",
+                        cfg.inject_step_failure_every, cfg.inject_worker_crash_at_step)
+            engine = FaultyEngine(self.engine, cfg.inject_step_failure_every, cfg.inject_worker_crash_at_step)
+        limits = cfg.limits
+        if not limits.max_request_bytes:  # 0: room for the longest prompt and the largest state
+            limits = replace(limits, max_request_bytes=request_bytes_for(
+                limits.max_prompt_chars, codec_for(self.engine.manifest).max_bytes))
+        self.scheduler = Scheduler(engine, limits, sched_cfg, observer=self.metrics,
+                                   on_fatal=self._worker_failed)
+        self.metrics.watch(self.scheduler)
+        self.service = GeneratorService(self.scheduler, cfg.service, self.metrics)
+        return limits
+
+    def _frames(self, cfg: ServerConfig) -> Limits:
+        """A frame model: the frame scheduler and the FrameModel service (serve/frames.py)."""
+        if cfg.http_port is not None:
+            raise UsageError("--http-port: the HTTP API serves text models; this bundle is a frame model")
+        if cfg.state_key_file:
+            raise UsageError("--state-key: frame streams do not hand out their state yet")
+        self.engine = FrameEngine(cfg.bundle, cfg.engine)
+        limits = cfg.limits
+        if not limits.max_request_bytes:  # the largest message of frames, with room for the rest
+            limits = replace(limits, max_request_bytes=4 * FrameLimits.max_frames_per_message
+                             * self.engine.manifest.frames.input_size + 64 * 1024)
+        self.scheduler = FrameScheduler(self.engine, self.engine.spec_view(),
+                                        FrameLimits(max_streams=limits.max_concurrent_streams),
+                                        on_fatal=self._worker_failed)
+        self.service = FrameService(self.scheduler, frame_model_info(self.engine, self.scheduler.limits, limits))
+        return limits
+
     async def start(self) -> int:
         self.scheduler.start()
-        GeneratorService(self.scheduler, self.cfg.service, self.metrics).add_to_server(self.grpc)
+        self.service.add_to_server(self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        enable_reflection(self.grpc, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
+        enable_reflection(self.grpc, (SERVICE_NAME, FRAMES_SERVICE_NAME,
+                                      health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
                           (pb.DESCRIPTOR, health_pb2.DESCRIPTOR))
         self.port = self._bind(f"{self.cfg.host}:{self.cfg.port}")
         if self.cfg.metrics_port is not None:
@@ -132,11 +165,13 @@ class Server:
             log.info("OpenAI-compatible HTTP API and playground on http%s://%s:%d/", "s" if self._tls else "",
                      self.http.host, self.http_port)
         await self.grpc.start()
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         m = self.engine.manifest
-        log.info("serving %s (%s-level, %d x %d, vocab %d) on %s:%d with %s%s%s%s", self.cfg.bundle, m.level,
-                 m.num_layers, m.hidden_size, m.vocab_size, self.cfg.host, self.port, self.engine.provider,
+        for name in ("", SERVICE_NAME) + ((FRAMES_SERVICE_NAME,) if m.kind == "frames" else ()):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        what = (f"{m.level}-level, vocab {m.vocab_size}" if m.kind == "text"
+                else f"frames, {m.frames.task}, {m.frames.input_size} -> {m.frames.output_size}")
+        log.info("serving %s (%s, %s %d x %d) on %s:%d with %s%s%s%s", self.cfg.bundle, what, m.cell,
+                 m.num_layers, m.hidden_size, self.cfg.host, self.port, self.engine.provider,
                  ", TLS" if self._tls else "", ", token auth" if self.cfg.auth_token_file else "",
                  ", signed states" if self.cfg.state_key_file else "")
         return self.port

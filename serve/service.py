@@ -245,7 +245,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         s = self.scheduler
         m, lim = s.engine.manifest, s.limits
         return pb.ModelInfo(
-            level=m.level, vocab_size=m.vocab_size, num_layers=m.num_layers, hidden_size=m.hidden_size,
+            kind=m.kind, cell=m.cell, level=m.level, vocab_size=m.vocab_size, num_layers=m.num_layers, hidden_size=m.hidden_size,
             embedding_size=m.embedding_size, quantization=m.quantization,
             execution_provider=s.engine.provider, model_sha256=m.model_sha256,
             has_prompt_graph=s.engine.prompt_session is not None,

@@ -38,7 +38,7 @@ FIELD = "state"
 
 @dataclass(frozen=True)
 class GenerationState:
-    tensors: tuple[np.ndarray, ...]  # the model's state for one row, each float32 [L, H] (h, c)
+    tensors: tuple[np.ndarray, ...]  # the model's state for one row, each float32 [L, H] (h, c; a GRU's h)
     token: int  # the last sampled token: the model has not read it yet
     seed: int  # the seed the request's generator started from (Finished.seed)
     rng: tuple[int, int, int, int]  # numpy PCG64 position: state, inc, has_uint32, uinteger
@@ -72,35 +72,42 @@ def read_state_key(path: str | Path) -> bytes:
 
 
 def codec_for(manifest, key: bytes | None = None) -> "StateCodec":
-    """The codec of a bundle's model: its state tensors are the step graph's inputs after the tokens."""
-    return StateCodec(manifest.model_sha256, manifest.inputs[1:], (manifest.num_layers, manifest.hidden_size),
-                      manifest.vocab_size, key)
+    """The codec of a bundle's model, whose state tensors the manifest names."""
+    return StateCodec(manifest.model_sha256, state_layout(manifest), manifest.vocab_size, key)
+
+
+def state_layout(manifest) -> tuple[tuple[str, tuple[int, int]], ...]:
+    """(name, one row's [L, H]) per state tensor, as the manifest describes them."""
+    tensors = getattr(manifest, "state_tensors", None)
+    if tensors is None:  # TEMPORARY until lstmgen.bundle.Manifest.state_tensors lands: the LSTM's (h, c)
+        return tuple((n, (manifest.num_layers, manifest.hidden_size)) for n in manifest.inputs[1:])
+    return tuple((t.name, tuple(t.shape)) for t in tensors)
 
 
 class StateCodec:
     """Encodes and checks the states of one model. Decoding never trusts the blob: every field is
     checked, and a failure names what was wrong."""
 
-    def __init__(self, model_sha256: str, names: tuple[str, ...], shape: tuple[int, int], vocab_size: int,
+    def __init__(self, model_sha256: str, tensors: tuple[tuple[str, tuple[int, int]], ...], vocab_size: int,
                  key: bytes | None = None):
         self.model_sha256 = model_sha256
-        self.names = names  # state tensor names, in the graph's order
-        self.shape = shape  # one row's [L, H]
+        self.tensors = tensors  # (name, one row's shape [L, H]) per state tensor, in the graph's order
         self.vocab_size = vocab_size
         self.key = key
-        self._tensor_bytes = len(names) * 4 * shape[0] * shape[1]
+        self._sizes = [int(np.prod(shape)) for _, shape in tensors]
+        self._tensor_bytes = 4 * sum(self._sizes)
         # the header with a full penalty history (every token id and a count) still fits
         self.max_bytes = self._tensor_bytes + 64 * 1024 + 24 * vocab_size
 
     @property
     def state_bytes(self) -> int:
         """Size of a blob without penalty history."""
-        dummy = GenerationState(tuple(np.zeros(self.shape, np.float32) for _ in self.names), 0, 0, (0, 1, 0, 0))
+        dummy = GenerationState(tuple(np.zeros(shape, np.float32) for _, shape in self.tensors), 0, 0, (0, 1, 0, 0))
         return len(self.encode(dummy))
 
     # -- encoding --------------------------------------------------------------------------------
     def encode(self, st: GenerationState) -> bytes:
-        header = {"model": self.model_sha256, "tensors": [[n, list(self.shape)] for n in self.names],
+        header = {"model": self.model_sha256, "tensors": self._described(),
                   "token": st.token, "seed": st.seed, "rng": [str(v) for v in st.rng], "pending": st.pending}
         if st.history is not None:
             header["history"] = [list(st.history[0]), list(st.history[1])]
@@ -149,7 +156,7 @@ class StateCodec:
         if model != self.model_sha256:
             shown = model[:16] + "..." if isinstance(model, str) else repr(model)
             raise WrongModel(FIELD, f"was made by model {shown}; this server serves {self.model_sha256[:16]}...")
-        want = [[n, list(self.shape)] for n in self.names]
+        want = self._described()
         if h.get("tensors") != want:
             raise _bad(f"tensors {h.get('tensors')!r:.120} differ from this model's {want}")
         if len(data) != self._tensor_bytes:
@@ -172,12 +179,15 @@ class StateCodec:
         if not isinstance(pending, str) or len(pending) > MAX_PENDING_CHARS:
             raise _bad(f"held-back text must be a string of at most {MAX_PENDING_CHARS} characters")
         history = self._history(h.get("history"))
-        n = self.shape[0] * self.shape[1]
         flat = np.frombuffer(data, dtype="<f4").astype(np.float32)  # copy: the blob's bytes are read-only
         if not np.isfinite(flat).all():
             raise _bad("holds non-finite values (NaN or infinity)")
-        tensors = tuple(flat[i * n:(i + 1) * n].reshape(self.shape) for i in range(len(self.names)))
+        ends = np.cumsum([0, *self._sizes])
+        tensors = tuple(flat[a:b].reshape(shape) for a, b, (_, shape) in zip(ends[:-1], ends[1:], self.tensors))
         return GenerationState(tensors, token, seed, (state, inc, has_uint32, uinteger), pending, history)
+
+    def _described(self) -> list:
+        return [[name, list(shape)] for name, shape in self.tensors]
 
     def _history(self, raw) -> tuple[tuple[int, ...], tuple[float, ...]] | None:
         if raw is None:

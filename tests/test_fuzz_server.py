@@ -137,7 +137,7 @@ def make_state(codec, choice) -> bytes | None:
     seed, how, at = choice
     rng = np.random.default_rng(seed)
     blob = codec.encode(GenerationState(
-        tuple(rng.standard_normal(codec.shape).astype(np.float32) for _ in codec.names),
+        tuple(rng.standard_normal(shape).astype(np.float32) for _, shape in codec.tensors),
         int(rng.integers(codec.vocab_size)), int(rng.integers(2**63)),
         rng_position(np.random.Generator(np.random.PCG64(seed))), ""))
     i = at % len(blob)

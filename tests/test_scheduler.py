@@ -127,16 +127,16 @@ class FlakyEngine:
     def prime(self, *a):
         return self.engine.prime(*a)
 
-    def step(self, tokens, h, c):
+    def step(self, tokens, state):
         if self.fail_steps:
             self.fail_steps -= 1
             raise RuntimeError("injected ORT failure")
-        logits, h, c = self.engine.step(tokens, h, c)
+        logits, state = self.engine.step(tokens, state)
         for r in self.nan_rows:
             if r < len(logits):
                 logits[r] = np.nan
         self.nan_rows = set()
-        return logits, h, c
+        return logits, state
 
 
 def test_step_failure_fails_only_that_step(engine):
@@ -252,8 +252,7 @@ def test_a_cancel_racing_the_worker_releases_each_row_once(engine):
     s._incoming.clear()
     a.cancelled = True
     b = CancelledOnSecondRead(**{f.name: getattr(b, f.name) for f in fields(Sequence) if f.name != "cancelled"})
-    h, c = engine.zeros(2)
-    s._batch = Batch.create([a, b], np.zeros(2, np.int64), h, c)
+    s._batch = Batch.create([a, b], np.zeros(2, np.int64), engine.zeros(2))
     for _ in range(3):
         s._drop_cancelled()
     assert s._batch is None and s.in_system == 0

@@ -15,7 +15,7 @@ L, H, V = 2, 8, 50
 
 
 def codec(key: bytes | None = None, sha: str = SHA, shape=(L, H)) -> StateCodec:
-    return StateCodec(sha, ("h", "c"), shape, V, key)
+    return StateCodec(sha, (("h", shape), ("c", shape)), V, key)
 
 
 def state(history=None) -> GenerationState:

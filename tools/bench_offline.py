@@ -38,12 +38,12 @@ def raw_ort(bundle: Path, threads: int, seconds: float = 3.0) -> float:
 
     engine = Engine(bundle, EngineConfig(device="cpu", intra_op_threads=threads))
     tokens = np.random.default_rng(0).integers(0, engine.manifest.vocab_size, BATCH).astype(np.int64)
-    h, c = engine.zeros(BATCH)  # [L, B, H]
+    state = engine.zeros(BATCH)  # each [L, B, H]
     for _ in range(5):
-        _, h, c = engine.step(tokens, h, c)
+        _, state = engine.step(tokens, state)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        _, h, c = engine.step(tokens, h, c)
+        _, state = engine.step(tokens, state)
         n += 1
     return BATCH * n / (time.perf_counter() - t0)
 

@@ -82,9 +82,12 @@ def parse_model_info(msg: pb.ModelInfo) -> ModelInfo:
         has_prompt_graph=msg.has_prompt_graph,
         limits=Limits(lim.max_prompt_chars, lim.max_new_tokens, lim.default_new_tokens, lim.max_stop_sequences,
                       lim.max_stop_sequence_chars, lim.max_concurrent_streams, lim.max_queued_streams,
-                      lim.max_request_bytes, lim.max_top_logprobs, lim.min_temperature, lim.max_state_bytes),
+                      lim.max_request_bytes, lim.max_top_logprobs, lim.min_temperature, lim.max_state_bytes,
+                      lim.max_frames_per_message),
         provenance=json.loads(msg.provenance_json) if msg.provenance_json else {},
-        vocabulary=tuple(msg.vocabulary), state_bytes=msg.state_bytes, state_signed=msg.state_signed)
+        vocabulary=tuple(msg.vocabulary), state_bytes=msg.state_bytes, state_signed=msg.state_signed,
+        kind=msg.kind or "text", cell=msg.cell or "lstm", task=msg.task, input_size=msg.input_size,
+        output_size=msg.output_size, class_names=tuple(msg.class_names), standardize=msg.standardize)
 
 
 # Integer request fields and the range their protobuf type carries; the server checks its own limits.

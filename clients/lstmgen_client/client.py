@@ -33,7 +33,8 @@ import grpc
 
 from lstmgen_client._proto import (Collector, build_request, check_params, check_timeout, parse_chunk,
                                   parse_model_info)
-from lstmgen_client.errors import LstmgenError, from_rpc_error
+from lstmgen_client.errors import FailedPreconditionError, LstmgenError, from_rpc_error
+from lstmgen_client.frames import FrameOutput, outputs, prepare, requests as frame_requests
 from lstmgen_client.resume import DEFAULT_STATE_EVERY, Resumer, new_seed, resumable
 from lstmgen_client.types import GenerateResult, ModelInfo, StreamChunk
 from lstmgen_client.v1 import generator_pb2 as pb
@@ -77,6 +78,27 @@ def _invalid_target(addrs) -> LstmgenError:
     from lstmgen_client.errors import InvalidArgumentError
     return InvalidArgumentError(f"INVALID_ARGUMENT: target: expected \"host:port\" or a non-empty list of them, "
                                 f"got {addrs!r:.80}")
+
+
+def _frame_model(info: ModelInfo) -> ModelInfo:
+    if info.kind != "frames":
+        raise FailedPreconditionError(f"FAILED_PRECONDITION: the server serves a {info.kind} model; stream_frames "
+                                      "needs a frame model (generate / generate_stream for text)")
+    return info
+
+
+async def _async_requests(frames, per_message: int, final_only: bool):
+    """FramesRequests from an async iterable of frames (a live source)."""
+    options = pb.FrameStreamOptions(final_only=final_only)
+    values, n = [], 0
+    async for frame in frames:
+        values.extend(float(v) for v in frame)
+        n += 1
+        if n >= per_message:
+            yield pb.FramesRequest(values=values, options=options)
+            options, values, n = None, [], 0
+    if n or options is not None:
+        yield pb.FramesRequest(values=values, options=options)
 
 
 def _left(end: float | None) -> float | None:
@@ -132,7 +154,6 @@ class Client:
         self.stream_timeout = self.timeout if stream_timeout is _UNSET else check_timeout(stream_timeout,
                                                                                           "stream_timeout")
         self._token = token
-        self._default_new_tokens: int | None = None
         creds = _credentials(tls, root_certificates)
         if channel is None:
             target, options = _channel_target(target, load_balancing)
@@ -140,6 +161,37 @@ class Client:
                        else grpc.insecure_channel(target, options=_OPTIONS + options))
         self._channel = channel
         self._stub = pb_grpc.GeneratorStub(self._channel)
+        self._frames_stub = pb_grpc.FrameModelStub(self._channel)
+        self._info: ModelInfo | None = None
+
+    def stream_frames(self, frames, *, final_only: bool = False, frames_per_message: int = 64,
+                      standardize: str = "auto", timeout: float | None = _UNSET,
+                      request_id: str | None = None) -> Iterator[FrameOutput]:
+        """A frame model's outputs, one per frame, as they are computed. `frames`: a [T, D_in] array
+        (numpy, or a list of lists) or any iterable of frames (a live source: each frame goes out as it
+        comes; set frames_per_message=1 so none waits for the next). `final_only` (classification):
+        only the last frame's output. standardize="auto" applies the model's per-sequence
+        standardisation to a whole array here ("none": the frames are ready as they are)."""
+        info = _frame_model(self._model())
+        rows, as_numpy = prepare(frames, standardize, info.standardize)
+        deadline = self.stream_timeout if timeout is _UNSET else check_timeout(timeout)
+        return self._frames(frame_requests(rows, frames_per_message, final_only), deadline,
+                            _metadata(self._token, request_id), info, as_numpy)
+
+    def _frames(self, reqs, deadline, metadata, info: ModelInfo, as_numpy: bool) -> Iterator[FrameOutput]:
+        call = self._frames_stub.StreamFrames(reqs, timeout=deadline, metadata=metadata)
+        try:
+            for msg in call:
+                yield from outputs(msg, info.output_size, info.class_names, as_numpy)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            call.cancel()
+
+    def _model(self) -> ModelInfo:
+        if self._info is None:
+            self._info = self.model_info()
+        return self._info
 
     def generate_stream(self, prompt: str, *, timeout: float | None = _UNSET, request_id: str | None = None,
                         resume: bool = False, max_resumes: int = Resumer.MAX, **params) -> Iterator[StreamChunk]:
@@ -158,9 +210,7 @@ class Client:
         return self._stream(request, deadline, md)
 
     def _default_tokens(self) -> int:
-        if self._default_new_tokens is None:
-            self._default_new_tokens = self.model_info().limits.default_new_tokens
-        return self._default_new_tokens
+        return self._model().limits.default_new_tokens
 
     def _resuming(self, r: Resumer, deadline: float | None, metadata) -> Iterator[StreamChunk]:
         end = None if deadline is None else time.monotonic() + deadline
@@ -227,7 +277,6 @@ class AsyncClient:
         self.stream_timeout = self.timeout if stream_timeout is _UNSET else check_timeout(stream_timeout,
                                                                                           "stream_timeout")
         self._token = token
-        self._default_new_tokens: int | None = None
         creds = _credentials(tls, root_certificates)
         if channel is None:
             target, options = _channel_target(target, load_balancing)
@@ -235,6 +284,33 @@ class AsyncClient:
                        else grpc.aio.insecure_channel(target, options=_OPTIONS + options))
         self._channel = channel
         self._stub = pb_grpc.GeneratorStub(self._channel)
+        self._frames_stub = pb_grpc.FrameModelStub(self._channel)
+        self._info: ModelInfo | None = None
+
+    async def stream_frames(self, frames, *, final_only: bool = False, frames_per_message: int = 64,
+                            standardize: str = "auto", timeout: float | None = _UNSET,
+                            request_id: str | None = None) -> AsyncIterator[FrameOutput]:
+        """As Client.stream_frames, `async for`; `frames` may also be an async iterable (a live source)."""
+        if self._info is None:
+            self._info = await self.model_info()
+        info = _frame_model(self._info)
+        deadline = self.stream_timeout if timeout is _UNSET else check_timeout(timeout)
+        if hasattr(frames, "__aiter__"):
+            if info.standardize == "sequence" and standardize == "auto":
+                prepare(iter(()), standardize, info.standardize)  # raises: a live source cannot be standardised
+            reqs, as_numpy = _async_requests(frames, frames_per_message, final_only), False
+        else:
+            rows, as_numpy = prepare(frames, standardize, info.standardize)
+            reqs = frame_requests(rows, frames_per_message, final_only)
+        call = self._frames_stub.StreamFrames(reqs, timeout=deadline, metadata=_metadata(self._token, request_id))
+        try:
+            async for msg in call:
+                for out in outputs(msg, info.output_size, info.class_names, as_numpy):
+                    yield out
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            call.cancel()
 
     def generate_stream(self, prompt: str, *, timeout: float | None = _UNSET, request_id: str | None = None,
                         resume: bool = False, max_resumes: int = Resumer.MAX, **params) -> AsyncIterator[StreamChunk]:
@@ -253,9 +329,9 @@ class AsyncClient:
                         metadata) -> AsyncIterator[StreamChunk]:
         end = None if deadline is None else time.monotonic() + deadline
         if request.max_new_tokens == 0:
-            if self._default_new_tokens is None:
-                self._default_new_tokens = (await self.model_info()).limits.default_new_tokens
-            request.max_new_tokens = self._default_new_tokens
+            if self._info is None:
+                self._info = await self.model_info()
+            request.max_new_tokens = self._info.limits.default_new_tokens
         r = Resumer(request, request.max_new_tokens, max_resumes)
         while True:
             call = self._stub.Generate(request, timeout=_left(end), metadata=metadata)

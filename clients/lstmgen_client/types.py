@@ -71,6 +71,7 @@ class Limits:
     max_top_logprobs: int = 0  # likewise
     min_temperature: float = 0.0  # temperatures below this decode greedily
     max_state_bytes: int = 0  # largest state a request may carry
+    max_frames_per_message: int = 0  # frame models: most frames in one message
 
 
 @dataclass(frozen=True)
@@ -89,3 +90,10 @@ class ModelInfo:
     vocabulary: tuple[str, ...] = ()
     state_bytes: int = 0  # bytes of one state blob (without penalty history)
     state_signed: bool = False  # the server signs its states (--state-key)
+    kind: str = "text"  # or "frames": float frames in, outputs out (Client.stream_frames)
+    cell: str = "lstm"  # or "gru"
+    task: str = ""  # frame models: "regression" or "classification"
+    input_size: int = 0  # frame models: floats per input frame
+    output_size: int = 0  # ... per output (classes, for classification)
+    class_names: tuple[str, ...] = ()
+    standardize: str = ""  # frame models: "none", "global" (by the server) or "sequence" (by the client)

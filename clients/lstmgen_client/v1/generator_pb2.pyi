@@ -18,6 +18,34 @@ FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP_SEQUENCE: FinishReason
 FINISH_REASON_END_OF_TEXT: FinishReason
 
+class FramesRequest(_message.Message):
+    __slots__ = ("values", "options")
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    options: FrameStreamOptions
+    def __init__(self, values: _Optional[_Iterable[float]] = ..., options: _Optional[_Union[FrameStreamOptions, _Mapping]] = ...) -> None: ...
+
+class FrameStreamOptions(_message.Message):
+    __slots__ = ("final_only",)
+    FINAL_ONLY_FIELD_NUMBER: _ClassVar[int]
+    final_only: bool
+    def __init__(self, final_only: _Optional[bool] = ...) -> None: ...
+
+class FramesResponse(_message.Message):
+    __slots__ = ("values", "frames", "classes", "finished", "frames_total")
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    frames: int
+    classes: _containers.RepeatedScalarFieldContainer[int]
+    finished: bool
+    frames_total: int
+    def __init__(self, values: _Optional[_Iterable[float]] = ..., frames: _Optional[int] = ..., classes: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ..., frames_total: _Optional[int] = ...) -> None: ...
+
 class GenerateRequest(_message.Message):
     __slots__ = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "greedy", "stop", "skip_unknown", "state", "return_state", "state_every", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "logprobs", "top_logprobs")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -117,7 +145,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self, include_vocabulary: _Optional[bool] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_prompt_chars", "max_new_tokens", "default_new_tokens", "max_stop_sequences", "max_stop_sequence_chars", "max_concurrent_streams", "max_queued_streams", "max_request_bytes", "max_top_logprobs", "min_temperature", "max_state_bytes")
+    __slots__ = ("max_prompt_chars", "max_new_tokens", "default_new_tokens", "max_stop_sequences", "max_stop_sequence_chars", "max_concurrent_streams", "max_queued_streams", "max_request_bytes", "max_top_logprobs", "min_temperature", "max_state_bytes", "max_frames_per_message")
     MAX_PROMPT_CHARS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +157,7 @@ class Limits(_message.Message):
     MAX_TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     MIN_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     MAX_STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_FRAMES_PER_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     max_prompt_chars: int
     max_new_tokens: int
     default_new_tokens: int
@@ -140,10 +169,11 @@ class Limits(_message.Message):
     max_top_logprobs: int
     min_temperature: float
     max_state_bytes: int
-    def __init__(self, max_prompt_chars: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., default_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_stop_sequence_chars: _Optional[int] = ..., max_concurrent_streams: _Optional[int] = ..., max_queued_streams: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., min_temperature: _Optional[float] = ..., max_state_bytes: _Optional[int] = ...) -> None: ...
+    max_frames_per_message: int
+    def __init__(self, max_prompt_chars: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., default_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_stop_sequence_chars: _Optional[int] = ..., max_concurrent_streams: _Optional[int] = ..., max_queued_streams: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., min_temperature: _Optional[float] = ..., max_state_bytes: _Optional[int] = ..., max_frames_per_message: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("level", "vocab_size", "num_layers", "hidden_size", "embedding_size", "quantization", "execution_provider", "model_sha256", "limits", "provenance_json", "vocabulary", "has_prompt_graph", "state_bytes", "state_signed")
+    __slots__ = ("level", "vocab_size", "num_layers", "hidden_size", "embedding_size", "quantization", "execution_provider", "model_sha256", "limits", "provenance_json", "vocabulary", "has_prompt_graph", "state_bytes", "state_signed", "kind", "cell", "task", "input_size", "output_size", "class_names", "standardize")
     LEVEL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +188,13 @@ class ModelInfo(_message.Message):
     HAS_PROMPT_GRAPH_FIELD_NUMBER: _ClassVar[int]
     STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     STATE_SIGNED_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    CELL_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    STANDARDIZE_FIELD_NUMBER: _ClassVar[int]
     level: str
     vocab_size: int
     num_layers: int
@@ -172,4 +209,11 @@ class ModelInfo(_message.Message):
     has_prompt_graph: bool
     state_bytes: int
     state_signed: bool
-    def __init__(self, level: _Optional[str] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., embedding_size: _Optional[int] = ..., quantization: _Optional[str] = ..., execution_provider: _Optional[str] = ..., model_sha256: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., provenance_json: _Optional[str] = ..., vocabulary: _Optional[_Iterable[str]] = ..., has_prompt_graph: _Optional[bool] = ..., state_bytes: _Optional[int] = ..., state_signed: _Optional[bool] = ...) -> None: ...
+    kind: str
+    cell: str
+    task: str
+    input_size: int
+    output_size: int
+    class_names: _containers.RepeatedScalarFieldContainer[str]
+    standardize: str
+    def __init__(self, level: _Optional[str] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., embedding_size: _Optional[int] = ..., quantization: _Optional[str] = ..., execution_provider: _Optional[str] = ..., model_sha256: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., provenance_json: _Optional[str] = ..., vocabulary: _Optional[_Iterable[str]] = ..., has_prompt_graph: _Optional[bool] = ..., state_bytes: _Optional[int] = ..., state_signed: _Optional[bool] = ..., kind: _Optional[str] = ..., cell: _Optional[str] = ..., task: _Optional[str] = ..., input_size: _Optional[int] = ..., output_size: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., standardize: _Optional[str] = ...) -> None: ...

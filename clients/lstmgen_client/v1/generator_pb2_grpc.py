@@ -65,7 +65,7 @@ class GeneratorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModelInfo(self, request, context):
-        """Describes the served model and the server's limits.
+        """Describes the served model and the server's limits (text and frame models alike).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -140,6 +140,93 @@ class Generator:
             '/lstmgen.v1.Generator/GetModelInfo',
             lstmgen_dot_v1_dot_generator__pb2.ModelInfoRequest.SerializeToString,
             lstmgen_dot_v1_dot_generator__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class FrameModelStub:
+    """Frame models (ModelInfo.kind "frames"): float frames in, one output per frame, the recurrent
+    state kept per stream. A server serves one kind: Generate on a frame model, or StreamFrames on a
+    text model, fails with FAILED_PRECONDITION.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.StreamFrames = channel.stream_stream(
+                '/lstmgen.v1.FrameModel/StreamFrames',
+                request_serializer=lstmgen_dot_v1_dot_generator__pb2.FramesRequest.SerializeToString,
+                response_deserializer=lstmgen_dot_v1_dot_generator__pb2.FramesResponse.FromString,
+                _registered_method=True)
+
+
+class FrameModelServicer:
+    """Frame models (ModelInfo.kind "frames"): float frames in, one output per frame, the recurrent
+    state kept per stream. A server serves one kind: Generate on a frame model, or StreamFrames on a
+    text model, fails with FAILED_PRECONDITION.
+    """
+
+    def StreamFrames(self, request_iterator, context):
+        """The client sends frames (one or many per message) and receives one output per frame as soon as
+        it is computed; frames of many streams share one batched model step. The client half-closes
+        its side when it has no more frames; the last response then has `finished` set. Bad frames
+        (a width that is not ModelInfo.input_size, non-finite values, more than
+        ModelInfo.limits.max_frames_per_message frames in one message) fail the stream with
+        INVALID_ARGUMENT naming the problem. Cancelling frees the stream's row at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_FrameModelServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'StreamFrames': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamFrames,
+                    request_deserializer=lstmgen_dot_v1_dot_generator__pb2.FramesRequest.FromString,
+                    response_serializer=lstmgen_dot_v1_dot_generator__pb2.FramesResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'lstmgen.v1.FrameModel', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('lstmgen.v1.FrameModel', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class FrameModel:
+    """Frame models (ModelInfo.kind "frames"): float frames in, one output per frame, the recurrent
+    state kept per stream. A server serves one kind: Generate on a frame model, or StreamFrames on a
+    text model, fails with FAILED_PRECONDITION.
+    """
+
+    @staticmethod
+    def StreamFrames(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/lstmgen.v1.FrameModel/StreamFrames',
+            lstmgen_dot_v1_dot_generator__pb2.FramesRequest.SerializeToString,
+            lstmgen_dot_v1_dot_generator__pb2.FramesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,103 @@
+"""Frame streams (FrameModel.StreamFrames): frames in, one output per frame out.
+
+Takes a [T, D_in] array (numpy, or a list of lists) or any iterable of frames (a live source: each
+frame goes out as it comes). Needs only grpcio and protobuf: frames travel as sequences of floats;
+a numpy input gives numpy outputs, and numpy is never imported otherwise.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+from lstmgen_client.errors import InvalidArgumentError
+from lstmgen_client.v1 import generator_pb2 as pb
+
+STD_FLOOR = 1e-6  # as the trainer's per-sequence standardisation (train/frames.py)
+
+
+@dataclass(frozen=True)
+class FrameOutput:
+    index: int  # the frame's position in the stream (0-based)
+    values: Sequence[float]  # D_out floats: regression values, or classification logits (numpy with numpy input)
+    label: int | None = None  # classification: the most likely class
+    class_name: str | None = None
+
+
+def _is_numpy(x) -> bool:
+    return type(x).__module__ == "numpy"  # no import: numpy may not be installed
+
+
+def is_whole(frames) -> bool:
+    """An array or a list (every frame known now), not a live iterator."""
+    return _is_numpy(frames) or isinstance(frames, (list, tuple))
+
+
+def standardize_sequence(frames: list[list[float]]) -> list[list[float]]:
+    """Per feature over the whole sequence: (x - mean) / max(std, 1e-6), as the model was trained."""
+    n = len(frames)
+    if n == 0:
+        return frames
+    d = len(frames[0])
+    mean = [sum(f[j] for f in frames) / n for j in range(d)]
+    std = [max(math.sqrt(sum((f[j] - mean[j]) ** 2 for f in frames) / n), STD_FLOOR) for j in range(d)]
+    return [[(f[j] - mean[j]) / std[j] for j in range(d)] for f in frames]
+
+
+def as_rows(frames) -> list[list[float]] | Iterable:
+    if _is_numpy(frames):
+        return frames.astype("float32").tolist() if frames.ndim == 2 else [list(map(float, frames))]
+    return frames
+
+
+def requests(frames: Iterable, per_message: int, final_only: bool) -> Iterator[pb.FramesRequest]:
+    """FramesRequests of up to `per_message` frames each, the stream's options on the first."""
+    options = pb.FrameStreamOptions(final_only=final_only)
+    values, n = [], 0
+    for frame in frames:
+        values.extend(float(v) for v in frame)
+        n += 1
+        if n >= per_message:
+            yield pb.FramesRequest(values=values, options=options)
+            options, values, n = None, [], 0
+    if n or options is not None:
+        yield pb.FramesRequest(values=values, options=options)
+
+
+def outputs(msg: pb.FramesResponse, width: int, names: Sequence[str], as_numpy: bool) -> list[FrameOutput]:
+    """One FrameOutput per frame of a response."""
+    if as_numpy:
+        import numpy as np  # the caller passed a numpy array: numpy is there
+        rows = np.asarray(msg.values, dtype=np.float32).reshape(msg.frames, width)  # one conversion per message
+    else:
+        values = list(msg.values)
+        rows = [values[i * width:(i + 1) * width] for i in range(msg.frames)]
+    first = msg.frames_total - msg.frames  # the index of the message's first frame
+    classes = list(msg.classes)
+    out = []
+    for i in range(msg.frames):
+        label = classes[i] if i < len(classes) else None
+        name = names[label] if label is not None and label < len(names) else None
+        out.append(FrameOutput(first + i, rows[i], label, name))
+    return out
+
+
+def prepare(frames, standardize: str, mode: str):
+    """(rows to send, whether outputs are numpy): a numpy array becomes lists of floats; with the
+    model's per-sequence standardisation a whole sequence is standardised here (the server cannot)."""
+    as_numpy = _is_numpy(frames)
+    rows = as_rows(frames)
+    if mode == "sequence" and standardize == "auto":
+        if not is_whole(rows):
+            raise InvalidArgumentError("INVALID_ARGUMENT: frames: this model standardises each sequence by its own "
+                                       "statistics, which need the whole sequence; pass an array or a list, or "
+                                       "standardise the frames yourself and pass standardize=\"none\"")
+        rows = standardize_sequence([[float(v) for v in r] for r in rows])
+    return rows, as_numpy
+
+
+def check_stream_args(per_message: int, standardize: str) -> None:
+    if not isinstance(per_message, int) or per_message < 1:
+        raise InvalidArgumentError(f"INVALID_ARGUMENT: frames_per_message: is {per_message!r}; allowed: an integer >= 1")
+    if standardize not in ("auto", "client", "none"):
+        raise InvalidArgumentError(f"INVALID_ARGUMENT: standardize: is {standardize!r}; allowed auto, client, none")

@@ -1,0 +1,144 @@
+"""The gRPC edge of frame models: FrameModel.StreamFrames, and the Generator service's answers for a
+frame model (GetModelInfo; Generate is FAILED_PRECONDITION). Protobuf stays here."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+import grpc
+
+from lstmgen.serve.errors import GenerationError, InvalidRequest, WrongModel
+from lstmgen.serve.frames import FrameOutput, FrameScheduler, FrameStream
+from lstmgen.serve.service import _abort_gone, _lenient, _not_a_message, request_id, status_for
+from lstmgen_client.v1 import generator_pb2 as pb
+
+log = logging.getLogger("lstmgen.frames.service")
+_END = object()  # the client half-closed (a message that does not parse arrives as None)
+
+
+def frame_model_info(engine, frame_limits, limits) -> pb.ModelInfo:
+    """GetModelInfo's answer for a frame model (fixed for the server's life)."""
+    m, spec = engine.manifest, engine.manifest.frames
+    return pb.ModelInfo(
+        kind="frames", cell=m.cell, level="frames", task=spec.task, input_size=spec.input_size,
+        output_size=spec.output_size, class_names=list(spec.class_names),
+        standardize=(spec.standardize or {}).get("mode", "none"), num_layers=m.num_layers,
+        hidden_size=m.hidden_size, embedding_size=m.embedding_size, quantization=m.quantization,
+        execution_provider=engine.provider, model_sha256=m.model_sha256,
+        provenance_json=json.dumps(m.provenance, sort_keys=True),
+        limits=pb.Limits(max_concurrent_streams=frame_limits.max_streams, max_request_bytes=limits.max_request_bytes,
+                         max_frames_per_message=frame_limits.max_frames_per_message))
+
+
+def output_to_pb(out: FrameOutput, classify: bool) -> pb.FramesResponse:
+    resp = pb.FramesResponse(frames=len(out.values), finished=out.finished, frames_total=out.frames_total)
+    if len(out.values):
+        resp.values.extend(out.values.reshape(-1).tolist())
+        if classify:
+            resp.classes.extend(out.values.argmax(axis=1).tolist())
+    return resp
+
+
+class FrameService:
+    def __init__(self, scheduler: FrameScheduler, model_info: pb.ModelInfo, metrics=None):
+        self.scheduler = scheduler
+        self.model_info = model_info
+        self.metrics = metrics
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        frames = {"StreamFrames": grpc.stream_stream_rpc_method_handler(
+            self.StreamFrames, request_deserializer=_lenient(pb.FramesRequest),
+            response_serializer=pb.FramesResponse.SerializeToString)}
+        info = {"GetModelInfo": grpc.unary_unary_rpc_method_handler(
+                    self.GetModelInfo, request_deserializer=_lenient(pb.ModelInfoRequest),
+                    response_serializer=pb.ModelInfo.SerializeToString),
+                "Generate": grpc.unary_stream_rpc_method_handler(
+                    self.Generate, request_deserializer=_lenient(pb.GenerateRequest),
+                    response_serializer=pb.GenerateResponse.SerializeToString)}
+        for service, handlers in (("FrameModel", frames), ("Generator", info)):
+            name = pb.DESCRIPTOR.services_by_name[service].full_name
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+            server.add_registered_method_handlers(name, handlers)
+
+    async def GetModelInfo(self, request, context) -> pb.ModelInfo:
+        if request is None:
+            e = _not_a_message(pb.ModelInfoRequest)
+            await context.abort(status_for(e), str(e))
+        return self.model_info
+
+    async def Generate(self, request, context) -> None:
+        e = WrongModel("model", "this server serves a frame model (kind \"frames\"); call FrameModel.StreamFrames")
+        await _abort_gone(context, status_for(e), str(e))
+
+    async def StreamFrames(self, requests, context) -> None:
+        rid = request_id(context.invocation_metadata())
+        t0 = time.perf_counter()
+        stream: FrameStream | None = None
+        reader: asyncio.Task | None = None
+        status, frames = "CANCELLED", 0
+        classify = self.scheduler.spec.task == "classification"
+        try:
+            it = aiter(requests)
+            first = await anext(it, _END)
+            if first is _END:  # the client closed without a message: nothing to do
+                await context.write(pb.FramesResponse(finished=True))
+                status = "OK"
+                return
+            if not isinstance(first, pb.FramesRequest):
+                raise _not_a_message(pb.FramesRequest)
+            stream = self.scheduler.open(final_only=first.options.final_only)
+            reader = asyncio.create_task(self._read(first, it, stream))
+            while True:
+                out = stream.next_output()
+                if out is None:
+                    if stream.cancelled:  # the client's side broke: nobody to answer
+                        break
+                    await stream._ready.wait()
+                    stream._ready.clear()
+                    continue
+                frames = out.frames_total
+                if len(out.values) or out.finished:
+                    await context.write(output_to_pb(out, classify))
+                if out.finished:
+                    break
+            status = "OK"
+        except grpc.aio.InternalError:
+            await _abort_gone(context, grpc.StatusCode.CANCELLED, "the client went away")
+        except GenerationError as e:
+            status = status_for(e).name
+            await _abort_gone(context, status_for(e), str(e))
+        finally:
+            if reader is not None:
+                reader.cancel()
+            if stream is not None:
+                self.scheduler.release(stream)
+            log.info("frame stream end request_id=%s status=%s frames=%d duration_ms=%.1f", rid, status, frames,
+                     (time.perf_counter() - t0) * 1e3, extra={"request_id": rid})
+
+    async def _read(self, first: pb.FramesRequest, requests, stream: FrameStream) -> None:
+        """Feed the client's frames to the scheduler; a bad message fails the stream."""
+        try:
+            msg, seen = first, 0
+            while True:
+                if not isinstance(msg, pb.FramesRequest):
+                    raise _not_a_message(pb.FramesRequest)
+                x = self.scheduler.check_frames(msg.values, seen)
+                seen += len(x)
+                if len(x):
+                    await stream._room.wait()  # the model is behind: stop reading (gRPC flow control)
+                    self.scheduler.feed(stream, x)
+                msg = await anext(requests, _END)
+                if msg is _END:
+                    break
+            self.scheduler.end_input(stream)
+        except InvalidRequest as e:
+            stream.fail(e)
+            stream._ready.set()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the client's side broke (cancelled, connection gone)
+            log.debug("frame stream input ended: %r", e)
+            stream.cancelled = True
+            stream._ready.set()
