@@ -78,10 +78,7 @@ def codec_for(manifest, key: bytes | None = None) -> "StateCodec":
 
 def state_layout(manifest) -> tuple[tuple[str, tuple[int, int]], ...]:
     """(name, one row's [L, H]) per state tensor, as the manifest describes them."""
-    tensors = getattr(manifest, "state_tensors", None)
-    if tensors is None:  # TEMPORARY until lstmgen.bundle.Manifest.state_tensors lands: the LSTM's (h, c)
-        return tuple((n, (manifest.num_layers, manifest.hidden_size)) for n in manifest.inputs[1:])
-    return tuple((t.name, tuple(t.shape)) for t in tensors)
+    return tuple((t.name, tuple(t.shape)) for t in manifest.state_tensors)
 
 
 class StateCodec:

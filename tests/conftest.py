@@ -20,8 +20,10 @@ WORD_TEXT = "the cat sat on the mat\nthe dog ate the <unk> bone\na cat and a dog
 
 
 def make_checkpoint(path: Path, level: str, text: str, *, hidden: int = 16, embedding: int = 16,
-                    layers: int = 2, tie: bool = False, seed: int = 0, eot_bias: float = 0.0) -> Path:
-    """A randomly initialised StackedLSTM saved as an lstmgen checkpoint (tiny: exports in ms)."""
+                    layers: int = 2, tie: bool = False, seed: int = 0, eot_bias: float = 0.0,
+                    cell: str = "lstm") -> Path:
+    """A randomly initialised StackedLSTM (an LSTM or GRU stack) saved as an lstmgen checkpoint (tiny:
+    exports in ms)."""
     import torch
 
     from lstmgen.train.checkpoint import Checkpoint, save_checkpoint
@@ -30,7 +32,8 @@ def make_checkpoint(path: Path, level: str, text: str, *, hidden: int = 16, embe
     from lstmgen.vocab import Vocab
 
     vocab = Vocab.build(level, [text + ("\x03" if eot_bias and level == "char" else "")])
-    cfg = TrainConfig(level=level, embedding_size=embedding, hidden_size=hidden, num_layers=layers, tie_weights=tie)
+    cfg = TrainConfig(level=level, embedding_size=embedding, hidden_size=hidden, num_layers=layers, tie_weights=tie,
+                      cell=cell)
     torch.manual_seed(seed)
     model = StackedLSTM(cfg.model_config(len(vocab))).eval()
     if eot_bias:
@@ -67,6 +70,7 @@ def bundles(tmp_path_factory) -> dict[str, Path]:
         "word": export(make_checkpoint(d / "word.pt", "word", WORD_TEXT, seed=1), d / "word"),
         # head bias pushes the end-of-text symbol: generation ends with END_OF_TEXT early
         "eot": export(make_checkpoint(d / "eot.pt", "char", CHAR_TEXT, seed=2, eot_bias=4.0), d / "eot"),
+        "gru": export(make_checkpoint(d / "gru.pt", "char", CHAR_TEXT, seed=3, cell="gru"), d / "gru"),
     }
 
 

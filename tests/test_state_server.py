@@ -215,3 +215,22 @@ def test_cli_state_out_and_in(char_server, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "lstmgen.cli", "generate", "--server", char_server.target,
                           "--state-in", str(tmp_path / "missing.bin")], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "missing.bin" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_gru_model_serves_and_hands_off_its_single_state_tensor(bundles, char_server, tmp_path):
+    """The server takes the state layout from the manifest: a GRU's state is h alone."""
+    srv = start_server(bundles["gru"], tmp_path / "gru.log", "--prefix-cache-every", "4")
+    try:
+        with Client(srv.target) as c:
+            info = c.model_info()
+            assert info.cell == "gru" and info.kind == "text"
+            lstm = Client(char_server.target).model_info()  # the same sizes with (h, c)
+            assert lstm.state_bytes - info.state_bytes >= info.num_layers * info.hidden_size * 4  # h alone
+            for seed, settings in enumerate(SETTINGS[:3]):
+                split_equals_unsplit(c, c, "First Citizen:", 12, 15, seed=seed, **settings)
+            turn = c.generate("First", max_new_tokens=6, greedy=True, return_state=True)
+            more = c.generate(" Citizen", state=turn.state, max_new_tokens=6, greedy=True)
+            assert more.text == c.generate("First" + turn.text + " Citizen", max_new_tokens=6, greedy=True).text
+    finally:
+        srv.stop()
+    assert "Traceback" not in (tmp_path / "gru.log").read_text()
