@@ -1,4 +1,5 @@
-"""Export: checkpoint -> single-step ONNX graph (+ prompt graph) + manifest, verified (needs torch, onnx)."""
+"""Export: checkpoint (language or frame model, LSTM or GRU) -> single-step ONNX graph (+ prompt or
+sequence graph) + manifest, verified (needs torch, onnx)."""
 
 import sys as _sys
 import types as _types

@@ -19,12 +19,16 @@ def _add_token(d):
     d["vocab_size"] += 1
 
 
-def _hidden(d):
+def _hidden(d):  # the manifest agrees with itself (state shapes too), not with the graph
     d["hidden_size"] = 32
+    for t in d["state"]:
+        t["shape"][1] = 32
 
 
 def _layers(d):
     d["num_layers"] = 3
+    for t in d["state"]:
+        t["shape"][0] = 3
 
 
 def _rename_input(d):
