@@ -12,13 +12,14 @@ import grpc
 from lstmgen.serve.errors import GenerationError, InvalidRequest, WrongModel
 from lstmgen.serve.frames import FrameOutput, FrameScheduler, FrameStream
 from lstmgen.serve.service import _abort_gone, _lenient, _not_a_message, request_id, status_for
+from lstmgen.serve.state_blob import StateCodec
 from lstmgen_client.v1 import generator_pb2 as pb
 
 log = logging.getLogger("lstmgen.frames.service")
 _END = object()  # the client half-closed (a message that does not parse arrives as None)
 
 
-def frame_model_info(engine, frame_limits, limits) -> pb.ModelInfo:
+def frame_model_info(engine, frame_limits, limits, codec: StateCodec) -> pb.ModelInfo:
     """GetModelInfo's answer for a frame model (fixed for the server's life)."""
     m, spec = engine.manifest, engine.manifest.frames
     return pb.ModelInfo(
@@ -28,8 +29,9 @@ def frame_model_info(engine, frame_limits, limits) -> pb.ModelInfo:
         hidden_size=m.hidden_size, embedding_size=m.embedding_size, quantization=m.quantization,
         execution_provider=engine.provider, model_sha256=m.model_sha256,
         provenance_json=json.dumps(m.provenance, sort_keys=True),
+        state_bytes=codec.state_bytes, state_signed=codec.key is not None,
         limits=pb.Limits(max_concurrent_streams=frame_limits.max_streams, max_request_bytes=limits.max_request_bytes,
-                         max_frames_per_message=frame_limits.max_frames_per_message))
+                         max_frames_per_message=frame_limits.max_frames_per_message, max_state_bytes=codec.max_bytes))
 
 
 def output_to_pb(out: FrameOutput, classify: bool) -> pb.FramesResponse:
@@ -42,10 +44,10 @@ def output_to_pb(out: FrameOutput, classify: bool) -> pb.FramesResponse:
 
 
 class FrameService:
-    def __init__(self, scheduler: FrameScheduler, model_info: pb.ModelInfo, metrics=None):
+    def __init__(self, scheduler: FrameScheduler, model_info: pb.ModelInfo, codec: StateCodec):
         self.scheduler = scheduler
         self.model_info = model_info
-        self.metrics = metrics
+        self.codec = codec
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         frames = {"StreamFrames": grpc.stream_stream_rpc_method_handler(
@@ -88,7 +90,9 @@ class FrameService:
                 return
             if not isinstance(first, pb.FramesRequest):
                 raise _not_a_message(pb.FramesRequest)
-            stream = self.scheduler.open(final_only=first.options.final_only)
+            opts = first.options
+            state = self.codec.decode_frames(opts.state) if opts.state else None
+            stream = self.scheduler.open(final_only=opts.final_only, state=state)
             reader = asyncio.create_task(self._read(first, it, stream))
             while True:
                 out = stream.next_output()
@@ -100,7 +104,10 @@ class FrameService:
                     continue
                 frames = out.frames_total
                 if len(out.values) or out.finished:
-                    await context.write(output_to_pb(out, classify))
+                    resp = output_to_pb(out, classify)
+                    if out.finished and opts.return_state:  # drained: the worker is done with its state
+                        resp.state = self.codec.encode_frames(stream.state, out.frames_total)
+                    await context.write(resp)
                 if out.finished:
                     break
             status = "OK"

@@ -56,10 +56,9 @@ class FrameStream:
     """One client's sequence. The edge feeds frames (event loop); the worker runs them; the edge
     reads the outputs as they come."""
 
-    def __init__(self, state: tuple[np.ndarray, ...], final_only: bool, on_close: Callable[[], None]):
-        self.state = state  # worker thread only (after admission)
+    def __init__(self, state: tuple[np.ndarray, ...], final_only: bool, frames_before: int = 0):
+        self.state = state  # the worker's while frames run; the edge's once the stream is drained
         self.final_only = final_only
-        self._on_close = on_close
         self._lock = threading.Lock()
         self._pending: deque[np.ndarray] = deque()  # chunks of frames [n, D_in] not run yet; guarded by _lock
         self._n_pending = 0  # frames in _pending
@@ -68,7 +67,7 @@ class FrameStream:
         self._outputs: list[np.ndarray] = []  # output chunks [n, D_out] not read yet; guarded by _lock
         self._last: np.ndarray | None = None  # final_only: the newest output row
         self._error: GenerationError | None = None
-        self._total = 0
+        self._total = frames_before  # frames read, those before a continued state included
         self._ended = False
         self.cancelled = False
         self._ready = asyncio.Event()  # event-loop side: outputs, an error, or the end
@@ -183,11 +182,13 @@ class FrameScheduler:
             await asyncio.to_thread(self._thread.join)
 
     # -- the edge (event loop) ---------------------------------------------------------------------
-    def open(self, final_only: bool = False) -> FrameStream:
+    def open(self, final_only: bool = False, state: tuple[tuple[np.ndarray, ...], int] | None = None) -> FrameStream:
+        """A new stream, from the empty state or from `state` (tensors, frames read before)."""
         if final_only and self.spec.task != "classification":
             raise InvalidRequest("options.final_only", "is only for classification models; this one does "
                                                        f"{self.spec.task}")
-        stream = FrameStream(self.engine.zeros_row(), final_only, lambda: None)
+        tensors, before = state if state is not None else (self.engine.zeros_row(), 0)
+        stream = FrameStream(tensors, final_only, before)
         with self._cv:
             if not self._accepting:
                 raise Unavailable("server is shutting down; not accepting new streams")

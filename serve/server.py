@@ -86,7 +86,7 @@ class Server:
         self.stop_requested = asyncio.Event()  # a signal, or the worker died
         # The manifest's kind picks the engine, the scheduler and the service (BundleError names the file)
         if load_manifest(cfg.bundle, verify_checksums=False).kind == "frames":
-            limits = self._frames(cfg)
+            limits = self._frames(cfg, sched_cfg)
         else:
             limits = self._text(cfg, sched_cfg)
         self.health = health.aio.HealthServicer()
@@ -127,21 +127,21 @@ class Server:
         self.service = GeneratorService(self.scheduler, cfg.service, self.metrics)
         return limits
 
-    def _frames(self, cfg: ServerConfig) -> Limits:
+    def _frames(self, cfg: ServerConfig, sched_cfg: SchedulerConfig) -> Limits:
         """A frame model: the frame scheduler and the FrameModel service (serve/frames.py)."""
         if cfg.http_port is not None:
             raise UsageError("--http-port: the HTTP API serves text models; this bundle is a frame model")
-        if cfg.state_key_file:
-            raise UsageError("--state-key: frame streams do not hand out their state yet")
         self.engine = FrameEngine(cfg.bundle, cfg.engine)
+        codec = codec_for(self.engine.manifest, sched_cfg.state_key)
         limits = cfg.limits
-        if not limits.max_request_bytes:  # the largest message of frames, with room for the rest
+        if not limits.max_request_bytes:  # the largest message of frames and a state, with room for the rest
             limits = replace(limits, max_request_bytes=4 * FrameLimits.max_frames_per_message
-                             * self.engine.manifest.frames.input_size + 64 * 1024)
+                             * self.engine.manifest.frames.input_size + 64 * 1024 + codec.max_bytes)
         self.scheduler = FrameScheduler(self.engine, self.engine.spec_view(),
                                         FrameLimits(max_streams=limits.max_concurrent_streams),
                                         on_fatal=self._worker_failed)
-        self.service = FrameService(self.scheduler, frame_model_info(self.engine, self.scheduler.limits, limits))
+        self.service = FrameService(self.scheduler, frame_model_info(self.engine, self.scheduler.limits, limits, codec),
+                                    codec)
         return limits
 
     async def start(self) -> int:

@@ -108,9 +108,16 @@ class StateCodec:
                   "token": st.token, "seed": st.seed, "rng": [str(v) for v in st.rng], "pending": st.pending}
         if st.history is not None:
             header["history"] = [list(st.history[0]), list(st.history[1])]
+        return self._pack(header, st.tensors)
+
+    def encode_frames(self, tensors: tuple[np.ndarray, ...], frames: int) -> bytes:
+        """A frame stream's state: its tensors after `frames` frames (nothing else decides its next output)."""
+        return self._pack({"model": self.model_sha256, "tensors": self._described(), "frames": frames}, tensors)
+
+    def _pack(self, header: dict, tensors) -> bytes:
         head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
         body = b"".join([_PREFIX.pack(MAGIC, VERSION, _SIGNED if self.key else 0, len(head)), head,
-                         *(np.ascontiguousarray(t, dtype="<f4").tobytes() for t in st.tensors)])
+                         *(np.ascontiguousarray(t, dtype="<f4").tobytes() for t in tensors)])
         return body + self._mac(body) if self.key else body
 
     def _mac(self, body: bytes) -> bytes:
@@ -118,6 +125,22 @@ class StateCodec:
 
     # -- decoding --------------------------------------------------------------------------------
     def decode(self, blob: bytes) -> GenerationState:
+        header, data = self._open(blob)
+        if "frames" in header:
+            raise _bad("is a frame stream's state, not a text generation's")
+        return self._fields(header, data)
+
+    def decode_frames(self, blob: bytes) -> tuple[tuple[np.ndarray, ...], int]:
+        """A frame stream's state blob -> (its tensors, the frames it has read)."""
+        header, data = self._open(blob)
+        tensors = self._tensors(header, data)
+        frames = header.get("frames")
+        if not _int_in(frames, 0, 2**63 - 1):
+            raise _bad("is not a frame stream's state (no frame count)")
+        return tensors, frames
+
+    def _open(self, blob: bytes) -> tuple[dict, bytes]:
+        """The checked prefix and signature; the header (a dict) and the tensor bytes."""
         if len(blob) > self.max_bytes:
             raise _bad(f"is {len(blob):,} bytes; this model's states are at most {self.max_bytes:,}")
         if len(blob) < _PREFIX.size or blob[:4] != MAGIC:
@@ -146,9 +169,10 @@ class StateCodec:
             raise _bad(f"header is not valid JSON ({e})") from e
         if not isinstance(header, dict):
             raise _bad("header is not a JSON object")
-        return self._fields(header, body[_PREFIX.size + head_len:])
+        return header, body[_PREFIX.size + head_len:]
 
-    def _fields(self, h: dict, data: bytes) -> GenerationState:
+    def _tensors(self, h: dict, data: bytes) -> tuple[np.ndarray, ...]:
+        """The model binding and the tensors: this model's names and shapes, finite values."""
         model = h.get("model")
         if model != self.model_sha256:
             shown = model[:16] + "..." if isinstance(model, str) else repr(model)
@@ -159,6 +183,14 @@ class StateCodec:
         if len(data) != self._tensor_bytes:
             raise _bad(f"holds {len(data):,} bytes of tensor data where this model's state has "
                        f"{self._tensor_bytes:,}: truncated or extended")
+        flat = np.frombuffer(data, dtype="<f4").astype(np.float32)  # copy: the blob's bytes are read-only
+        if not np.isfinite(flat).all():
+            raise _bad("holds non-finite values (NaN or infinity)")
+        ends = np.cumsum([0, *self._sizes])
+        return tuple(flat[a:b].reshape(shape) for a, b, (_, shape) in zip(ends[:-1], ends[1:], self.tensors))
+
+    def _fields(self, h: dict, data: bytes) -> GenerationState:
+        tensors = self._tensors(h, data)
         token, seed = h.get("token"), h.get("seed")
         if not _int_in(token, 0, self.vocab_size - 1):
             raise _bad(f"token {token!r:.40} is not a token id of this model (0..{self.vocab_size - 1})")
@@ -176,11 +208,6 @@ class StateCodec:
         if not isinstance(pending, str) or len(pending) > MAX_PENDING_CHARS:
             raise _bad(f"held-back text must be a string of at most {MAX_PENDING_CHARS} characters")
         history = self._history(h.get("history"))
-        flat = np.frombuffer(data, dtype="<f4").astype(np.float32)  # copy: the blob's bytes are read-only
-        if not np.isfinite(flat).all():
-            raise _bad("holds non-finite values (NaN or infinity)")
-        ends = np.cumsum([0, *self._sizes])
-        tensors = tuple(flat[a:b].reshape(shape) for a, b, (_, shape) in zip(ends[:-1], ends[1:], self.tensors))
         return GenerationState(tensors, token, seed, (state, inc, has_uint32, uinteger), pending, history)
 
     def _described(self) -> list:

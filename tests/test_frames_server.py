@@ -235,3 +235,26 @@ def test_cancelling_frees_the_row(frame_bundles, tmp_path):
     finally:
         srv.stop()
     assert "Traceback" not in (tmp_path / "one.log").read_text()
+
+
+def test_a_sequence_continues_from_its_state_on_another_replica(servers, frame_bundles, tmp_path):
+    """Half the frames with return_state, the rest from that state on a second server: the outputs
+    (and frame indices) are those of the unbroken sequence; bad states get their status."""
+    x = np.random.default_rng(5).normal(5, 3, size=(30, D_IN)).astype(np.float32)
+    other = start_server(frame_bundles["regression"], tmp_path / "replica.log")
+    try:
+        with Client(servers["regression"].target) as a, Client(other.target) as b:
+            whole = np.stack([o.values for o in a.stream_frames(x)])
+            first = list(a.stream_frames(x[:12], return_state=True))
+            assert first[-1].state and all(o.state is None for o in first[:-1])
+            rest = list(b.stream_frames(x[12:], state=first[-1].state))
+            assert [o.index for o in rest] == list(range(12, 30))
+            np.testing.assert_allclose(np.stack([o.values for o in first + rest]), whole, rtol=1e-5, atol=1e-6)
+            blob = first[-1].state
+            with pytest.raises(InvalidArgumentError, match="truncated"):
+                list(b.stream_frames(x[:2], state=blob[:-3]))
+            with Client(servers["classification"].target) as c:  # another model's state
+                with pytest.raises(FailedPreconditionError, match="made by model"):
+                    list(c.stream_frames(x[:2], state=blob))
+    finally:
+        other.stop()

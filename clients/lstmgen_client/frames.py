@@ -22,6 +22,7 @@ class FrameOutput:
     values: Sequence[float]  # D_out floats: regression values, or classification logits (numpy with numpy input)
     label: int | None = None  # classification: the most likely class
     class_name: str | None = None
+    state: bytes | None = None  # with return_state, on the last output: continue with stream_frames(..., state=)
 
 
 def _is_numpy(x) -> bool:
@@ -50,9 +51,15 @@ def as_rows(frames) -> list[list[float]] | Iterable:
     return frames
 
 
-def requests(frames: Iterable, per_message: int, final_only: bool) -> Iterator[pb.FramesRequest]:
+def stream_options(final_only: bool, state: bytes | None, return_state: bool) -> pb.FrameStreamOptions:
+    if state is not None and not isinstance(state, (bytes, bytearray)):
+        raise InvalidArgumentError(f"INVALID_ARGUMENT: state: must be the bytes a server returned, got "
+                                   f"{type(state).__name__}")
+    return pb.FrameStreamOptions(final_only=final_only, state=state or b"", return_state=return_state)
+
+
+def requests(frames: Iterable, per_message: int, options: pb.FrameStreamOptions) -> Iterator[pb.FramesRequest]:
     """FramesRequests of up to `per_message` frames each, the stream's options on the first."""
-    options = pb.FrameStreamOptions(final_only=final_only)
     values, n = [], 0
     for frame in frames:
         values.extend(float(v) for v in frame)
@@ -78,7 +85,8 @@ def outputs(msg: pb.FramesResponse, width: int, names: Sequence[str], as_numpy: 
     for i in range(msg.frames):
         label = classes[i] if i < len(classes) else None
         name = names[label] if label is not None and label < len(names) else None
-        out.append(FrameOutput(first + i, rows[i], label, name))
+        last = i == msg.frames - 1 and msg.finished
+        out.append(FrameOutput(first + i, rows[i], label, name, (msg.state or None) if last else None))
     return out
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1alstmgen/v1/generator.proto\x12\nlstmgen.v1\"P\n\rFramesRequest\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12/\n\x07options\x18\x02 \x01(\x0b\x32\x1e.lstmgen.v1.FrameStreamOptions\"(\n\x12\x46rameStreamOptions\x12\x12\n\nfinal_only\x18\x01 \x01(\x08\"i\n\x0e\x46ramesResponse\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12\x0e\n\x06\x66rames\x18\x02 \x01(\r\x12\x0f\n\x07\x63lasses\x18\x03 \x03(\r\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x14\n\x0c\x66rames_total\x18\x05 \x01(\x04\"\xeb\x03\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x1b\n\x0emax_new_tokens\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x0e\n\x06greedy\x18\x07 \x01(\x08\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x14\n\x0cskip_unknown\x18\t \x01(\x08\x12\r\n\x05state\x18\n \x01(\x0c\x12\x14\n\x0creturn_state\x18\x0b \x01(\x08\x12\x13\n\x0bstate_every\x18\x0c \x01(\r\x12\x12\n\x05min_p\x18\x14 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x15 \x01(\x02H\x05\x88\x01\x01\x12\x19\n\x11\x66requency_penalty\x18\x16 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x17 \x01(\x02\x12\x10\n\x08logprobs\x18\x18 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x19 \x01(\rB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyJ\x04\x08\r\x10\x14\"\x9d\x01\n\x08\x46inished\x12(\n\x06reason\x18\x01 \x01(\x0e\x32\x18.lstmgen.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x18\n\x10generated_tokens\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x15\n\rstop_sequence\x18\x05 \x01(\t\x12\x11\n\theld_text\x18\x06 \x01(\t\"=\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"d\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12#\n\x03top\x18\x04 \x03(\x0b\x32\x16.lstmgen.v1.TopLogprob\"\x98\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\r\x12&\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x14.lstmgen.v1.Finished\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.lstmgen.v1.TokenLogprob\x12\r\n\x05state\x18\x05 \x01(\x0c\".\n\x10ModelInfoRequest\x12\x1a\n\x12include_vocabulary\x18\x01 \x01(\x08\"\xd6\x02\n\x06Limits\x12\x18\n\x10max_prompt_chars\x18\x01 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_new_tokens\x18\x03 \x01(\r\x12\x1a\n\x12max_stop_sequences\x18\x04 \x01(\r\x12\x1f\n\x17max_stop_sequence_chars\x18\x05 \x01(\r\x12\x1e\n\x16max_concurrent_streams\x18\x06 \x01(\r\x12\x1a\n\x12max_queued_streams\x18\x07 \x01(\r\x12\x19\n\x11max_request_bytes\x18\x08 \x01(\r\x12\x18\n\x10max_top_logprobs\x18\t \x01(\r\x12\x17\n\x0fmin_temperature\x18\n \x01(\x02\x12\x17\n\x0fmax_state_bytes\x18\x0b \x01(\r\x12\x1e\n\x16max_frames_per_message\x18\x0c \x01(\r\"\xca\x03\n\tModelInfo\x12\r\n\x05level\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x16\n\x0e\x65mbedding_size\x18\x05 \x01(\r\x12\x14\n\x0cquantization\x18\x06 \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x07 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x08 \x01(\t\x12\"\n\x06limits\x18\t \x01(\x0b\x32\x12.lstmgen.v1.Limits\x12\x17\n\x0fprovenance_json\x18\n \x01(\t\x12\x12\n\nvocabulary\x18\x0b \x03(\t\x12\x18\n\x10has_prompt_graph\x18\x0c \x01(\x08\x12\x13\n\x0bstate_bytes\x18\r \x01(\r\x12\x14\n\x0cstate_signed\x18\x0e \x01(\x08\x12\x0c\n\x04kind\x18\x0f \x01(\t\x12\x0c\n\x04\x63\x65ll\x18\x10 \x01(\t\x12\x0c\n\x04task\x18\x11 \x01(\t\x12\x12\n\ninput_size\x18\x12 \x01(\r\x12\x13\n\x0boutput_size\x18\x13 \x01(\r\x12\x13\n\x0b\x63lass_names\x18\x14 \x03(\t\x12\x13\n\x0bstandardize\x18\x15 \x01(\t*\x87\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x02\x12\x1d\n\x19\x46INISH_REASON_END_OF_TEXT\x10\x03\x32\x99\x01\n\tGenerator\x12G\n\x08Generate\x12\x1b.lstmgen.v1.GenerateRequest\x1a\x1c.lstmgen.v1.GenerateResponse0\x01\x12\x43\n\x0cGetModelInfo\x12\x1c.lstmgen.v1.ModelInfoRequest\x1a\x15.lstmgen.v1.ModelInfo2W\n\nFrameModel\x12I\n\x0cStreamFrames\x12\x19.lstmgen.v1.FramesRequest\x1a\x1a.lstmgen.v1.FramesResponse(\x01\x30\x01\x42\x8a\x01\n\rio.lstmgen.v1B\x0eGeneratorProtoP\x01Z6github.com/lstmgen/lstmgen/gen/go/lstmgen/v1;lstmgenv1\xf8\x01\x01\xa2\x02\x03LGX\xaa\x02\nLstmgen.V1\xca\x02\nLstmgen\\V1\xea\x02\x0bLstmgen::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1alstmgen/v1/generator.proto\x12\nlstmgen.v1\"P\n\rFramesRequest\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12/\n\x07options\x18\x02 \x01(\x0b\x32\x1e.lstmgen.v1.FrameStreamOptions\"M\n\x12\x46rameStreamOptions\x12\x12\n\nfinal_only\x18\x01 \x01(\x08\x12\r\n\x05state\x18\x02 \x01(\x0c\x12\x14\n\x0creturn_state\x18\x03 \x01(\x08\"x\n\x0e\x46ramesResponse\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12\x0e\n\x06\x66rames\x18\x02 \x01(\r\x12\x0f\n\x07\x63lasses\x18\x03 \x03(\r\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x14\n\x0c\x66rames_total\x18\x05 \x01(\x04\x12\r\n\x05state\x18\x06 \x01(\x0c\"\xeb\x03\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x1b\n\x0emax_new_tokens\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x0e\n\x06greedy\x18\x07 \x01(\x08\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x14\n\x0cskip_unknown\x18\t \x01(\x08\x12\r\n\x05state\x18\n \x01(\x0c\x12\x14\n\x0creturn_state\x18\x0b \x01(\x08\x12\x13\n\x0bstate_every\x18\x0c \x01(\r\x12\x12\n\x05min_p\x18\x14 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x15 \x01(\x02H\x05\x88\x01\x01\x12\x19\n\x11\x66requency_penalty\x18\x16 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x17 \x01(\x02\x12\x10\n\x08logprobs\x18\x18 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x19 \x01(\rB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyJ\x04\x08\r\x10\x14\"\x9d\x01\n\x08\x46inished\x12(\n\x06reason\x18\x01 \x01(\x0e\x32\x18.lstmgen.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x18\n\x10generated_tokens\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x15\n\rstop_sequence\x18\x05 \x01(\t\x12\x11\n\theld_text\x18\x06 \x01(\t\"=\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"d\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12#\n\x03top\x18\x04 \x03(\x0b\x32\x16.lstmgen.v1.TopLogprob\"\x98\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\r\x12&\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x14.lstmgen.v1.Finished\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.lstmgen.v1.TokenLogprob\x12\r\n\x05state\x18\x05 \x01(\x0c\".\n\x10ModelInfoRequest\x12\x1a\n\x12include_vocabulary\x18\x01 \x01(\x08\"\xd6\x02\n\x06Limits\x12\x18\n\x10max_prompt_chars\x18\x01 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_new_tokens\x18\x03 \x01(\r\x12\x1a\n\x12max_stop_sequences\x18\x04 \x01(\r\x12\x1f\n\x17max_stop_sequence_chars\x18\x05 \x01(\r\x12\x1e\n\x16max_concurrent_streams\x18\x06 \x01(\r\x12\x1a\n\x12max_queued_streams\x18\x07 \x01(\r\x12\x19\n\x11max_request_bytes\x18\x08 \x01(\r\x12\x18\n\x10max_top_logprobs\x18\t \x01(\r\x12\x17\n\x0fmin_temperature\x18\n \x01(\x02\x12\x17\n\x0fmax_state_bytes\x18\x0b \x01(\r\x12\x1e\n\x16max_frames_per_message\x18\x0c \x01(\r\"\xca\x03\n\tModelInfo\x12\r\n\x05level\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x16\n\x0e\x65mbedding_size\x18\x05 \x01(\r\x12\x14\n\x0cquantization\x18\x06 \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x07 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x08 \x01(\t\x12\"\n\x06limits\x18\t \x01(\x0b\x32\x12.lstmgen.v1.Limits\x12\x17\n\x0fprovenance_json\x18\n \x01(\t\x12\x12\n\nvocabulary\x18\x0b \x03(\t\x12\x18\n\x10has_prompt_graph\x18\x0c \x01(\x08\x12\x13\n\x0bstate_bytes\x18\r \x01(\r\x12\x14\n\x0cstate_signed\x18\x0e \x01(\x08\x12\x0c\n\x04kind\x18\x0f \x01(\t\x12\x0c\n\x04\x63\x65ll\x18\x10 \x01(\t\x12\x0c\n\x04task\x18\x11 \x01(\t\x12\x12\n\ninput_size\x18\x12 \x01(\r\x12\x13\n\x0boutput_size\x18\x13 \x01(\r\x12\x13\n\x0b\x63lass_names\x18\x14 \x03(\t\x12\x13\n\x0bstandardize\x18\x15 \x01(\t*\x87\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x02\x12\x1d\n\x19\x46INISH_REASON_END_OF_TEXT\x10\x03\x32\x99\x01\n\tGenerator\x12G\n\x08Generate\x12\x1b.lstmgen.v1.GenerateRequest\x1a\x1c.lstmgen.v1.GenerateResponse0\x01\x12\x43\n\x0cGetModelInfo\x12\x1c.lstmgen.v1.ModelInfoRequest\x1a\x15.lstmgen.v1.ModelInfo2W\n\nFrameModel\x12I\n\x0cStreamFrames\x12\x19.lstmgen.v1.FramesRequest\x1a\x1a.lstmgen.v1.FramesResponse(\x01\x30\x01\x42\x8a\x01\n\rio.lstmgen.v1B\x0eGeneratorProtoP\x01Z6github.com/lstmgen/lstmgen/gen/go/lstmgen/v1;lstmgenv1\xf8\x01\x01\xa2\x02\x03LGX\xaa\x02\nLstmgen.V1\xca\x02\nLstmgen\\V1\xea\x02\x0bLstmgen::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,32 +32,32 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lstmgen_client.v1.generator
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\rio.lstmgen.v1B\016GeneratorProtoP\001Z6github.com/lstmgen/lstmgen/gen/go/lstmgen/v1;lstmgenv1\370\001\001\242\002\003LGX\252\002\nLstmgen.V1\312\002\nLstmgen\\V1\352\002\013Lstmgen::V1'
-  _globals['_FINISHREASON']._serialized_start=2102
-  _globals['_FINISHREASON']._serialized_end=2237
+  _globals['_FINISHREASON']._serialized_start=2154
+  _globals['_FINISHREASON']._serialized_end=2289
   _globals['_FRAMESREQUEST']._serialized_start=42
   _globals['_FRAMESREQUEST']._serialized_end=122
   _globals['_FRAMESTREAMOPTIONS']._serialized_start=124
-  _globals['_FRAMESTREAMOPTIONS']._serialized_end=164
-  _globals['_FRAMESRESPONSE']._serialized_start=166
-  _globals['_FRAMESRESPONSE']._serialized_end=271
-  _globals['_GENERATEREQUEST']._serialized_start=274
-  _globals['_GENERATEREQUEST']._serialized_end=765
-  _globals['_FINISHED']._serialized_start=768
-  _globals['_FINISHED']._serialized_end=925
-  _globals['_TOPLOGPROB']._serialized_start=927
-  _globals['_TOPLOGPROB']._serialized_end=988
-  _globals['_TOKENLOGPROB']._serialized_start=990
-  _globals['_TOKENLOGPROB']._serialized_end=1090
-  _globals['_GENERATERESPONSE']._serialized_start=1093
-  _globals['_GENERATERESPONSE']._serialized_end=1245
-  _globals['_MODELINFOREQUEST']._serialized_start=1247
-  _globals['_MODELINFOREQUEST']._serialized_end=1293
-  _globals['_LIMITS']._serialized_start=1296
-  _globals['_LIMITS']._serialized_end=1638
-  _globals['_MODELINFO']._serialized_start=1641
-  _globals['_MODELINFO']._serialized_end=2099
-  _globals['_GENERATOR']._serialized_start=2240
-  _globals['_GENERATOR']._serialized_end=2393
-  _globals['_FRAMEMODEL']._serialized_start=2395
-  _globals['_FRAMEMODEL']._serialized_end=2482
+  _globals['_FRAMESTREAMOPTIONS']._serialized_end=201
+  _globals['_FRAMESRESPONSE']._serialized_start=203
+  _globals['_FRAMESRESPONSE']._serialized_end=323
+  _globals['_GENERATEREQUEST']._serialized_start=326
+  _globals['_GENERATEREQUEST']._serialized_end=817
+  _globals['_FINISHED']._serialized_start=820
+  _globals['_FINISHED']._serialized_end=977
+  _globals['_TOPLOGPROB']._serialized_start=979
+  _globals['_TOPLOGPROB']._serialized_end=1040
+  _globals['_TOKENLOGPROB']._serialized_start=1042
+  _globals['_TOKENLOGPROB']._serialized_end=1142
+  _globals['_GENERATERESPONSE']._serialized_start=1145
+  _globals['_GENERATERESPONSE']._serialized_end=1297
+  _globals['_MODELINFOREQUEST']._serialized_start=1299
+  _globals['_MODELINFOREQUEST']._serialized_end=1345
+  _globals['_LIMITS']._serialized_start=1348
+  _globals['_LIMITS']._serialized_end=1690
+  _globals['_MODELINFO']._serialized_start=1693
+  _globals['_MODELINFO']._serialized_end=2151
+  _globals['_GENERATOR']._serialized_start=2292
+  _globals['_GENERATOR']._serialized_end=2445
+  _globals['_FRAMEMODEL']._serialized_start=2447
+  _globals['_FRAMEMODEL']._serialized_end=2534
 # @@protoc_insertion_point(module_scope)

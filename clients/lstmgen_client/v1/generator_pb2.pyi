@@ -27,24 +27,30 @@ class FramesRequest(_message.Message):
     def __init__(self, values: _Optional[_Iterable[float]] = ..., options: _Optional[_Union[FrameStreamOptions, _Mapping]] = ...) -> None: ...
 
 class FrameStreamOptions(_message.Message):
-    __slots__ = ("final_only",)
+    __slots__ = ("final_only", "state", "return_state")
     FINAL_ONLY_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    RETURN_STATE_FIELD_NUMBER: _ClassVar[int]
     final_only: bool
-    def __init__(self, final_only: _Optional[bool] = ...) -> None: ...
+    state: bytes
+    return_state: bool
+    def __init__(self, final_only: _Optional[bool] = ..., state: _Optional[bytes] = ..., return_state: _Optional[bool] = ...) -> None: ...
 
 class FramesResponse(_message.Message):
-    __slots__ = ("values", "frames", "classes", "finished", "frames_total")
+    __slots__ = ("values", "frames", "classes", "finished", "frames_total", "state")
     VALUES_FIELD_NUMBER: _ClassVar[int]
     FRAMES_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     FRAMES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
     values: _containers.RepeatedScalarFieldContainer[float]
     frames: int
     classes: _containers.RepeatedScalarFieldContainer[int]
     finished: bool
     frames_total: int
-    def __init__(self, values: _Optional[_Iterable[float]] = ..., frames: _Optional[int] = ..., classes: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ..., frames_total: _Optional[int] = ...) -> None: ...
+    state: bytes
+    def __init__(self, values: _Optional[_Iterable[float]] = ..., frames: _Optional[int] = ..., classes: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ..., frames_total: _Optional[int] = ..., state: _Optional[bytes] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "greedy", "stop", "skip_unknown", "state", "return_state", "state_every", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "logprobs", "top_logprobs")
