@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = ExportConfig(**{f.name: given[f.name] for f in fields(ExportConfig) if f.name in given})
     checks = (f"verified over {cfg.verify_steps} steps" if cfg.verify else "not verified")
     print(f"exporting {args.checkpoint} -> {args.out} (opset {cfg.opset}, {'int8' if cfg.int8 else 'fp32'}, "
-          f"{'with' if cfg.prompt_graph else 'without'} prompt graph, {checks})")
+          f"{'with' if cfg.prompt_graph else 'without'} its whole-sequence graph, {checks})")
     try:
         manifest, report = export_bundle(args.checkpoint, args.out, **asdict(cfg))
     except ParityError as e:  # other UserErrors exit 2 in lstmgen.cli; this one says no bundle was written

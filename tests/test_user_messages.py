@@ -28,7 +28,7 @@ def test_export_speaks_of_checkpoints_not_of_torch(tmp_path, capsys):
     ckpt = make_checkpoint(tmp_path / "c.pt", "char", CHAR_TEXT)
     assert main(["export", str(ckpt), "--out", str(tmp_path / "b"), "--no-verify"]) == 0
     out = capsys.readouterr().out
-    assert "ExportConfig" not in out and "opset 17, fp32, with prompt graph, not verified" in out
+    assert "ExportConfig" not in out and "opset 17, fp32, with its whole-sequence graph, not verified" in out
 
 
 def test_serve_logs_a_readable_config_without_unset_test_hooks(char_server):
