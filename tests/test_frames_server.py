@@ -258,3 +258,23 @@ def test_a_sequence_continues_from_its_state_on_another_replica(servers, frame_b
                     list(c.stream_frames(x[:2], state=blob))
     finally:
         other.stop()
+
+
+def test_the_client_streams_frames_without_numpy(servers):
+    """A client-only install has no numpy: lists in, lists out, numpy never imported."""
+    import subprocess
+    import sys
+    code = ("import builtins, sys\n"
+            "real = builtins.__import__\n"
+            "def block(name, *a, **k):\n"
+            "    if name == 'numpy' or name.startswith('numpy.'):\n"
+            "        raise ImportError('numpy is blocked in this test')\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = block\n"
+            "from lstmgen_client import Client\n"
+            f"with Client({servers['regression'].target!r}) as c:\n"
+            "    outs = list(c.stream_frames([[1.0, 2.0, 3.0]] * 5, frames_per_message=2))\n"
+            "assert [o.index for o in outs] == [0, 1, 2, 3, 4] and all(len(o.values) == 2 for o in outs)\n"
+            "assert 'numpy' not in sys.modules\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
