@@ -148,8 +148,8 @@ class Server:
         self.scheduler.start()
         self.service.add_to_server(self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        enable_reflection(self.grpc, (SERVICE_NAME, FRAMES_SERVICE_NAME,
-                                      health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
+        offered = (SERVICE_NAME,) + ((FRAMES_SERVICE_NAME,) if self.engine.manifest.kind == "frames" else ())
+        enable_reflection(self.grpc, (*offered, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
                           (pb.DESCRIPTOR, health_pb2.DESCRIPTOR))
         self.port = self._bind(f"{self.cfg.host}:{self.cfg.port}")
         if self.cfg.metrics_port is not None:

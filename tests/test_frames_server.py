@@ -245,12 +245,13 @@ def test_a_sequence_continues_from_its_state_on_another_replica(servers, frame_b
     try:
         with Client(servers["regression"].target) as a, Client(other.target) as b:
             whole = np.stack([o.values for o in a.stream_frames(x)])
-            first = list(a.stream_frames(x[:12], return_state=True))
-            assert first[-1].state and all(o.state is None for o in first[:-1])
-            rest = list(b.stream_frames(x[12:], state=first[-1].state))
+            call = a.stream_frames(x[:12], return_state=True)
+            first = list(call)
+            assert call.state
+            rest = list(b.stream_frames(x[12:], state=call.state))
             assert [o.index for o in rest] == list(range(12, 30))
             np.testing.assert_allclose(np.stack([o.values for o in first + rest]), whole, rtol=1e-5, atol=1e-6)
-            blob = first[-1].state
+            blob = call.state
             with pytest.raises(InvalidArgumentError, match="truncated"):
                 list(b.stream_frames(x[:2], state=blob[:-3]))
             with Client(servers["classification"].target) as c:  # another model's state

@@ -34,7 +34,7 @@ import grpc
 from lstmgen_client._proto import (Collector, build_request, check_params, check_timeout, parse_chunk,
                                   parse_model_info)
 from lstmgen_client.errors import FailedPreconditionError, LstmgenError, from_rpc_error
-from lstmgen_client.frames import FrameOutput, outputs, prepare, requests as frame_requests, stream_options
+from lstmgen_client.frames import AsyncFrameCall, FrameCall, prepare, requests as frame_requests, stream_options
 from lstmgen_client.resume import DEFAULT_STATE_EVERY, Resumer, new_seed, resumable
 from lstmgen_client.types import GenerateResult, ModelInfo, StreamChunk
 from lstmgen_client.v1 import generator_pb2 as pb
@@ -165,26 +165,26 @@ class Client:
 
     def stream_frames(self, frames, *, final_only: bool = False, frames_per_message: int = 64,
                       standardize: str = "auto", state: bytes | None = None, return_state: bool = False,
-                      timeout: float | None = _UNSET, request_id: str | None = None) -> Iterator[FrameOutput]:
+                      timeout: float | None = _UNSET, request_id: str | None = None) -> FrameCall:
         """A frame model's outputs, one per frame, as they are computed. `frames`: a [T, D_in] array
         (numpy, or a list of lists) or any iterable of frames (a live source: each frame goes out as it
         comes; set frames_per_message=1 so none waits for the next). `final_only` (classification):
         only the last frame's output. standardize="auto" applies the model's per-sequence
         standardisation to a whole array here ("none": the frames are ready as they are).
-        `return_state`: the last output carries the state (`.state`); `state=` continues from one, on
-        any replica serving the same model."""
+        Returns a FrameCall: iterate it for FrameOutputs; with `return_state` its `.state` holds the
+        stream's state at the end; `state=` continues from one, on any replica of the same model."""
         info = _frame_model(self._model())
         rows, as_numpy = prepare(frames, standardize, info.standardize)
         deadline = self.stream_timeout if timeout is _UNSET else check_timeout(timeout)
         options = stream_options(final_only, state, return_state)
-        return self._frames(frame_requests(rows, frames_per_message, options), deadline,
-                            _metadata(self._token, request_id), info, as_numpy)
+        return FrameCall(self._frames(frame_requests(rows, frames_per_message, options), deadline,
+                                      _metadata(self._token, request_id), info), as_numpy)
 
-    def _frames(self, reqs, deadline, metadata, info: ModelInfo, as_numpy: bool) -> Iterator[FrameOutput]:
+    def _frames(self, reqs, deadline, metadata, info: ModelInfo):
         call = self._frames_stub.StreamFrames(reqs, timeout=deadline, metadata=metadata)
         try:
             for msg in call:
-                yield from outputs(msg, info.output_size, info.class_names, as_numpy)
+                yield msg, info.output_size, info.class_names
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
         finally:
@@ -289,10 +289,16 @@ class AsyncClient:
         self._frames_stub = pb_grpc.FrameModelStub(self._channel)
         self._info: ModelInfo | None = None
 
-    async def stream_frames(self, frames, *, final_only: bool = False, frames_per_message: int = 64,
-                            standardize: str = "auto", state: bytes | None = None, return_state: bool = False,
-                            timeout: float | None = _UNSET, request_id: str | None = None) -> AsyncIterator[FrameOutput]:
+    def stream_frames(self, frames, *, final_only: bool = False, frames_per_message: int = 64,
+                      standardize: str = "auto", state: bytes | None = None, return_state: bool = False,
+                      timeout: float | None = _UNSET, request_id: str | None = None) -> AsyncFrameCall:
         """As Client.stream_frames, `async for`; `frames` may also be an async iterable (a live source)."""
+        as_numpy = type(frames).__module__ == "numpy"
+        return AsyncFrameCall(self._frames(frames, final_only, frames_per_message, standardize, state, return_state,
+                                           timeout, request_id), as_numpy)
+
+    async def _frames(self, frames, final_only, frames_per_message, standardize, state, return_state, timeout,
+                      request_id):
         if self._info is None:
             self._info = await self.model_info()
         info = _frame_model(self._info)
@@ -301,15 +307,14 @@ class AsyncClient:
         if hasattr(frames, "__aiter__"):
             if info.standardize == "sequence" and standardize == "auto":
                 prepare(iter(()), standardize, info.standardize)  # raises: a live source cannot be standardised
-            reqs, as_numpy = _async_requests(frames, frames_per_message, options), False
+            reqs = _async_requests(frames, frames_per_message, options)
         else:
-            rows, as_numpy = prepare(frames, standardize, info.standardize)
+            rows, _ = prepare(frames, standardize, info.standardize)
             reqs = frame_requests(rows, frames_per_message, options)
         call = self._frames_stub.StreamFrames(reqs, timeout=deadline, metadata=_metadata(self._token, request_id))
         try:
             async for msg in call:
-                for out in outputs(msg, info.output_size, info.class_names, as_numpy):
-                    yield out
+                yield msg, info.output_size, info.class_names
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
         finally:

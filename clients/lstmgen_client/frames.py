@@ -22,7 +22,58 @@ class FrameOutput:
     values: Sequence[float]  # D_out floats: regression values, or classification logits (numpy with numpy input)
     label: int | None = None  # classification: the most likely class
     class_name: str | None = None
-    state: bytes | None = None  # with return_state, on the last output: continue with stream_frames(..., state=)
+
+
+class FrameCall:
+    """One frame stream's outputs, one per frame, as they come: iterate it (`close()` cancels it).
+    With return_state, `state` holds the stream's state once the iteration has ended: continue the
+    sequence with stream_frames(more, state=call.state) on any replica of the same model."""
+
+    def __init__(self, responses: Iterator[tuple[pb.FramesResponse, int, Sequence[str]]], as_numpy: bool):
+        self.state: bytes | None = None
+        self._responses = responses  # (message, output width, class names)
+        self._as_numpy = as_numpy
+        self._it = self._outputs()
+
+    def _outputs(self) -> Iterator[FrameOutput]:
+        for msg, width, names in self._responses:
+            if msg.finished and msg.state:
+                self.state = msg.state
+            yield from outputs(msg, width, names, self._as_numpy)
+
+    def __iter__(self) -> "FrameCall":
+        return self
+
+    def __next__(self) -> FrameOutput:
+        return next(self._it)
+
+    def close(self) -> None:
+        self._it.close()
+        self._responses.close()
+
+
+class AsyncFrameCall:
+    """FrameCall for AsyncClient: `async for` it; `state` once it has ended; `await aclose()` cancels."""
+
+    def __init__(self, responses, as_numpy: bool):
+        self.state: bytes | None = None
+        self._responses = responses  # async iterator of (message, output width, class names)
+        self._as_numpy = as_numpy
+        self._pending: list[FrameOutput] = []
+
+    def __aiter__(self) -> "AsyncFrameCall":
+        return self
+
+    async def __anext__(self) -> FrameOutput:
+        while not self._pending:
+            msg, width, names = await self._responses.__anext__()  # StopAsyncIteration ends the call
+            if msg.finished and msg.state:
+                self.state = msg.state
+            self._pending = outputs(msg, width, names, self._as_numpy)
+        return self._pending.pop(0)
+
+    async def aclose(self) -> None:
+        await self._responses.aclose()
 
 
 def _is_numpy(x) -> bool:
@@ -85,8 +136,7 @@ def outputs(msg: pb.FramesResponse, width: int, names: Sequence[str], as_numpy: 
     for i in range(msg.frames):
         label = classes[i] if i < len(classes) else None
         name = names[label] if label is not None and label < len(names) else None
-        last = i == msg.frames - 1 and msg.finished
-        out.append(FrameOutput(first + i, rows[i], label, name, (msg.state or None) if last else None))
+        out.append(FrameOutput(first + i, rows[i], label, name))
     return out
 
 
