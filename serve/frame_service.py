@@ -116,6 +116,13 @@ class FrameService:
         except GenerationError as e:
             status = status_for(e).name
             await _abort_gone(context, status_for(e), str(e))
+        except asyncio.CancelledError:
+            raise  # the client cancelled: grpc.aio's own path
+        except Exception as e:  # a bug: INTERNAL, one log line with the traceback, the server goes on
+            log.exception("unexpected error request_id=%s", rid, extra={"request_id": rid})
+            status = "INTERNAL"
+            await _abort_gone(context, grpc.StatusCode.INTERNAL,
+                              f"internal error ({type(e).__name__}); the server log has it under request_id={rid}")
         finally:
             if reader is not None:
                 reader.cancel()

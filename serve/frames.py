@@ -111,6 +111,14 @@ class FrameStream:
     def fail(self, error: GenerationError) -> None:
         with self._lock:
             self._error = self._error or error
+            self._pending.clear()  # nothing more runs for a failed stream
+            self._n_pending = self._running = 0
+
+    def runnable(self) -> bool:
+        """Frames to run, or an end to announce (worker thread, under the scheduler's lock)."""
+        if self.cancelled or self._error is not None:
+            return False
+        return bool(self._pending) or (self._input_done and not self._ended)
 
     # -- event loop -----------------------------------------------------------------------------
     def pending(self) -> int:
@@ -244,8 +252,7 @@ class FrameScheduler:
         try:
             while True:
                 with self._cv:
-                    while not self._closing and not any(s._pending or (s._input_done and not s._ended)
-                                                        for s in self._streams):
+                    while not self._closing and not any(s.runnable() for s in self._streams):
                         self._cv.wait()
                     if self._closing:
                         break

@@ -22,7 +22,7 @@ STEP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 STATUSES = ("OK", "CANCELLED", "DEADLINE_EXCEEDED", "INVALID_ARGUMENT", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED",
             "UNAVAILABLE", "INTERNAL", "UNAUTHENTICATED")
-REASONS = ("overloaded", "invalid_argument", "shutting_down", "unauthenticated")
+REASONS = ("overloaded", "invalid_argument", "failed_precondition", "shutting_down", "unauthenticated")
 
 
 class WeightedHistogram:

@@ -82,17 +82,6 @@ class PrefixCache:
             return range(0)
         return range((start // self.every + 1) * self.every, n, self.every)
 
-    def chunk_end(self, start: int, n: int, limit: int) -> int:
-        """Where a priming chunk from `start` of at most `limit` tokens of an n-token prompt should
-        end: at the furthest checkpoint it reaches (so the state there can be stored), else at
-        min(start + limit, n). A chunk ending at p < n with p % every == 0 is a checkpoint."""
-        end = min(start + limit, n)
-        if self.enabled:
-            p = min(end, n - 1) // self.every * self.every
-            if p > start:
-                return p
-        return end
-
     # -- the worker thread -----------------------------------------------------------------------
     def _keys(self, ids: Sequence[int], blocks: int) -> list[bytes]:
         """keys[j] identifies ids[: (j + 1) * every]; one running hash, copied at each block end."""

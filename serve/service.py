@@ -40,7 +40,7 @@ _STATUS = {
 # Why a call was refused before it generated anything (lstmgen_rejections_total{reason}).
 _REJECTION = {
     InvalidRequest: "invalid_argument",
-    WrongModel: "invalid_argument",
+    WrongModel: "failed_precondition",
     Overloaded: "overloaded",
     Unavailable: "shutting_down",
     Unauthenticated: "unauthenticated",
@@ -176,6 +176,15 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         name = pb.DESCRIPTOR.services_by_name["Generator"].full_name
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
         server.add_registered_method_handlers(name, handlers)
+        frames = {"StreamFrames": grpc.stream_stream_rpc_method_handler(  # the wrong kind of model: say so
+            self.StreamFrames, request_deserializer=_lenient(pb.FramesRequest),
+            response_serializer=pb.FramesResponse.SerializeToString)}
+        name = pb.DESCRIPTOR.services_by_name["FrameModel"].full_name
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, frames),))
+
+    async def StreamFrames(self, requests, context) -> None:
+        e = WrongModel("model", "this server serves a text model (kind \"text\"); call Generator.Generate")
+        await _abort_gone(context, status_for(e), str(e))
 
     async def Generate(self, request: pb.GenerateRequest | None, context: grpc.aio.ServicerContext) -> None:
         # A coroutine writing with context.write, not an async generator: a write that fails in

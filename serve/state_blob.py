@@ -9,14 +9,13 @@ Layout (integers little-endian):
     b"LGST" | version u8 | flags u8 (bit 0: signed) | header length u32 | header (UTF-8 JSON)
     | tensor data (float32, C order, in the header's order) | HMAC-SHA256 (32 bytes, when signed)
 The header names the model by its sha256, so a state never silently runs on another model. With a
-key, the MAC is checked before anything else is parsed.
+key, the MAC is checked before the header is parsed (only the fixed prefix is read first).
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
 import json
-import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,10 +162,10 @@ class StateCodec:
                        "key of the server that made the state)")
         if _PREFIX.size + head_len > len(body):
             raise _bad(f"is {len(body):,} bytes, shorter than its {head_len:,}-byte header: truncated")
-        try:
-            header = json.loads(body[_PREFIX.size:_PREFIX.size + head_len].decode())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise _bad(f"header is not valid JSON ({e})") from e
+        try:  # untrusted without a key: no NaN/Infinity, and deep nesting or huge numbers are refused, not raised
+            header = json.loads(body[_PREFIX.size:_PREFIX.size + head_len].decode(), parse_constant=_no_constant)
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise _bad(f"header is not valid JSON ({type(e).__name__}: {str(e)[:80]})") from None
         if not isinstance(header, dict):
             raise _bad("header is not a JSON object")
         return header, body[_PREFIX.size + head_len:]
@@ -197,16 +196,18 @@ class StateCodec:
         if not _int_in(seed, 0, 2**64 - 1):
             raise _bad(f"seed {seed!r:.40} is not in 0..2^64-1")
         rng = h.get("rng")
-        try:
+        try:  # decimal strings as encode writes them (128-bit values do not fit a JSON number)
+            if not (isinstance(rng, list) and len(rng) == 4 and all(isinstance(v, str) and len(v) <= 40 for v in rng)):
+                raise ValueError
             state, inc, has_uint32, uinteger = (int(v) for v in rng)
-        except (TypeError, ValueError):
+        except ValueError:
             raise _bad("random generator position is malformed") from None
         if not (0 <= state < 2**128 and 0 <= inc < 2**128 and inc % 2 == 1 and has_uint32 in (0, 1)
                 and 0 <= uinteger < 2**32):
             raise _bad("random generator position is out of range")
         pending = h.get("pending", "")
-        if not isinstance(pending, str) or len(pending) > MAX_PENDING_CHARS:
-            raise _bad(f"held-back text must be a string of at most {MAX_PENDING_CHARS} characters")
+        if not isinstance(pending, str) or len(pending) > MAX_PENDING_CHARS or not _utf8(pending):
+            raise _bad(f"held-back text must be a valid string of at most {MAX_PENDING_CHARS} characters")
         history = self._history(h.get("history"))
         return GenerationState(tensors, token, seed, (state, inc, has_uint32, uinteger), pending, history)
 
@@ -221,11 +222,23 @@ class StateCodec:
         if ok:
             ids, counts = raw
             ok = (all(_int_in(t, 0, self.vocab_size - 1) for t in ids) and len(set(ids)) == len(ids)
-                  and all(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) and c >= 0
-                          for c in counts))
+                  and all(isinstance(c, (int, float)) and not isinstance(c, bool) and 0 <= c < 2**53
+                          for c in counts))  # a bound, not isfinite: a 400-digit int overflows a float
         if not ok:
             raise _bad("penalty history is malformed (distinct token ids of this model, counts >= 0)")
         return tuple(ids), tuple(float(c) for c in counts)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not allowed")
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")  # a lone surrogate would fail only when the response is written
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _int_in(v, lo: int, hi: int) -> bool:

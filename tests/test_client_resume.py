@@ -29,6 +29,7 @@ def test_resume_drops_exactly_what_the_caller_had():
     assert out[0] is None
     assert (out[1].text, out[1].token_count, [x.token_id for x in out[1].logprobs]) == ("gh", 2, [6, 7])
     assert out[2].finished.generated_tokens == 10  # made whole: 4 before the state + 6 after
+    assert r.finished  # a break after this message needs no resume (the client returns)
     again = r.next_request()  # a second break: from the newest state
     assert (again.state, again.max_new_tokens) == (b"S8", 2)
 

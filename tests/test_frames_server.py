@@ -208,6 +208,9 @@ def test_the_wrong_kind_of_call(servers, char_server):
     with Client(char_server.target) as c:
         with pytest.raises(FailedPreconditionError, match="text model"):
             list(c.stream_frames([[1.0, 2.0]]))
+    from lstmgen_client.v1 import generator_pb2 as pb  # the server says so too, not only the client
+    code, details = raw_stream(char_server.target, [pb.FramesRequest(values=[1.0])])
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "text model" in details
 
 
 def test_cancelling_frees_the_row(frame_bundles, tmp_path):

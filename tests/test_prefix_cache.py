@@ -203,7 +203,6 @@ def test_budget_zero_is_off():
     assert cache.lookup(ids) == (0, None)
     assert cache.stats() == PrefixCacheStats(0, 0, 0, 0, 0, 0)
     assert not cache.enabled and list(cache.boundaries(0, 20)) == []
-    assert cache.chunk_end(0, 20, 7) == 7 and cache.chunk_end(14, 20, 7) == 20
 
 
 def test_bad_arguments():
@@ -217,21 +216,12 @@ def test_bad_arguments():
             cache.store(list(range(10)), n, state(0))
 
 
-def test_boundaries_and_chunk_ends():
+def test_boundaries():
     cache = PrefixCache(1 << 20, every=64)
     assert list(cache.boundaries(0, 1000)) == list(range(64, 961, 64))
     assert cache.boundaries(0, 1000)[0] == 64 and cache.boundaries(64, 1000)[0] == 128
     assert cache.boundaries(70, 1000)[0] == 128
     assert list(cache.boundaries(0, 64)) == [] and list(cache.boundaries(0, 65)) == [64]
-    # a 1000-token prompt in chunks of at most 512: cut at 512 and 960, then the rest
-    ends, start = [], 0
-    while start < 1000:
-        start = cache.chunk_end(start, 1000, 512)
-        ends.append(start)
-    assert ends == [512, 960, 1000]
-    assert cache.chunk_end(0, 1000, 40) == 40  # no checkpoint within reach: a plain chunk
-    assert cache.chunk_end(40, 1000, 40) == 64
-    assert cache.chunk_end(0, 129, 512) == 128 and cache.chunk_end(0, 128, 512) == 64
 
 
 def test_stats_read_from_another_thread_while_storing():

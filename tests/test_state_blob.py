@@ -143,3 +143,29 @@ def test_state_bytes_is_the_size_without_history():
     c = codec()
     assert c.state_bytes == len(c.encode(GenerationState((np.zeros((L, H), np.float32),) * 2, 0, 0, (0, 1, 0, 0))))
     assert c.state_bytes < 2 * L * H * 4 + 400
+
+
+@pytest.mark.parametrize("header_text, words", [
+    ('{"a":' * 1000 + "1" + "}" * 1000, "not valid JSON"),  # nesting past Python's recursion limit
+    ('{"model": ' + "9" * 5000 + "}", "not valid JSON"),  # past int's digit limit
+    ('{"model": NaN}', "not valid JSON"),
+])
+def test_hostile_headers_are_refused_not_raised(header_text, words):
+    c = codec()
+    blob = c.encode(state())
+    assert words in refused(c, rebuild(blob, {}).replace(b"{}", header_text.encode(), 1)
+                            [:6] + struct.pack("<I", len(header_text)) + header_text.encode() + blob[10 + parts(blob)[1]:])
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("rng", [1e309, 1, 0, 0], "not valid JSON"),  # json writes Infinity
+    ("rng", ["1" * 5000, "1", "0", "0"], "malformed"),
+    ("history", [[1], [10**400]], "history"), ("pending", "\ud800", "held-back"),
+])
+def test_hostile_field_values(field, value, words):
+    c = codec()
+    blob = c.encode(state())
+    header, _ = parts(blob)
+    header[field] = value
+    head = json.dumps(header).encode()  # json writes a lone surrogate as an escape, as an attacker would
+    assert words in refused(c, blob[:6] + struct.pack("<I", len(head)) + head + blob[10 + parts(blob)[1]:])

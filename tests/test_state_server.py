@@ -234,3 +234,21 @@ def test_a_gru_model_serves_and_hands_off_its_single_state_tensor(bundles, char_
     finally:
         srv.stop()
     assert "Traceback" not in (tmp_path / "gru.log").read_text()
+
+
+def test_conversation_turns_after_a_stop_sequence_do_not_repeat_it(char_server):
+    """A reply that ended on its stop sequence has read it: the next turn, written in full, sends only
+    the rest, and the model's context equals one text with each piece once."""
+    stops = ["e", "t", "a", "o"]
+    with Client(char_server.target) as c:
+        for seed in range(6):
+            conv = Conversation(c, max_new_tokens=30, temperature=1.0, seed=seed, stop=stops)
+            r1 = conv.say("First")
+            if r1.finish_reason != "stop_sequence":
+                continue
+            stop = r1.finished.stop_sequence
+            r2 = conv.say(stop + " Citizen:", greedy=True, stop=[])
+            fresh = c.generate("First" + r1.text + stop + " Citizen:", greedy=True, max_new_tokens=30)
+            assert r2.text == fresh.text
+            return
+    raise AssertionError("no first turn ended on a stop sequence; the test proves nothing")

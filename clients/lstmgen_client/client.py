@@ -132,14 +132,15 @@ def _prepare(prompt: str, params: dict, timeout, stream_timeout: float | None) \
 
 def _resumable_params(params: dict, default_new_tokens) -> dict:
     """A resumable stream needs to know its seed and length (to continue or redo it exactly) and
-    asks for states along the way."""
+    asks for states along the way. A request that continues a state has its seed in the state."""
     p = dict(params)
-    if p.get("seed") is None:
+    if p.get("seed") is None and p.get("state") is None:
         p["seed"] = new_seed()
     if p.get("max_new_tokens") is None:
         p["max_new_tokens"] = default_new_tokens()
     if not p.get("state_every"):
-        p["state_every"] = DEFAULT_STATE_EVERY
+        n = p["max_new_tokens"]
+        p["state_every"] = min(DEFAULT_STATE_EVERY, n) if isinstance(n, int) and n > 0 else DEFAULT_STATE_EVERY
     return p
 
 
@@ -174,7 +175,7 @@ class Client:
         Returns a FrameCall: iterate it for FrameOutputs; with `return_state` its `.state` holds the
         stream's state at the end; `state=` continues from one, on any replica of the same model."""
         info = _frame_model(self._model())
-        rows, as_numpy = prepare(frames, standardize, info.standardize)
+        rows, as_numpy = prepare(frames, standardize, info.standardize, frames_per_message)
         deadline = self.stream_timeout if timeout is _UNSET else check_timeout(timeout)
         options = stream_options(final_only, state, return_state)
         return FrameCall(self._frames(frame_requests(rows, frames_per_message, options), deadline,
@@ -227,6 +228,8 @@ class Client:
                 return
             except grpc.RpcError as e:
                 error = from_rpc_error(e)
+                if r.finished:  # the connection broke after the last message: nothing is missing
+                    return
                 if not resumable(error) or r.resumes >= r.max_resumes:
                     raise error from None
             finally:
@@ -305,11 +308,12 @@ class AsyncClient:
         deadline = self.stream_timeout if timeout is _UNSET else check_timeout(timeout)
         options = stream_options(final_only, state, return_state)
         if hasattr(frames, "__aiter__"):
+            prepare([], standardize, info.standardize, frames_per_message)  # checks the arguments
             if info.standardize == "sequence" and standardize == "auto":
                 prepare(iter(()), standardize, info.standardize)  # raises: a live source cannot be standardised
             reqs = _async_requests(frames, frames_per_message, options)
         else:
-            rows, _ = prepare(frames, standardize, info.standardize)
+            rows, _ = prepare(frames, standardize, info.standardize, frames_per_message)
             reqs = frame_requests(rows, frames_per_message, options)
         call = self._frames_stub.StreamFrames(reqs, timeout=deadline, metadata=_metadata(self._token, request_id))
         try:
@@ -327,7 +331,7 @@ class AsyncClient:
         server for its default)."""
         md = _metadata(self._token, request_id)
         if resume:
-            params = _resumable_params(params, lambda: 0)  # 0: filled in by _resuming
+            params = _resumable_params(params, lambda: None)  # unset: _resuming asks the server
             request, deadline = _prepare(prompt, params, timeout, self.stream_timeout)
             return self._resuming(request, max_resumes, deadline, md)
         request, deadline = _prepare(prompt, params, timeout, self.stream_timeout)
@@ -336,7 +340,7 @@ class AsyncClient:
     async def _resuming(self, request: pb.GenerateRequest, max_resumes: int, deadline: float | None,
                         metadata) -> AsyncIterator[StreamChunk]:
         end = None if deadline is None else time.monotonic() + deadline
-        if request.max_new_tokens == 0:
+        if not request.HasField("max_new_tokens"):
             if self._info is None:
                 self._info = await self.model_info()
             request.max_new_tokens = self._info.limits.default_new_tokens
@@ -351,6 +355,8 @@ class AsyncClient:
                 return
             except grpc.RpcError as e:
                 error = from_rpc_error(e)
+                if r.finished:  # the connection broke after the last message: nothing is missing
+                    return
                 if not resumable(error) or r.resumes >= r.max_resumes:
                     raise error from None
             finally:

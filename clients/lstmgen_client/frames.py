@@ -98,7 +98,10 @@ def standardize_sequence(frames: list[list[float]]) -> list[list[float]]:
 
 def as_rows(frames) -> list[list[float]] | Iterable:
     if _is_numpy(frames):
-        return frames.astype("float32").tolist() if frames.ndim == 2 else [list(map(float, frames))]
+        if frames.ndim != 2:  # a 1-D array is ambiguous: T frames of one value, or one frame of T
+            raise InvalidArgumentError(f"INVALID_ARGUMENT: frames: a numpy array must be [T, input_size], got shape "
+                                       f"{frames.shape} (reshape(-1, 1) for frames of one value)")
+        return frames.astype("float32").tolist()
     return frames
 
 
@@ -140,9 +143,10 @@ def outputs(msg: pb.FramesResponse, width: int, names: Sequence[str], as_numpy: 
     return out
 
 
-def prepare(frames, standardize: str, mode: str):
+def prepare(frames, standardize: str, mode: str, per_message: int = 1):
     """(rows to send, whether outputs are numpy): a numpy array becomes lists of floats; with the
     model's per-sequence standardisation a whole sequence is standardised here (the server cannot)."""
+    check_stream_args(per_message, standardize)
     as_numpy = _is_numpy(frames)
     rows = as_rows(frames)
     if mode == "sequence" and standardize == "auto":
@@ -157,5 +161,6 @@ def prepare(frames, standardize: str, mode: str):
 def check_stream_args(per_message: int, standardize: str) -> None:
     if not isinstance(per_message, int) or per_message < 1:
         raise InvalidArgumentError(f"INVALID_ARGUMENT: frames_per_message: is {per_message!r}; allowed: an integer >= 1")
-    if standardize not in ("auto", "client", "none"):
-        raise InvalidArgumentError(f"INVALID_ARGUMENT: standardize: is {standardize!r}; allowed auto, client, none")
+    if standardize not in ("auto", "none"):
+        raise InvalidArgumentError(f"INVALID_ARGUMENT: standardize: is {standardize!r}; allowed auto (as the model "
+                                   "was trained) or none (the frames are ready)")

@@ -52,6 +52,7 @@ class Resumer:
         self.attempt = 0  # tokens the current attempt has generated (the server's count)
         self._after = (0, 0, 0)  # chars, logprob entries, tokens handed over after the last state
         self._skip = [0, 0, 0]  # ... of which the current attempt has yet to regenerate
+        self.finished = False  # the caller has the last message: a break after it needs no resume
 
     def next_request(self) -> pb.GenerateRequest:
         """The request that continues the stream after a break (from the last state, or anew)."""
@@ -82,6 +83,7 @@ class Resumer:
         else:
             self._after = (chars + len(text), lps + len(logprobs), toks + tokens)
         finished = chunk.finished
+        self.finished = self.finished or finished is not None
         if finished is not None and self.base:
             finished = replace(finished, generated_tokens=finished.generated_tokens + self.base)
         if not (text or tokens or finished or chunk.state):
