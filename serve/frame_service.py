@@ -99,8 +99,7 @@ class FrameService:
                 if out is None:
                     if stream.cancelled:  # the client's side broke: nobody to answer
                         break
-                    await stream._ready.wait()
-                    stream._ready.clear()
+                    await stream.wait_ready()
                     continue
                 frames = out.frames_total
                 if len(out.values) or out.finished:
@@ -141,7 +140,7 @@ class FrameService:
                 x = self.scheduler.check_frames(msg.values, seen)
                 seen += len(x)
                 if len(x):
-                    await stream._room.wait()  # the model is behind: stop reading (gRPC flow control)
+                    await stream.wait_room()  # the model is behind: stop reading (gRPC flow control)
                     self.scheduler.feed(stream, x)
                 msg = await anext(requests, _END)
                 if msg is _END:
@@ -149,10 +148,10 @@ class FrameService:
             self.scheduler.end_input(stream)
         except InvalidRequest as e:
             stream.fail(e)
-            stream._ready.set()
+            stream.wake()
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the client's side broke (cancelled, connection gone)
             log.debug("frame stream input ended: %r", e)
             stream.cancelled = True
-            stream._ready.set()
+            stream.wake()

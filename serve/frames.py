@@ -125,6 +125,19 @@ class FrameStream:
         with self._lock:
             return self._n_pending
 
+    async def wait_ready(self) -> None:
+        """Until the worker has new output, an error or the end for this stream."""
+        await self._ready.wait()
+        self._ready.clear()
+
+    async def wait_room(self) -> None:
+        """Until the stream's pending frames are below the limit (the edge may read on)."""
+        await self._room.wait()
+
+    def wake(self) -> None:
+        """Event loop: make the reader look again (an error or a broken input was recorded)."""
+        self._ready.set()
+
     def next_output(self) -> FrameOutput | None:
         """Everything computed since the last read (raises the stream's error); None: nothing yet."""
         with self._lock:

@@ -37,7 +37,7 @@ from lstmgen.serve.errors import GenerationError, InvalidRequest, Overloaded, Un
 from lstmgen.serve.metrics import Metrics
 from lstmgen.serve.openai_compat import (FINISH_REASON, CompletionRequest, error_json, logprobs_json,
                                          param_name, parse_completion, usage_json)
-from lstmgen.serve.params import MIN_TEMPERATURE
+from lstmgen.serve.params import MIN_TEMPERATURE, request_bytes_for
 from lstmgen.serve.scheduler import Chunk, Scheduler, Stream
 from lstmgen.serve.service import (REQUEST_ID_KEY, ServiceConfig, pace, rejection_reason, request_id,
                                    status_for)
@@ -177,7 +177,7 @@ class HttpApi:
         return JSONResponse(body, headers=headers)
 
     async def _json(self, request: Request) -> object:
-        limit = self.scheduler.limits.max_request_bytes
+        limit = self.scheduler.limits.max_request_bytes or request_bytes_for(self.scheduler.limits.max_prompt_chars)
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise _TooLarge(int(declared), limit)

@@ -34,7 +34,8 @@ import grpc
 from lstmgen_client._proto import (Collector, build_request, check_params, check_timeout, parse_chunk,
                                   parse_model_info)
 from lstmgen_client.errors import FailedPreconditionError, LstmgenError, from_rpc_error
-from lstmgen_client.frames import AsyncFrameCall, FrameCall, prepare, requests as frame_requests, stream_options
+from lstmgen_client.frames import (AsyncFrameCall, FrameCall, Packer, prepare, requests as frame_requests,
+                                   stream_options)
 from lstmgen_client.resume import DEFAULT_STATE_EVERY, Resumer, new_seed, resumable
 from lstmgen_client.types import GenerateResult, ModelInfo, StreamChunk
 from lstmgen_client.v1 import generator_pb2 as pb
@@ -89,15 +90,14 @@ def _frame_model(info: ModelInfo) -> ModelInfo:
 
 async def _async_requests(frames, per_message: int, options: pb.FrameStreamOptions):
     """FramesRequests from an async iterable of frames (a live source)."""
-    values, n = [], 0
+    packer = Packer(per_message, options)
     async for frame in frames:
-        values.extend(float(v) for v in frame)
-        n += 1
-        if n >= per_message:
-            yield pb.FramesRequest(values=values, options=options)
-            options, values, n = None, [], 0
-    if n or options is not None:
-        yield pb.FramesRequest(values=values, options=options)
+        msg = packer.add(frame)
+        if msg is not None:
+            yield msg
+    msg = packer.last()
+    if msg is not None:
+        yield msg
 
 
 def _left(end: float | None) -> float | None:

@@ -112,17 +112,40 @@ def stream_options(final_only: bool, state: bytes | None, return_state: bool) ->
     return pb.FrameStreamOptions(final_only=final_only, state=state or b"", return_state=return_state)
 
 
+class Packer:
+    """Frames -> FramesRequests of up to `per_message` frames, the stream's options on the first
+    (shared by the blocking and the asyncio client)."""
+
+    def __init__(self, per_message: int, options: pb.FrameStreamOptions):
+        self.per_message, self.options = per_message, options
+        self.values: list[float] = []
+        self.n = 0
+
+    def add(self, frame) -> pb.FramesRequest | None:
+        self.values.extend(float(v) for v in frame)
+        self.n += 1
+        return self.flush() if self.n >= self.per_message else None
+
+    def flush(self) -> pb.FramesRequest:
+        msg = pb.FramesRequest(values=self.values, options=self.options)
+        self.options, self.values, self.n = None, [], 0
+        return msg
+
+    def last(self) -> pb.FramesRequest | None:
+        """What is left at the end (the options alone, for a stream of no frames)."""
+        return self.flush() if self.n or self.options is not None else None
+
+
 def requests(frames: Iterable, per_message: int, options: pb.FrameStreamOptions) -> Iterator[pb.FramesRequest]:
     """FramesRequests of up to `per_message` frames each, the stream's options on the first."""
-    values, n = [], 0
+    packer = Packer(per_message, options)
     for frame in frames:
-        values.extend(float(v) for v in frame)
-        n += 1
-        if n >= per_message:
-            yield pb.FramesRequest(values=values, options=options)
-            options, values, n = None, [], 0
-    if n or options is not None:
-        yield pb.FramesRequest(values=values, options=options)
+        msg = packer.add(frame)
+        if msg is not None:
+            yield msg
+    msg = packer.last()
+    if msg is not None:
+        yield msg
 
 
 def outputs(msg: pb.FramesResponse, width: int, names: Sequence[str], as_numpy: bool) -> list[FrameOutput]:
