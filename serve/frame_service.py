@@ -44,10 +44,11 @@ def output_to_pb(out: FrameOutput, classify: bool) -> pb.FramesResponse:
 
 
 class FrameService:
-    def __init__(self, scheduler: FrameScheduler, model_info: pb.ModelInfo, codec: StateCodec):
+    def __init__(self, scheduler: FrameScheduler, model_info: pb.ModelInfo, codec: StateCodec, metrics=None):
         self.scheduler = scheduler
         self.model_info = model_info
         self.codec = codec
+        self.metrics = metrics  # serve/metrics.py: one status count per stream
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         frames = {"StreamFrames": grpc.stream_stream_rpc_method_handler(
@@ -127,6 +128,8 @@ class FrameService:
                 reader.cancel()
             if stream is not None:
                 self.scheduler.release(stream)
+            if self.metrics is not None:
+                self.metrics.stream_ended(status)
             log.info("frame stream end request_id=%s status=%s frames=%d duration_ms=%.1f", rid, status, frames,
                      (time.perf_counter() - t0) * 1e3, extra={"request_id": rid})
 

@@ -49,6 +49,22 @@ class WeightedHistogram:
         return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=total)
 
 
+class _FrameCollector:
+    """A frame model's scheduler (serve/frames.py), read at scrape time."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        s = self.scheduler
+        yield GaugeMetricFamily("lstmgen_frame_streams", "Frame streams open", value=s.open_streams)
+        yield CounterMetricFamily("lstmgen_frames", "Frames run through the model", value=s.frames)
+        yield CounterMetricFamily("lstmgen_frame_calls", "Model calls that ran frames", value=s.steps)
+
+
 class _SchedulerCollector:
     """Gauges and counters the scheduler already keeps, read at scrape time."""
 
@@ -116,6 +132,9 @@ class Metrics:
 
     def watch(self, scheduler) -> None:
         self.registry.register(_SchedulerCollector(scheduler, self.itl))
+
+    def watch_frames(self, scheduler) -> None:
+        self.registry.register(_FrameCollector(scheduler))
 
     # -- the scheduler's worker thread, once per model call ---------------------------------------
     def on_decode(self, rows: int, seconds: float, gap_s: float | None) -> None:

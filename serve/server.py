@@ -141,7 +141,8 @@ class Server:
                                         FrameLimits(max_streams=limits.max_concurrent_streams),
                                         on_fatal=self._worker_failed)
         self.service = FrameService(self.scheduler, frame_model_info(self.engine, self.scheduler.limits, limits, codec),
-                                    codec)
+                                    codec, self.metrics)
+        self.metrics.watch_frames(self.scheduler)
         return limits
 
     async def start(self) -> int:

@@ -282,3 +282,19 @@ def test_the_client_streams_frames_without_numpy(servers):
             "assert 'numpy' not in sys.modules\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def test_frame_metrics(frame_bundles, tmp_path):
+    import re
+    import urllib.request
+    srv = start_server(frame_bundles["regression"], tmp_path / "m.log", "--metrics-port", "0")
+    try:
+        port = int(re.search(r"metrics on http://[\d.]+:(\d+)", srv.ready_line).group(1))
+        with Client(srv.target) as c:
+            assert len(list(c.stream_frames([[1.0, 2.0, 3.0]] * 7))) == 7
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        assert re.search(r"^lstmgen_frames_total 7\.0$", text, re.M), text[-2000:]
+        assert re.search(r'^lstmgen_requests_total\{status="OK"\} 1\.0$', text, re.M)
+        assert re.search(r"^lstmgen_frame_streams 0\.0$", text, re.M)
+    finally:
+        srv.stop()
