@@ -1,7 +1,7 @@
 """Typed configuration: the model's shape and the training run, plus the named presets."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 

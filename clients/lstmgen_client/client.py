@@ -34,9 +34,9 @@ import grpc
 from lstmgen_client._proto import (Collector, build_request, check_params, check_timeout, parse_chunk,
                                   parse_model_info)
 from lstmgen_client.errors import FailedPreconditionError, LstmgenError, from_rpc_error
-from lstmgen_client.frames import (AsyncFrameCall, FrameCall, Packer, prepare, requests as frame_requests,
+from lstmgen_client.frames import (AsyncFrameCall, FrameCall, async_requests, prepare, requests as frame_requests,
                                    stream_options)
-from lstmgen_client.resume import DEFAULT_STATE_EVERY, Resumer, new_seed, resumable
+from lstmgen_client.resume import DEFAULT_STATE_EVERY, Resumer, new_seed
 from lstmgen_client.types import GenerateResult, ModelInfo, StreamChunk
 from lstmgen_client.v1 import generator_pb2 as pb
 from lstmgen_client.v1 import generator_pb2_grpc as pb_grpc
@@ -88,25 +88,9 @@ def _frame_model(info: ModelInfo) -> ModelInfo:
     return info
 
 
-async def _async_requests(frames, per_message: int, options: pb.FrameStreamOptions):
-    """FramesRequests from an async iterable of frames (a live source)."""
-    packer = Packer(per_message, options)
-    async for frame in frames:
-        msg = packer.add(frame)
-        if msg is not None:
-            yield msg
-    msg = packer.last()
-    if msg is not None:
-        yield msg
-
-
 def _left(end: float | None) -> float | None:
     """What is left of a whole stream's deadline for its next attempt."""
     return None if end is None else max(0.001, end - time.monotonic())
-
-
-def _backoff(attempt: int) -> float:
-    return min(2.0, 0.05 * 2 ** (attempt - 1))
 
 
 def _credentials(tls: bool, root_certificates: bytes | None) -> grpc.ChannelCredentials | None:
@@ -227,14 +211,11 @@ class Client:
                         yield chunk
                 return
             except grpc.RpcError as e:
-                error = from_rpc_error(e)
-                if r.finished:  # the connection broke after the last message: nothing is missing
+                if not r.resume_after(from_rpc_error(e)):  # raises what cannot be resumed
                     return
-                if not resumable(error) or r.resumes >= r.max_resumes:
-                    raise error from None
             finally:
                 call.cancel()
-            time.sleep(_backoff(r.resumes + 1))
+            time.sleep(r.backoff())
             request = r.next_request()
 
     def _stream(self, request: pb.GenerateRequest, deadline: float | None, metadata) -> Iterator[StreamChunk]:
@@ -311,7 +292,7 @@ class AsyncClient:
             prepare([], standardize, info.standardize, frames_per_message)  # checks the arguments
             if info.standardize == "sequence" and standardize == "auto":
                 prepare(iter(()), standardize, info.standardize)  # raises: a live source cannot be standardised
-            reqs = _async_requests(frames, frames_per_message, options)
+            reqs = async_requests(frames, frames_per_message, options)
         else:
             rows, _ = prepare(frames, standardize, info.standardize, frames_per_message)
             reqs = frame_requests(rows, frames_per_message, options)
@@ -354,14 +335,11 @@ class AsyncClient:
                         yield chunk
                 return
             except grpc.RpcError as e:
-                error = from_rpc_error(e)
-                if r.finished:  # the connection broke after the last message: nothing is missing
+                if not r.resume_after(from_rpc_error(e)):  # raises what cannot be resumed
                     return
-                if not resumable(error) or r.resumes >= r.max_resumes:
-                    raise error from None
             finally:
                 call.cancel()
-            await asyncio.sleep(_backoff(r.resumes + 1))
+            await asyncio.sleep(r.backoff())
             request = r.next_request()
 
     async def _stream(self, request: pb.GenerateRequest, deadline: float | None,

@@ -148,6 +148,18 @@ def requests(frames: Iterable, per_message: int, options: pb.FrameStreamOptions)
         yield msg
 
 
+async def async_requests(frames, per_message: int, options: pb.FrameStreamOptions):
+    """`requests` for an async iterable of frames (a live source)."""
+    packer = Packer(per_message, options)
+    async for frame in frames:
+        msg = packer.add(frame)
+        if msg is not None:
+            yield msg
+    msg = packer.last()
+    if msg is not None:
+        yield msg
+
+
 def outputs(msg: pb.FramesResponse, width: int, names: Sequence[str], as_numpy: bool) -> list[FrameOutput]:
     """One FrameOutput per frame of a response."""
     if as_numpy:

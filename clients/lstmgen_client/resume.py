@@ -54,6 +54,19 @@ class Resumer:
         self._skip = [0, 0, 0]  # ... of which the current attempt has yet to regenerate
         self.finished = False  # the caller has the last message: a break after it needs no resume
 
+    def resume_after(self, error: LstmgenError) -> bool:
+        """After the stream broke with `error`: True to resume it, False when nothing is missing (the
+        break came after the last message); raises `error` when it cannot be resumed."""
+        if self.finished:
+            return False
+        if not resumable(error) or self.resumes >= self.max_resumes:
+            raise error from None
+        return True
+
+    def backoff(self) -> float:
+        """Seconds to wait before the next attempt: 50 ms, doubling, at most 2 s."""
+        return min(2.0, 0.05 * 2 ** self.resumes)
+
     def next_request(self) -> pb.GenerateRequest:
         """The request that continues the stream after a break (from the last state, or anew)."""
         self.resumes += 1
