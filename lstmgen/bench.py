@@ -261,6 +261,30 @@ def ort_steps(bundle: Path, batches, seconds: float = 1.5, modes=(), windows: in
     return out, detail
 
 
+class RawStep:
+    """Raw ONNX Runtime step rates, measured again beside each server point: a VM's speed drifts
+    by 10-20% over a minute, and a ratio of two figures taken minutes apart carries that drift."""
+
+    def __init__(self, bundle: Path):
+        import numpy as np
+
+        from lstmgen.serve.engine import Engine, EngineConfig
+
+        self.engine = Engine(bundle, EngineConfig(device="cpu"))
+        self._rng = np.random.default_rng(1)
+
+    def tokens_per_s(self, batch: int, seconds: float = 1.0) -> float:
+        tokens = self._rng.integers(0, self.engine.manifest.vocab_size, batch).astype("int64")
+        state = self.engine.zeros(batch)
+        for _ in range(3):
+            _, state = self.engine.step(tokens, state)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            _, state = self.engine.step(tokens, state)
+            n += 1
+        return batch * n / (time.perf_counter() - t0)
+
+
 def uniform_worst_case(vocab_size: int, batch: int, modes) -> dict[str, float]:
     """Sampler ms per call on nearly uniform logits (random weights, unscaled): a nucleus then
     holds most of the vocabulary."""
@@ -363,26 +387,35 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         f"{m} {ms:.3f} ms ({ms / steps[str(worst_b)]['step_ms']:.0%} of the step)" for m, ms in worst.items()))
     by_mode: dict[str, dict] = {}
     ttft_prompt, prefix, state_cost = None, {}, {}
+    raw_step = RawStep(bundle)
     proc, target = start_server(bundle, cfg.threads, max(cfg.concurrency))
     try:
         runs: dict[tuple[str, int], list[dict]] = {}
         for r in range(cfg.repeats):  # modes interleaved, so a slow spell of the machine hits all
             for mode in cfg.sampling:
                 for n in cfg.concurrency:
-                    runs.setdefault((mode, n), []).append(load(target, n, cfg.seconds, "The ", cfg.max_new_tokens, mode))
+                    # the raw step at the same batch, just before: each run's ratio is a pair
+                    raw = raw_step.tokens_per_s(n) if str(n) in ort else None
+                    s = load(target, n, cfg.seconds, "The ", cfg.max_new_tokens, mode)
+                    s["raw_ort_tokens_per_s"] = raw
+                    runs.setdefault((mode, n), []).append(s)
         for mode in cfg.sampling:
             points = by_mode[mode] = {}
             for n in cfg.concurrency:
                 tries = sorted(runs[(mode, n)], key=lambda x: x["tokens_per_s"])
                 s = points[str(n)] = dict(tries[len(tries) // 2])  # the median run
                 s["tokens_per_s_runs"] = [t["tokens_per_s"] for t in runs[(mode, n)]]
-                raw = ort.get(str(n))
-                s["vs_ort_same_batch"] = s["tokens_per_s"] / raw if raw else None
+                pairs = [t["tokens_per_s"] / t["raw_ort_tokens_per_s"] for t in runs[(mode, n)]
+                         if t["raw_ort_tokens_per_s"]]
+                s["vs_ort_runs"] = pairs
+                s["vs_ort_same_batch"] = sorted(pairs)[len(pairs) // 2] if pairs else None  # median pair
+                raw = s["vs_ort_same_batch"]
                 log(f"4. server [{mode}], {n} streams: {s['tokens_per_s']:,.0f} tok/s ("
                     + (f"{s['vs_ort_same_batch']:.0%} of raw ORT at B={n}, " if raw else "")
                     + f"{s['tokens_per_s'] / ceiling:.0%} of ceiling), ITL p50 {s['p50_ms']} ms p99 {s['p99_ms']} ms, "
                     f"TTFT {s['ttft_ms']} ms, {s['tokens_per_message']} tok/msg, failed {s['failed']}"
-                    + (f"; runs {', '.join(f'{x:,.0f}' for x in s['tokens_per_s_runs'])}" if cfg.repeats > 1 else ""))
+                    + (f"; runs {', '.join(f'{x:,.0f}' for x in s['tokens_per_s_runs'])}" if cfg.repeats > 1 else "")
+                    + (f" ({', '.join(f'{x:.0%}' for x in pairs)} of raw)" if cfg.repeats > 1 and pairs else ""))
         prefix = prefix_ttft(target, ckpt.vocab, cfg.prompt_chars, cfg.prompt_chars * 95 // 100)
         ttft_prompt = prefix["cold_ms"]
         log(f"5. TTFT with a {cfg.prompt_chars}-char prompt: cold {prefix['cold_ms']:.1f} ms; sharing its first "
@@ -421,7 +454,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         "logit_entropy_nats": entropy,
         "ratios": {
             "server_64_vs_ceiling": server.get("64", {}).get("tokens_per_s", 0) / ceiling,
-            "server_1_vs_ort_batch_1": server.get("1", {}).get("tokens_per_s", 0) / ort.get("1", 1),
+            "server_1_vs_ort_batch_1": (server.get("1", {}).get("vs_ort_same_batch")
+                                        or server.get("1", {}).get("tokens_per_s", 0) / ort.get("1", 1)),
             "server_64_vs_torch_eager": server.get("64", {}).get("tokens_per_s", 0) / eager,
             "by_sampling": {m: {"server_64_vs_ort_batch_64": pts.get("64", {}).get("vs_ort_same_batch"),
                                 "server_1_vs_ort_batch_1": pts.get("1", {}).get("vs_ort_same_batch"),

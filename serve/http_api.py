@@ -217,7 +217,7 @@ class HttpApi:
                 async for chunk in stream:
                     queue.put_nowait((i, chunk, None))
                     if chunk.finished is None:
-                        await self._pace()
+                        await self._pace(stream)
                 queue.put_nowait((i, None, None))
             except Exception as e:  # the stream's error: the whole completion ends with it
                 queue.put_nowait((i, None, e))
@@ -238,8 +238,8 @@ class HttpApi:
             for t in tasks:
                 t.cancel()
 
-    async def _pace(self) -> None:
-        await pace(self.scheduler, self.cfg)
+    async def _pace(self, stream: Stream) -> None:
+        await pace(self.scheduler, self.cfg, stream)
 
     async def _collect(self, call: _Call, creq: CompletionRequest) -> dict:
         k = len(call.streams)

@@ -66,11 +66,14 @@ class BatchSampling:
 
 def unnormalised_probs(logits: np.ndarray, inv_temperature: np.ndarray) -> np.ndarray:
     """exp((logits - row max) / T), float32 [B, V]: the max is taken first, so huge logits or a
-    tiny temperature underflow to 0 instead of overflowing to inf (and NaN)."""
-    z = logits - logits.max(axis=1, keepdims=True)  # [B, V], <= 0
-    with np.errstate(over="ignore"):  # a huge gap / tiny T is -inf: weight 0, as it should be
+    tiny temperature underflow to 0 instead of overflowing to inf (and NaN). A row with a NaN, a
+    +inf or nothing but -inf comes out NaN (its sum says so: see choose_checked)."""
+    # a huge gap / tiny T is -inf: weight 0, as it should be; inf - inf is NaN: a row without
+    # a distribution, which the caller refuses
+    with np.errstate(over="ignore", invalid="ignore"):
+        z = logits - logits.max(axis=1, keepdims=True)  # [B, V], <= 0
         z *= inv_temperature
-    return np.exp(z, out=z)
+        return np.exp(z, out=z)
 
 
 # Word vocabularies take the dense pass (max, exp) in ONNX Runtime: MLAS's
@@ -83,32 +86,37 @@ _PREP_GRAPH = Path(__file__).with_name("sampler_prep.onnx")
 
 
 class DensePass:
-    """weights float32 [B, V] = exp((logits - row max) / T)."""
+    """weights float32 [B, V] = exp((logits - row max) / T), and each row's total weight [B]."""
 
     def __init__(self):
         self._session = None  # opened on first use: char models never need it
         # Outputs land in buffers kept between calls (IO binding): a fresh [B, V] array per call
         # costs its page faults and the binding's copy, as much as the exp itself at batch 64.
         self._weights = np.zeros((0, 0), np.float32)  # [capacity, V]
+        self._total = np.zeros((0, 1), np.float32)  # [capacity, 1]
 
-    def __call__(self, logits: np.ndarray, inv_temperature: np.ndarray) -> np.ndarray:
-        """The returned array is overwritten by the next call (the worker thread's only caller)."""
+    def __call__(self, logits: np.ndarray, inv_temperature: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The returned arrays are overwritten by the next call (the worker thread's only caller)."""
         b, v = logits.shape
         if v < ORT_PREP_MIN_VOCAB:
-            return unnormalised_probs(logits, inv_temperature)
+            weights = unnormalised_probs(logits, inv_temperature)
+            return weights, weights.sum(axis=1)
         if self._session is None:
             self._session = self._open()
         if v != self._weights.shape[1]:  # another model: start over at this batch
             self._weights = np.empty((b, v), np.float32)
         elif b > len(self._weights):  # a bigger batch: grow geometrically, rows join one by one
             self._weights = np.empty((max(b, 2 * len(self._weights)), v), np.float32)
-        weights = self._weights[:b]  # a contiguous prefix [b, V]
+        if len(self._total) != len(self._weights):
+            self._total = np.empty((len(self._weights), 1), np.float32)
+        weights, total = self._weights[:b], self._total[:b]  # contiguous prefixes [b, V], [b, 1]
         io = self._session.io_binding()
         io.bind_cpu_input("logits", np.ascontiguousarray(logits, np.float32))
         io.bind_cpu_input("inv_temperature", np.ascontiguousarray(inv_temperature, np.float32))
         io.bind_output("weights", "cpu", 0, np.float32, list(weights.shape), weights.ctypes.data)
+        io.bind_output("total", "cpu", 0, np.float32, list(total.shape), total.ctypes.data)
         self._session.run_with_iobinding(io)
-        return weights
+        return weights, total[:, 0]
 
     def _open(self):
         import onnxruntime as ort
@@ -123,16 +131,22 @@ class DensePass:
 _local = threading.local()
 
 
-def _dense(logits: np.ndarray, inv_temperature: np.ndarray) -> np.ndarray:
+def dense_pass(logits: np.ndarray, inv_temperature: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """This thread's DensePass: (weights [B, V], total [B])."""
     dense = getattr(_local, "dense", None)
     if dense is None:
         dense = _local.dense = DensePass()
     return dense(logits, inv_temperature)
 
 
+def _dense(logits: np.ndarray, inv_temperature: np.ndarray) -> np.ndarray:
+    return dense_pass(logits, inv_temperature)[0]
+
+
 # Batches this large (rows x vocabulary) share their rows among the cores: half the time at batch
-# 64 x 10,000 on 2 cores (docs/benchmark.md); below it the threads' start costs more than it saves.
-PARALLEL_MIN_WORK = 32_768
+# 128-256 x 10,000 on 2 cores. Below it, waking numba's sleeping threads costs more than it saves
+# (batch 64 x 10,000, top_p: 1.3 ms alone, 1.5 ms shared; docs/benchmark.md).
+PARALLEL_MIN_WORK = 1_000_000
 # numba's default threading layer (workqueue) must not be entered by two threads at once (two
 # schedulers in one process): one parallel call at a time.
 _parallel = threading.Lock()
@@ -144,23 +158,44 @@ def choose(logits: np.ndarray, sp: BatchSampling, uniforms: np.ndarray,
     histories: each row's TokenHistory (rows with penalties need one) -> token ids int64 [B].
     The penalties change the logits in place with `overwrite` (the scheduler's own step output),
     else in a copy."""
+    return choose_checked(logits, sp, uniforms, histories, overwrite)[0]
+
+
+def choose_checked(logits: np.ndarray, sp: BatchSampling, uniforms: np.ndarray,
+                   histories: list[TokenHistory | None] | None = None,
+                   overwrite: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """choose() for any logits -> (token ids int64 [B], ok bool [B]). A row with a NaN, a +inf or
+    nothing but -inf has no distribution: not ok, and its token means nothing. The check rides on
+    passes made anyway (the greedy argmax, the dense pass's row sums): a pass of its own over
+    [64, 10,000] cost 6-8% of a word model's iteration in the server."""
     if sp.penalty_rows:
         if not overwrite:  # a copy of [B, V] costs as much as the dense pass: only when needed
             logits = np.array(logits, dtype=np.float32)
         apply_penalties(logits, list(sp.penalty_rows), [histories[i] for i in sp.penalty_rows],
                         sp.repetition, sp.frequency, sp.presence)
+    b = len(logits)
     if sp.all_greedy:
-        return logits.argmax(axis=1)
+        out = logits.argmax(axis=1)  # a NaN is the argmax of its row; +inf too; all -inf: -inf
+        return out, np.isfinite(logits[np.arange(b), out])
+    ok = np.ones(b, bool)
+    if sp.any_greedy:
+        out = logits.argmax(axis=1)
+        greedy = np.flatnonzero(sp.greedy)
+        ok[greedy] = np.isfinite(logits[greedy, out[greedy]])
+    else:
+        out = np.zeros(b, np.int64)
+    probs, total = dense_pass(logits, sp.inv_temperature)  # [B, V], [B]
     rows = sp.sampled_rows
-    out = logits.argmax(axis=1) if sp.any_greedy else np.empty(len(logits), np.int64)
-    probs = _dense(logits, sp.inv_temperature)  # [B, V]
+    ok[rows] = np.isfinite(total[rows])
+    if not ok.all():
+        rows = rows[ok[rows]]  # the kernels take rows with a distribution only
     args = (probs, np.ascontiguousarray(uniforms, np.float64), sp.top_k, sp.top_p, sp.min_p, rows, out)
     if len(rows) * probs.shape[1] >= PARALLEL_MIN_WORK and len(rows) > 1:
         with _parallel:
             sample_rows_parallel(*args)
     else:
         sample_rows(*args)
-    return out
+    return out, ok
 
 
 def token_logprobs(logits: np.ndarray, tokens: np.ndarray, top_n: int):
@@ -192,5 +227,5 @@ def warm_up() -> None:
     logits = np.linspace(-1, 1, 8 * len(params), dtype=np.float32).reshape(len(params), 8)
     histories = [TokenHistory([1, 2])] * len(params)
     choose(logits, BatchSampling.from_params(params), np.full(len(params), 0.5), histories)
-    wide = np.tile(np.linspace(-1, 1, PARALLEL_MIN_WORK, dtype=np.float32), (len(params), 1))
+    wide = np.tile(np.linspace(-1, 1, -(-PARALLEL_MIN_WORK // len(params)), dtype=np.float32), (len(params), 1))
     choose(wide, BatchSampling.from_params(params), np.full(len(params), 0.5), histories)  # the parallel path

@@ -35,6 +35,12 @@ from numba import prange
 
 if os.environ.get("NUMBA_CACHE_DIR"):
     nb.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]  # numba may have been imported before this module
+if not os.environ.get("NUMBA_THREADING_LAYER"):
+    # numba's default layer is OpenMP when libgomp is present, and GNU OpenMP's threads spin for
+    # milliseconds after a parallel region: the model step right after the sampler then ran 60%
+    # slower (11.4 -> 18.5 ms, ptb-medium at batch 64 on 2 cores; docs/benchmark.md). The
+    # workqueue layer's threads sleep as soon as the rows are done.
+    nb.config.THREADING_LAYER = "workqueue"
 
 BLOCK = 256  # tokens per block summed ahead of the inverse-CDF scan
 SPLITS = 8  # thresholds per selection round

@@ -1,10 +1,13 @@
 """Continuous batching: every active request shares one model step per iteration.
 
 A worker thread owns the model and the batch. Each iteration it (1) admits waiting requests,
-(2) primes new prompts a chunk at a time through the prompt graph and samples their first token,
+(2) primes new prompts a chunk at a time through the prompt graph, all but their last token,
 (3) runs ONE step for every generating row and samples each row's next token with its own
 parameters and generator, then (4) appends the output to each request's Stream and wakes the
-event loop once, for the readers that wait (see Stream). Requests join and leave between steps;
+event loop once, for the readers that wait (see Stream). A prompt's last token is read by the
+decode step its row joins, like a generated token: every sampled token comes from the step graph
+(whatever priming, chunking or the prefix cache did before), and a one-token prompt (a word
+model's typical short prompt, a continued state's) costs no prompt call of its own. Requests join and leave between steps;
 cancelled ones leave at the next. The event loop never blocks on the model: ORT and numpy run on
 the worker thread.
 """
@@ -27,7 +30,7 @@ from lstmgen.serve.errors import GenerationError, Overloaded, StepFailed, Unavai
 from lstmgen.serve.params import GenerationRequest, Limits, encode_prompt, validate
 from lstmgen.serve.penalties import TokenHistory
 from lstmgen.serve.prefix_cache import PrefixCache
-from lstmgen.serve.sampling import choose, token_logprobs, warm_up
+from lstmgen.serve.sampling import choose_checked, token_logprobs, warm_up
 from lstmgen.serve.state_blob import GenerationState, codec_for, rng_at, rng_position
 from lstmgen.serve.stopping import FinishReason, StopChecker
 
@@ -152,6 +155,7 @@ class Stream:
         self._error: GenerationError | None = None
         self._cut: tuple[int, int, int, GenerationState] | None = None  # (texts, tokens, logprobs, state)
         self._reader_waiting = False  # the reader awaits _ready; the next push must wake it
+        self._wake_on_end = False  # the reader rests (pacing): only the end must wake it
         self._ready = asyncio.Event()  # event-loop side only
         self.done = False
 
@@ -171,6 +175,8 @@ class Stream:
             if self.whole and not (self._finished or self._error):
                 return False
             wake, self._reader_waiting = self._reader_waiting, False
+            if self._wake_on_end and (self._finished or self._error):
+                wake, self._wake_on_end = True, False
         return wake
 
     def _take(self) -> Chunk | None:
@@ -214,6 +220,23 @@ class Stream:
             self._ready.clear()
         self.close()  # asked past the last message: the reader has all of it
         return None
+
+    async def rest(self, seconds: float) -> None:
+        """Pause up to `seconds` between messages (pacing), ending early if the stream ends: its
+        last message, and the client's next request, must not wait out the interval (at 64
+        streams one is 128 ms, ten steps of a word model with the row empty)."""
+        with self._lock:
+            if self._finished is not None or self._error is not None:
+                return
+            self._wake_on_end = True
+        timer = asyncio.get_running_loop().call_later(seconds, self._ready.set)
+        try:
+            await self._ready.wait()
+        finally:
+            timer.cancel()
+            self._ready.clear()
+            with self._lock:
+                self._wake_on_end = False
 
     def __aiter__(self):
         return self
@@ -399,7 +422,7 @@ class Scheduler:
         if self._batch is None:
             self._last_step_end = None  # an idle spell is not an inter-token gap
         room = self.limits.max_concurrent_streams - len(self._priming) - (len(self._batch) if self._batch else 0)
-        rejoining = []
+        rejoining, joining = [], []
         while room > 0 and self._waiting:
             seq = self._waiting.popleft()
             if seq.rejoin is not None:
@@ -407,10 +430,12 @@ class Scheduler:
             else:
                 if self.prefix_cache is not None and not seq.carried:
                     seq.primed, seq.partial = self.prefix_cache.lookup(seq.prompt_ids)
-                self._priming.append(seq)
+                (joining if seq.prompt_left == 1 else self._priming).append(seq)
             room -= 1
         if rejoining:
             self._isolated(rejoining, "state restore", lambda: self._rejoin(rejoining))
+        if joining:
+            self._isolated(joining, "prompt step", lambda: self._join(joining, self._column_states(joining)))
         if self._priming:  # first tokens go out now, not after the step below
             rows = self._priming[: self.cfg.max_prefill_rows]
             self._isolated(rows, "prompt step", lambda: self._prime_chunk(rows))
@@ -479,20 +504,37 @@ class Scheduler:
         self._batch = Batch.concatenate([self._batch, Batch.create(rows, tokens, state)])
         return []
 
-    def _prime_chunk(self, rows: list[Sequence]) -> list:
-        """One prompt-graph call advancing `rows` (up to max_prefill_rows prompts) by a chunk each."""
-        lengths = np.array([self._chunk_len(s) for s in rows], dtype=np.int64)  # [R]
-        t = int(lengths.max())
-        tokens = np.zeros((len(rows), t), dtype=np.int64)  # [R, T] right-padded
-        state = self.engine.zeros(len(rows))  # each [L, R, H]
+    def _column_states(self, rows: list[Sequence]) -> tuple[np.ndarray, ...]:
+        """The state of `rows` (each its `partial`, or empty), each tensor [L, R, H]."""
+        state = self.engine.zeros(len(rows))
         for i, s in enumerate(rows):
-            tokens[i, : lengths[i]] = s.prompt_ids[s.primed : s.primed + lengths[i]]
             if s.partial is not None:
                 for x, row in zip(state, s.partial):
                     x[:, i] = row
+        return state
+
+    def _join(self, rows: list[Sequence], state: tuple) -> list:
+        """Rows whose prompt has one token left join the decode batch with it as their input and
+        `state` (each [L, R, H]): the next step reads it and samples their first token."""
+        tokens = np.array([s.prompt_ids[-1] for s in rows], dtype=np.int64)  # [R]
+        for s in rows:
+            s.primed, s.partial = len(s.prompt_ids), None
+        self._prompt_tokens += len(rows)
+        self._batch = Batch.concatenate([self._batch, Batch.create(rows, tokens, state)])
+        return []
+
+    def _prime_chunk(self, rows: list[Sequence]) -> list:
+        """One prompt-graph call advancing `rows` (up to max_prefill_rows prompts) by a chunk each;
+        a row with one prompt token left joins the decode batch (_join)."""
+        lengths = np.array([self._chunk_len(s) for s in rows], dtype=np.int64)  # [R]
+        t = int(lengths.max())
+        tokens = np.zeros((len(rows), t), dtype=np.int64)  # [R, T] right-padded
+        state = self._column_states(rows)  # each [L, R, H]
+        for i, s in enumerate(rows):
+            tokens[i, : lengths[i]] = s.prompt_ids[s.primed : s.primed + lengths[i]]
         t0 = time.perf_counter()
         try:
-            logits, state = self.engine.prime(tokens, lengths, state)
+            _, state = self.engine.prime(tokens, lengths, state)  # the logits: the step graph's job
         except Exception as e:  # isolate: only these rows fail; the server goes on
             log.exception("prompt step failed for %d request(s) request_ids=%s", len(rows), _ids(rows))
             return self._fail(rows, StepFailed(f"model failed while reading the prompt: {e}"))
@@ -505,25 +547,21 @@ class Scheduler:
             s.primed += int(lengths[i])
             if cache is not None and not s.carried and s.primed % cache.every == 0 and s.prompt_left:
                 cache.store(s.prompt_ids, s.primed, tuple(x[:, i] for x in state))
-            if s.prompt_left:
+            if s.prompt_left > 1:
                 s.partial = tuple(x[:, i].copy() for x in state)
             else:
-                s.partial = None
                 done.append(i)
         if not done:
             return []
         finished = {id(rows[i]) for i in done}
         self._priming = [s for s in self._priming if id(s) not in finished]
         idx = np.asarray(done)
-        new = Batch.create([rows[i] for i in done], np.zeros(len(done), np.int64), tuple(x[:, idx] for x in state))
-        out, new = self._sample_and_advance(new, logits[idx])
-        self._batch = Batch.concatenate([self._batch, new])
-        return out
+        return self._join([rows[i] for i in done], tuple(x[:, idx] for x in state))
 
     def _chunk_len(self, s: Sequence) -> int:
         """Prompt tokens row `s` reads in the next priming call: a chunk, cut at the next prefix-cache
         checkpoint so that the state there can be kept."""
-        n = min(self.cfg.prefill_chunk, s.prompt_left)
+        n = min(self.cfg.prefill_chunk, s.prompt_left - 1)  # the last token: _join
         if self.prefix_cache is not None and not s.carried:
             nxt = self.prefix_cache.boundaries(s.primed, len(s.prompt_ids))
             if nxt:
@@ -549,14 +587,16 @@ class Scheduler:
 
     def _sample_and_advance(self, batch: Batch, logits: np.ndarray) -> tuple[list[Output], Batch | None]:
         """Choose each row's next token from logits [B, V]; emit text; drop finished rows."""
-        # A NaN anywhere makes the row max NaN, +inf makes it inf; -inf logits are just impossible
-        # tokens, but a row of nothing else has no distribution.
-        finite = np.isfinite(logits.max(axis=1))  # [B]
-        safe_logits = logits if finite.all() else np.where(finite[:, None], logits, 0.0)
         uniforms = np.array([s.rng.random() for s in batch.seqs])  # [B], one draw per row
         lp_rows = batch.logprob_rows
-        raw = safe_logits[lp_rows] if lp_rows else None  # [R, V] copies: the penalties overwrite
-        next_tokens = choose(safe_logits, batch.sampling, uniforms, batch.histories, overwrite=True)  # [B]
+        raw = logits[lp_rows] if lp_rows else None  # [R, V] copies: the penalties overwrite
+        # finite: False for a row with a NaN, a +inf or nothing but -inf (-inf logits alone are
+        # just impossible tokens): it has no distribution and fails below
+        next_tokens, finite = choose_checked(logits, batch.sampling, uniforms, batch.histories,
+                                             overwrite=True)  # [B], [B]
+        if raw is not None and not finite[lp_rows].all():
+            keep = [j for j, i in enumerate(lp_rows) if finite[i]]
+            lp_rows, raw = [lp_rows[j] for j in keep], raw[keep]
         logprobs = self._logprobs(batch, lp_rows, raw, next_tokens)
         out, keep, failed = [], [], []
         pieces = self._pieces

@@ -21,7 +21,7 @@ from lstmgen.serve.errors import (GenerationError, InvalidRequest, Overloaded, S
                                   Unavailable, WrongModel)
 from lstmgen.serve.metrics import Metrics
 from lstmgen.serve.params import MIN_TEMPERATURE, GenerationRequest, SamplingParams
-from lstmgen.serve.scheduler import Chunk, Scheduler
+from lstmgen.serve.scheduler import Chunk, Scheduler, Stream
 from lstmgen.serve.state_blob import StateCodec
 from lstmgen.serve.stopping import FinishReason
 from lstmgen_client.v1 import generator_pb2 as pb
@@ -107,13 +107,13 @@ class ServiceConfig:
     min_message_interval_s: float = 0.002
 
 
-async def pace(scheduler: Scheduler, cfg: ServiceConfig) -> None:
+async def pace(scheduler: Scheduler, cfg: ServiceConfig, stream: Stream) -> None:
     """Let tokens pile up between one stream's messages when many streams are active (both edges,
-    gRPC and HTTP, share the one budget rule)."""
+    gRPC and HTTP, share the one budget rule); the stream's end cuts the wait short."""
     share = scheduler.stats().active_rows / cfg.message_budget_per_s
     wait = max(share if share > 0.001 else 0.0, cfg.min_message_interval_s)
     if wait > 0:
-        await asyncio.sleep(wait)
+        await stream.rest(wait)
 
 
 def request_from_pb(msg: pb.GenerateRequest, request_id: str = "") -> GenerationRequest:
@@ -208,7 +208,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                 tokens += chunk.token_count
                 await context.write(chunk_to_pb(chunk, self.scheduler.codec))
                 if chunk.finished is None:
-                    await self._pace()
+                    await self._pace(stream)
             status = "OK"
         except grpc.aio.InternalError:  # a send failed in core: the client is gone (status stays CANCELLED)
             await _abort_gone(context, grpc.StatusCode.CANCELLED, "the client went away")
@@ -244,8 +244,8 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         log.log(level, "stream end request_id=%s status=%s tokens=%d duration_ms=%.1f%s", rid, status, tokens,
                 seconds * 1e3, f" error={error!r}" if error else "", extra={"request_id": rid})
 
-    async def _pace(self) -> None:
-        await pace(self.scheduler, self.cfg)
+    async def _pace(self, stream: Stream) -> None:
+        await pace(self.scheduler, self.cfg, stream)
 
     async def GetModelInfo(self, request: pb.ModelInfoRequest | None, context) -> pb.ModelInfo:
         if request is None:

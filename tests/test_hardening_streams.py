@@ -168,7 +168,7 @@ def test_a_sampler_failure_fails_only_the_rows_it_touched(bundles, monkeypatch, 
     """A failure outside the model call (here: the sampler, called once per iteration for all its
     rows, raises every 7th time) ends the rows of that iteration with INTERNAL, logged with their
     ids; the others finish, and the worker goes on."""
-    monkeypatch.setattr(scheduler_module, "choose", failing_every(scheduler_module.choose, 7))
+    monkeypatch.setattr(scheduler_module, "choose_checked", failing_every(scheduler_module.choose_checked, 7))
     cfg = ServerConfig(bundle=str(bundles["char"]), host="127.0.0.1", port=0,
                        engine=EngineConfig(device="cpu", intra_op_threads=1, spin="run"))
 
@@ -183,7 +183,7 @@ def test_a_sampler_failure_fails_only_the_rows_it_touched(bundles, monkeypatch, 
                         await c.generate("First", max_new_tokens=n or 3 + i % 12, seed=i, request_id=f"sf-{i}")
                         return f"sf-{i}", "OK"
                     except InternalError as e:
-                        assert "injected failure in choose" in e.message
+                        assert "injected failure in choose_checked" in e.message
                         return f"sf-{i}", "INTERNAL"
                 status = dict(await asyncio.gather(*(one(i) for i in range(60))))
                 later = [await one(100 + i, n=2) for i in range(5)]  # the worker is still there

@@ -62,12 +62,13 @@ def test_metrics_move_with_traffic(srv):
     assert delta(after, before, 'lstmgen_requests_total{status="INVALID_ARGUMENT"}') == 1
     assert delta(after, before, 'lstmgen_rejections_total{reason="invalid_argument"}') == 1
     assert delta(after, before, "lstmgen_time_to_first_token_seconds_count") == 3
-    # the first token comes from the prompt call, the other 24 from decode steps, one row each
-    assert delta(after, before, 'lstmgen_step_seconds_count{kind="decode"}') == 72
-    assert delta(after, before, 'lstmgen_batch_rows_sum{kind="decode"}') == 72
+    # the prompt call reads all but the prompt's last token; every token comes from a decode
+    # step (the first one reads that last prompt token), one row each
+    assert delta(after, before, 'lstmgen_step_seconds_count{kind="decode"}') == 75
+    assert delta(after, before, 'lstmgen_batch_rows_sum{kind="decode"}') == 75
     assert delta(after, before, 'lstmgen_step_seconds_count{kind="prompt"}') == 3
     # inter-token gaps: every decode step after the first of each request
-    assert delta(after, before, "lstmgen_inter_token_latency_seconds_count") == 69
+    assert delta(after, before, "lstmgen_inter_token_latency_seconds_count") == 72
     assert after['lstmgen_inter_token_latency_seconds_bucket{le="+Inf"}'] == \
         after["lstmgen_inter_token_latency_seconds_count"]
     assert after["process_resident_memory_bytes"] > 10e6

@@ -307,3 +307,39 @@ def test_dense_buffer_follows_the_batch_not_the_number_of_models():
     assert dense._weights.shape == (3, 4096)
     dense(np.zeros((5, 4096), np.float32), np.ones((5, 1), np.float32))
     assert dense._weights.shape[0] >= 5
+
+
+@pytest.mark.parametrize("vocab", [83, 10_000])  # the numpy dense pass (char) and ONNX Runtime's (word)
+def test_rows_without_a_distribution_are_flagged_and_the_rest_sample_as_alone(vocab):
+    """choose_checked: a row with one NaN anywhere, a +inf, or nothing but -inf is not ok (greedy
+    or sampled, with a penalty or not); every other row, huge and -inf values included, gets the
+    token it gets alone. The server fails exactly the rows flagged (tests/test_scheduler.py)."""
+    from lstmgen.serve.sampling import choose_checked
+
+    rng = np.random.default_rng(11)
+    logits = rng.normal(0, 3, (12, vocab)).astype(np.float32)
+    logits[0, rng.integers(vocab)] = np.nan  # one NaN (ONNX Runtime's ReduceMax may skip it)
+    logits[1, vocab - 1] = np.nan
+    logits[2, 5] = np.inf
+    logits[3] = -np.inf
+    logits[4, : vocab // 2] = -np.inf  # impossible tokens, still a distribution
+    logits[5] *= 1e6  # huge range: fine
+    logits[6, 3] = np.nan  # greedy row with a NaN
+    logits[7] = -np.inf  # greedy row with nothing
+    bad = {0, 1, 2, 3, 6, 7}
+    greedy = SamplingParams(greedy=True)
+    sampled = [SamplingParams(temperature=0.8, top_p=0.9), SamplingParams(temperature=0.7, top_k=40),
+               SamplingParams(temperature=1.0), SamplingParams(temperature=0.8, repetition_penalty=1.3)]
+    params = [sampled[i % 4] if i not in (6, 7, 8) else greedy for i in range(12)]
+    histories = [TokenHistory([1, 2, 3]) for _ in range(12)]
+    u = rng.random(12)
+    tokens, ok = choose_checked(logits.copy(), BatchSampling.from_params(params), u, histories)
+    assert [i for i in range(12) if not ok[i]] == sorted(bad)
+    for i in sorted(set(range(12)) - bad):
+        alone = choose(logits[i:i + 1].copy(), BatchSampling.from_params([params[i]]), u[i:i + 1],
+                       [TokenHistory([1, 2, 3])])
+        assert tokens[i] == alone[0], i
+    # an all-greedy batch takes the argmax path
+    tokens, ok = choose_checked(logits.copy(), BatchSampling.from_params([greedy] * 12), u)
+    assert [i for i in range(12) if not ok[i]] == sorted(bad)
+    assert (tokens[~ok] >= 0).all() and (tokens[ok] == np.nanargmax(np.where(ok[:, None], logits, 0), axis=1)[ok]).all()

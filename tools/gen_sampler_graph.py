@@ -5,6 +5,9 @@ checks that this script still makes exactly the committed bytes.
 
     inputs   logits float32 [B, V], inv_temperature float32 [B, 1]
     outputs  weights float32 [B, V]       exp((logits - row max) * inv_temperature), max exactly 1
+             total float32 [B, 1]         each row's sum of weights: NaN or inf when the row has a
+                                          NaN, a +inf or nothing but -inf (ReduceMax may skip a NaN;
+                                          the sum never does), so the sampler needs no pass of its own
 
 (Sums of blocks of 256 in the graph, by Slice + Reshape + ReduceSum, doubled its cost; the kernel
 sums them faster.)
@@ -26,12 +29,15 @@ def build():
         helper.make_node("Sub", ["logits", "row_max"], ["shifted"]),  # [B, V], <= 0
         helper.make_node("Mul", ["shifted", "inv_temperature"], ["scaled"]),
         helper.make_node("Exp", ["scaled"], ["weights"]),  # [B, V]
+        helper.make_node("ReduceSum", ["weights", "sum_axes"], ["total"], keepdims=1),  # [B, 1]
     ]
     graph = helper.make_graph(
         nodes, "lstmgen_sampler_prep",
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", "V"]),
          helper.make_tensor_value_info("inv_temperature", TensorProto.FLOAT, ["B", 1])],
-        [helper.make_tensor_value_info("weights", TensorProto.FLOAT, ["B", "V"])])
+        [helper.make_tensor_value_info("weights", TensorProto.FLOAT, ["B", "V"]),
+         helper.make_tensor_value_info("total", TensorProto.FLOAT, ["B", 1])],
+        initializer=[helper.make_tensor("sum_axes", TensorProto.INT64, [1], [1])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8,
                               producer_name="lstmgen tools/gen_sampler_graph.py")
     onnx.checker.check_model(model)

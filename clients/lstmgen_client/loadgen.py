@@ -1,6 +1,7 @@
 """A load generator in its own process: N concurrent streams for T seconds against a server.
 
-Each stream issues requests back to back. Reported: tokens/s over the window, time to first
+Each stream issues requests back to back, the first of staggered lengths so that requests end and
+start at a steady rate; the measured window follows a warm-up without a break. Reported: tokens/s over the window, time to first
 token, inter-token latency (a message's gap spread over the tokens it carries), messages/s,
 request latency, completed, cancelled and failed requests by status. With `--cancel-fraction F`
 that share of requests is abandoned at a random point (after a random number of tokens); with
@@ -114,47 +115,62 @@ class LoadPlan:
     max_requests: int = 0  # 0: no cap; else stop issuing once this many were started
     backoff: float = 0.0  # mean seconds a stream pauses after a failed request (uniform 0.5x-1.5x)
     probe_rate: float = 0.0  # open-loop calls per second on their own connection (0: none)
+    stagger: bool = True  # first requests of staggered lengths (one_stream)
 
 
-async def one_stream(client: AsyncClient, res: LoadResult, stop_at: float, plan: LoadPlan, seed: int) -> None:
-    rng = random.Random(seed)
+async def one_stream(client: AsyncClient, res: LoadResult, window: tuple[float, float], plan: LoadPlan,
+                     index: int) -> None:
+    """Stream `index` issues requests back to back from now until the window ends; what arrives
+    inside the window [start, stop) counts, and the requests started inside it report their
+    latency and outcome. The stream's first request asks for (index + 1) / streams of the length
+    (stagger): without it every stream starts and ends its requests in step with the others, and
+    a window catches whole waves of 64 prompts at once instead of a server's steady churn."""
+    start_at, stop_at = window
+    rng = random.Random(index)
     # a list of settings: stream i uses the i-th (cyclically), so one batch mixes them
-    params = plan.params if isinstance(plan.params, dict) else plan.params[seed % len(plan.params)]
+    params = plan.params if isinstance(plan.params, dict) else plan.params[index % len(plan.params)]
     longest = params.get("max_new_tokens") or 256
     n = 0
     while time.perf_counter() < stop_at and not (plan.max_requests and res.requests >= plan.max_requests):
-        res.requests += 1
-        cancel_at = rng.randrange(longest) if rng.random() < plan.cancel_fraction else None
+        call = params
+        if n == 0 and plan.stagger and plan.streams > 1:
+            call = {**params, "max_new_tokens": max(1, longest * (index % plan.streams + 1) // plan.streams)}
         t0 = last = time.perf_counter()
+        counted = t0 >= start_at  # started inside the window: its first token, latency and outcome count
+        res.requests += counted
+        cancel_at = rng.randrange(longest) if rng.random() < plan.cancel_fraction else None
         got = 0
         try:
-            async for chunk in client.generate_stream(plan.prompt, seed=seed * 100_003 + n, **params):
+            async for chunk in client.generate_stream(plan.prompt, seed=index * 100_003 + n, **call):
                 now = time.perf_counter()
                 if now > stop_at:  # count only what arrived inside the window
                     break
-                res.tokens += chunk.token_count
-                res.messages += 1
-                if not got:
+                if now >= start_at:
+                    res.tokens += chunk.token_count
+                    res.messages += 1
+                    if got and chunk.token_count and last >= start_at:
+                        res.itl_ms.extend([(now - last) * 1e3 / chunk.token_count] * chunk.token_count)
+                if not got and counted:
                     res.ttft_ms.append((now - t0) * 1e3)
-                elif chunk.token_count:
-                    res.itl_ms.extend([(now - last) * 1e3 / chunk.token_count] * chunk.token_count)
                 got += chunk.token_count
                 last = now
                 if chunk.finished is not None:
-                    res.completed += 1
-                    res.latency_ms.append((now - t0) * 1e3)
+                    if counted:
+                        res.completed += 1
+                        res.latency_ms.append((now - t0) * 1e3)
                 elif cancel_at is not None and got >= cancel_at:
-                    res.cancelled += 1  # leaving the loop cancels the call: the server frees the row
+                    res.cancelled += counted  # leaving the loop cancels the call: the server frees the row
                     break
         except LstmgenError as e:
-            res.failed[e.code.name] = res.failed.get(e.code.name, 0) + 1
-            res.failed_ms.setdefault(e.code.name, []).append((time.perf_counter() - t0) * 1e3)
+            if counted:
+                res.failed[e.code.name] = res.failed.get(e.code.name, 0) + 1
+                res.failed_ms.setdefault(e.code.name, []).append((time.perf_counter() - t0) * 1e3)
             if plan.backoff:  # jittered, so rejected streams do not come back as one herd
                 await asyncio.sleep(plan.backoff * (0.5 + rng.random()))
         n += 1
 
 
-async def probe(target: str, stop_at: float, rate: float, prompt: str, client_kw: dict) -> dict:
+async def probe(target: str, window: tuple[float, float], rate: float, prompt: str, client_kw: dict) -> dict:
     """Calls of one token at `rate` per second whatever the answers (open loop), on their own
     channel: their latency is the server's, not this process's queue of streams."""
     times: dict[str, list] = {}
@@ -170,6 +186,8 @@ async def probe(target: str, stop_at: float, rate: float, prompt: str, client_kw
 
     async with AsyncClient(target, timeout=30, **client_kw) as client:
         await client.model_info()
+        start_at, stop_at = window
+        await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
         tasks, next_at = [], time.perf_counter()
         while next_at < stop_at:
             tasks.append(asyncio.ensure_future(one(client)))
@@ -181,25 +199,23 @@ async def probe(target: str, stop_at: float, rate: float, prompt: str, client_kw
 
 async def run_load(target: str, streams: int, seconds: float, prompt: str, params: dict,
                    warmup: float = 1.0, *, cancel_fraction: float = 0.0, max_requests: int = 0, backoff: float = 0.0,
-                   probe_rate: float = 0.0, metrics_url: str | None = None,
+                   probe_rate: float = 0.0, metrics_url: str | None = None, stagger: bool = True,
                    **client_kw) -> tuple[LoadResult, dict]:
     """Returns the result and extra report sections: "server" (its state before and after, with
     metrics_url) and "probe" (with probe_rate)."""
-    plan = LoadPlan(streams, seconds, prompt, params, warmup, cancel_fraction, max_requests, backoff, probe_rate)
+    plan = LoadPlan(streams, seconds, prompt, params, warmup, cancel_fraction, max_requests, backoff, probe_rate,
+                    stagger)
     extra: dict = {}
     async with AsyncClient(target, timeout=seconds + warmup + 60, **client_kw) as client:
         await client.model_info()  # connected and serving before the clock starts
-        if warmup:
-            warm = LoadResult(streams, warmup)
-            end = time.perf_counter() + warmup
-            await asyncio.gather(*(one_stream(client, warm, end, LoadPlan(streams, warmup, prompt, params), 10_000 + i)
-                                   for i in range(streams)))
         before = (await asyncio.to_thread(settle, metrics_url))[0] if metrics_url else None
         res = LoadResult(streams, seconds)
-        start = time.perf_counter()
-        probing = [probe(target, start + seconds, probe_rate, prompt, client_kw)] if probe_rate else []
-        done = await asyncio.gather(*probing, *(one_stream(client, res, start + seconds, plan, i)
-                                                for i in range(streams)))
+        # One run: `warmup` seconds of load that do not count, then the window. The streams go on
+        # through the boundary, so the window sees the server's steady state, not a fresh start.
+        start = time.perf_counter() + warmup
+        window = (start, start + seconds)
+        probing = [probe(target, window, probe_rate, prompt, client_kw)] if probe_rate else []
+        done = await asyncio.gather(*probing, *(one_stream(client, res, window, plan, i) for i in range(streams)))
         res.seconds = time.perf_counter() - start
         if probing:
             extra["probe"] = done[0]
@@ -219,6 +235,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seconds", type=float, default=10.0, help="length of the measured window")
     p.add_argument("--requests", type=int, default=0, help="stop after this many requests (0: only --seconds)")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds of load before the window (not counted)")
+    p.add_argument("--no-stagger", dest="stagger", action="store_false",
+                   help="start every stream with a full-length request (by default the first requests have "
+                        "staggered lengths, so requests end and start at a steady rate)")
     p.add_argument("--cancel-fraction", type=float, default=0.0,
                    help="share of requests the client abandons after a random number of tokens")
     p.add_argument("--backoff", type=float, default=0.0,
@@ -252,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
     res, extra = asyncio.run(run_load(
         args.target, args.streams, args.seconds, args.prompt, params, args.warmup,
         cancel_fraction=args.cancel_fraction, max_requests=args.requests, backoff=args.backoff,
-        probe_rate=args.probe_rate, metrics_url=args.metrics, **connection_kwargs(args)))
+        probe_rate=args.probe_rate, metrics_url=args.metrics, stagger=args.stagger, **connection_kwargs(args)))
     out = json.dumps({**res.summary(), **extra})
     if args.json == "-":
         print(out)
