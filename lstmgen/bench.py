@@ -394,10 +394,11 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         for r in range(cfg.repeats):  # modes interleaved, so a slow spell of the machine hits all
             for mode in cfg.sampling:
                 for n in cfg.concurrency:
-                    # the raw step at the same batch, just before: each run's ratio is a pair
-                    raw = raw_step.tokens_per_s(n) if str(n) in ort else None
+                    # the raw step at the same batch just before and just after: each run's
+                    # ratio is a pair, its raw side the mean of the two
+                    before = raw_step.tokens_per_s(n) if str(n) in ort else None
                     s = load(target, n, cfg.seconds, "The ", cfg.max_new_tokens, mode)
-                    s["raw_ort_tokens_per_s"] = raw
+                    s["raw_ort_tokens_per_s"] = (before + raw_step.tokens_per_s(n)) / 2 if before else None
                     runs.setdefault((mode, n), []).append(s)
         for mode in cfg.sampling:
             points = by_mode[mode] = {}

@@ -143,10 +143,10 @@ def _dense(logits: np.ndarray, inv_temperature: np.ndarray) -> np.ndarray:
     return dense_pass(logits, inv_temperature)[0]
 
 
-# Batches this large (rows x vocabulary) share their rows among the cores: half the time at batch
-# 128-256 x 10,000 on 2 cores. Below it, waking numba's sleeping threads costs more than it saves
-# (batch 64 x 10,000, top_p: 1.3 ms alone, 1.5 ms shared; docs/benchmark.md).
-PARALLEL_MIN_WORK = 1_000_000
+# Batches this large (rows x vocabulary) share their rows among the cores: 0.73 vs 1.29 ms at
+# batch 64 x 10,000 (top_p, 2 cores); below about 8 rows of 10,000 waking the threads costs more
+# than it saves (docs/benchmark.md).
+PARALLEL_MIN_WORK = 100_000
 # numba's default threading layer (workqueue) must not be entered by two threads at once (two
 # schedulers in one process): one parallel call at a time.
 _parallel = threading.Lock()
@@ -227,5 +227,5 @@ def warm_up() -> None:
     logits = np.linspace(-1, 1, 8 * len(params), dtype=np.float32).reshape(len(params), 8)
     histories = [TokenHistory([1, 2])] * len(params)
     choose(logits, BatchSampling.from_params(params), np.full(len(params), 0.5), histories)
-    wide = np.tile(np.linspace(-1, 1, -(-PARALLEL_MIN_WORK // len(params)), dtype=np.float32), (len(params), 1))
+    wide = np.tile(np.linspace(-1, 1, PARALLEL_MIN_WORK, dtype=np.float32), (len(params), 1))
     choose(wide, BatchSampling.from_params(params), np.full(len(params), 0.5), histories)  # the parallel path

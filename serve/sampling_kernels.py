@@ -36,11 +36,13 @@ from numba import prange
 if os.environ.get("NUMBA_CACHE_DIR"):
     nb.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]  # numba may have been imported before this module
 if not os.environ.get("NUMBA_THREADING_LAYER"):
-    # numba's default layer is OpenMP when libgomp is present, and GNU OpenMP's threads spin for
-    # milliseconds after a parallel region: the model step right after the sampler then ran 60%
-    # slower (11.4 -> 18.5 ms, ptb-medium at batch 64 on 2 cores; docs/benchmark.md). The
-    # workqueue layer's threads sleep as soon as the rows are done.
-    nb.config.THREADING_LAYER = "workqueue"
+    # numba's parallel kernels run on OpenMP where libgomp is present, and GNU OpenMP's threads
+    # spin for milliseconds after a parallel region by default: the model step right after the
+    # sampler ran 60% slower (11.4 -> 18.5 ms, ptb-medium at batch 64 on 2 cores). PASSIVE puts
+    # them to sleep at once (libgomp reads it when numba first loads it). numba's workqueue layer
+    # sleeps too, but waking it cost more than it saved: batch 64 x 10,000, top_p, 1.24 ms shared
+    # vs 0.99 ms serial; OpenMP passive 0.73 ms (docs/benchmark.md).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 BLOCK = 256  # tokens per block summed ahead of the inverse-CDF scan
 SPLITS = 8  # thresholds per selection round

@@ -102,9 +102,11 @@ class ServiceConfig:
     # 500/s to 87% (docs/benchmark.md).
     message_budget_per_s: float = 500.0
     # Floor on the gap between one stream's messages after its first: a char model makes a token
-    # every ~0.1-0.2 ms, far faster than anyone reads, and each message costs the server and the
-    # client more CPU than a model step. 0: send as fast as tokens come.
-    min_message_interval_s: float = 0.002
+    # every ~0.1-0.2 ms and a word model one every ~2 ms at batch 1, far faster than anyone reads,
+    # and each message costs the server and the client more CPU than a model step. 16 ms (a 60 Hz
+    # display's frame) lifted one stream by 11-14% on a word model and 55% on a char model over
+    # 2 ms on 2 cores (docs/benchmark.md); a reader sees no difference. 0: send every token.
+    min_message_interval_s: float = 0.016
 
 
 async def pace(scheduler: Scheduler, cfg: ServiceConfig, stream: Stream) -> None:
