@@ -81,10 +81,20 @@ def test_conversation_keeps_state(char_server):
         assert r2.text == c.generate("First" + r1.text + " Citizen:", max_new_tokens=8, greedy=True).text
 
 
-def test_state_every_messages_end_at_their_state(char_server):
+@pytest.fixture(scope="module")
+def unpaced_server(bundles, tmp_path_factory):
+    """A server that sends every token as it comes (no message floor): a 60-token stream of the
+    tiny model is over within one 16 ms interval, and its last message would carry all of it."""
+    srv = start_server(bundles["char"], tmp_path_factory.mktemp("unpaced") / "server.log",
+                       "--min-message-interval-ms", "0")
+    yield srv
+    srv.stop()
+
+
+def test_state_every_messages_end_at_their_state(unpaced_server):
     """Each message with a state ends exactly there: continuing from it gives the rest of the stream."""
     params = dict(temperature=0.8, top_p=0.9, seed=11)
-    with Client(char_server.target) as c:
+    with Client(unpaced_server.target) as c:
         full = c.generate("First", max_new_tokens=60, **params)
         chunks = list(c.generate_stream("First", max_new_tokens=60, state_every=7, **params))
         assert "".join(ch.text for ch in chunks) == full.text
