@@ -7,8 +7,8 @@ parameters and generator, then (4) appends the output to each request's Stream a
 event loop once, for the readers that wait (see Stream). A prompt's last token is read by the
 decode step its row joins, like a generated token: every sampled token comes from the step graph
 (whatever priming, chunking or the prefix cache did before), and a one-token prompt (a word
-model's typical short prompt, a continued state's) costs no prompt call of its own. Requests join and leave between steps;
-cancelled ones leave at the next. The event loop never blocks on the model: ORT and numpy run on
+model's typical short prompt, a continued state's) costs no prompt call of its own. Requests join
+and leave between steps; cancelled ones leave at the next. The event loop never blocks on the model: ORT and numpy run on
 the worker thread.
 """
 from __future__ import annotations
