@@ -8,8 +8,8 @@ event loop once, for the readers that wait (see Stream). A prompt's last token i
 decode step its row joins, like a generated token: every sampled token comes from the step graph
 (whatever priming, chunking or the prefix cache did before), and a one-token prompt (a word
 model's typical short prompt, a continued state's) costs no prompt call of its own. Requests join
-and leave between steps; cancelled ones leave at the next. The event loop never blocks on the model: ORT and numpy run on
-the worker thread.
+and leave between steps; cancelled ones leave at the next. The event loop never blocks on the
+model: ORT and numpy run on the worker thread.
 """
 from __future__ import annotations
 
