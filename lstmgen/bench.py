@@ -231,39 +231,10 @@ def torch_eager(ckpt, tokens: int) -> float:
         return tokens / (time.perf_counter() - t0)
 
 
-def ort_steps(bundle: Path, batches, seconds: float = 1.5, modes=(), windows: int = 3) -> tuple[dict, dict]:
-    """Raw step tokens/s by batch (the median of `windows` windows of `seconds`), and
-    {batch: {"step_ms", "sampling_ms": {mode: ms}}}: the model step and the sampler on that
-    step's logits, side by side."""
-    import numpy as np
-
-    from lstmgen.serve.engine import Engine, EngineConfig
-
-    engine = Engine(bundle, EngineConfig(device="cpu"))
-    out, detail = {}, {}
-    rng = np.random.default_rng(0)
-    for b in batches:
-        tokens = rng.integers(0, engine.manifest.vocab_size, b).astype(np.int64)
-        state = engine.zeros(b)
-        for _ in range(5):
-            logits, state = engine.step(tokens, state)
-        rates = []
-        for _ in range(windows):
-            n, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < seconds:
-                logits, state = engine.step(tokens, state)
-                n += 1
-            rates.append(n / (time.perf_counter() - t0))
-        steps_per_s = float(np.median(rates))
-        out[str(b)] = b * steps_per_s
-        detail[str(b)] = {"step_ms": 1e3 / steps_per_s,
-                          "sampling_ms": {m: 1e3 * time_sampling(logits, m) for m in modes}}
-    return out, detail
-
-
 class RawStep:
-    """Raw ONNX Runtime step rates, measured again beside each server point: a VM's speed drifts
-    by 10-20% over a minute, and a ratio of two figures taken minutes apart carries that drift."""
+    """The raw ONNX Runtime step in a loop, state fed back: its rate at a batch size. Measured
+    once up front (ort_steps) and again beside each server point: a VM's speed drifts by 10-20%
+    over a minute, and a ratio of two figures taken minutes apart carries that drift."""
 
     def __init__(self, bundle: Path):
         import numpy as np
@@ -271,18 +242,40 @@ class RawStep:
         from lstmgen.serve.engine import Engine, EngineConfig
 
         self.engine = Engine(bundle, EngineConfig(device="cpu"))
-        self._rng = np.random.default_rng(1)
+        self._rng = np.random.default_rng(0)
 
-    def tokens_per_s(self, batch: int, seconds: float = 1.0) -> float:
+    def windows(self, batch: int, seconds: float, n: int = 1):
+        """Tokens/s in each of `n` windows of `seconds` at `batch`, and the last step's logits."""
         tokens = self._rng.integers(0, self.engine.manifest.vocab_size, batch).astype("int64")
         state = self.engine.zeros(batch)
         for _ in range(3):
-            _, state = self.engine.step(tokens, state)
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            _, state = self.engine.step(tokens, state)
-            n += 1
-        return batch * n / (time.perf_counter() - t0)
+            logits, state = self.engine.step(tokens, state)
+        rates = []
+        for _ in range(n):
+            steps, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                logits, state = self.engine.step(tokens, state)
+                steps += 1
+            rates.append(batch * steps / (time.perf_counter() - t0))
+        return rates, logits
+
+    def tokens_per_s(self, batch: int, seconds: float = 1.0) -> float:
+        return self.windows(batch, seconds)[0][0]
+
+
+def ort_steps(raw: RawStep, batches, seconds: float = 1.5, modes=(), windows: int = 3) -> tuple[dict, dict]:
+    """Raw step tokens/s by batch (the median of `windows` windows of `seconds`), and
+    {batch: {"step_ms", "sampling_ms": {mode: ms}}}: the model step and the sampler on that
+    step's logits, side by side."""
+    import numpy as np
+
+    out, detail = {}, {}
+    for b in batches:
+        rates, logits = raw.windows(b, seconds, windows)
+        out[str(b)] = float(np.median(rates))
+        detail[str(b)] = {"step_ms": 1e3 * b / out[str(b)],
+                          "sampling_ms": {m: 1e3 * time_sampling(logits, m) for m in modes}}
+    return out, detail
 
 
 def uniform_worst_case(vocab_size: int, batch: int, modes) -> dict[str, float]:
@@ -376,7 +369,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     eager = torch_eager(ckpt, cfg.eager_tokens)
     log(f"2. PyTorch eager, one request: {eager:,.0f} tokens/s")
     batches = sorted(set(cfg.batches) | {n for n in cfg.concurrency if n <= max(cfg.batches)})
-    ort, steps = ort_steps(bundle, batches, modes=cfg.sampling)
+    raw_step = RawStep(bundle)
+    ort, steps = ort_steps(raw_step, batches, modes=cfg.sampling)
     log("3. ORT step: " + ", ".join(f"B={b}: {v:,.0f} tok/s ({v / ceiling:.0%})" for b, v in ort.items()))
     for b, d in steps.items():
         log(f"   B={b}: step {d['step_ms']:.3f} ms; sampling " + ", ".join(
@@ -387,7 +381,6 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         f"{m} {ms:.3f} ms ({ms / steps[str(worst_b)]['step_ms']:.0%} of the step)" for m, ms in worst.items()))
     by_mode: dict[str, dict] = {}
     ttft_prompt, prefix, state_cost = None, {}, {}
-    raw_step = RawStep(bundle)
     proc, target = start_server(bundle, cfg.threads, max(cfg.concurrency))
     try:
         runs: dict[tuple[str, int], list[dict]] = {}
@@ -410,9 +403,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                          if t["raw_ort_tokens_per_s"]]
                 s["vs_ort_runs"] = pairs
                 s["vs_ort_same_batch"] = sorted(pairs)[len(pairs) // 2] if pairs else None  # median pair
-                raw = s["vs_ort_same_batch"]
                 log(f"4. server [{mode}], {n} streams: {s['tokens_per_s']:,.0f} tok/s ("
-                    + (f"{s['vs_ort_same_batch']:.0%} of raw ORT at B={n}, " if raw else "")
+                    + (f"{s['vs_ort_same_batch']:.0%} of raw ORT at B={n}, " if pairs else "")
                     + f"{s['tokens_per_s'] / ceiling:.0%} of ceiling), ITL p50 {s['p50_ms']} ms p99 {s['p99_ms']} ms, "
                     f"TTFT {s['ttft_ms']} ms, {s['tokens_per_message']} tok/msg, failed {s['failed']}"
                     + (f"; runs {', '.join(f'{x:,.0f}' for x in s['tokens_per_s_runs'])}" if cfg.repeats > 1 else "")

@@ -147,8 +147,8 @@ def _dense(logits: np.ndarray, inv_temperature: np.ndarray) -> np.ndarray:
 # batch 64 x 10,000 (top_p, 2 cores); below about 8 rows of 10,000 waking the threads costs more
 # than it saves (docs/benchmark.md).
 PARALLEL_MIN_WORK = 100_000
-# numba's default threading layer (workqueue) must not be entered by two threads at once (two
-# schedulers in one process): one parallel call at a time.
+# numba's workqueue threading layer (its fallback where OpenMP is missing) must not be entered by
+# two threads at once (two schedulers in one process): one parallel call at a time.
 _parallel = threading.Lock()
 
 

@@ -54,6 +54,25 @@ def test_messages_coalesce_after_the_first_token(bundles, tmp_path):
     assert texts["0"] == texts["20"]
 
 
+def test_a_finished_stream_does_not_wait_out_its_pacing_interval(bundles, tmp_path):
+    """With a 3 s message floor, a short stream's last message still goes out as soon as it is
+    made: the pause between messages ends with the stream (a client's next request must not wait
+    for the interval)."""
+    from tests.conftest import start_server
+
+    srv = start_server(bundles["char"], tmp_path / "srv.log", "--min-message-interval-ms", "3000")
+    try:
+        with Client(srv.target, timeout=60) as c:
+            t0 = time.monotonic()
+            chunks = list(c.generate_stream("All", max_new_tokens=40, seed=3))
+            seconds = time.monotonic() - t0
+    finally:
+        srv.stop()
+    assert len(chunks) == 2 and chunks[-1].finished is not None  # the first token, then the rest
+    assert sum(ch.token_count for ch in chunks) == 40
+    assert seconds < 1.5, seconds
+
+
 def test_same_seed_same_text_and_server_picks_seed(client):
     a = client.generate("Speak", max_new_tokens=50, seed=123, temperature=0.9, top_k=10)
     b = client.generate("Speak", max_new_tokens=50, seed=123, temperature=0.9, top_k=10)

@@ -275,3 +275,46 @@ def test_whole_stream_wakes_its_reader_once_with_everything(engine):
     chunks, (text, fin) = asyncio.run(main())
     assert len(chunks) == 1 and chunks[0].finished is not None
     assert chunks[0].text == text and chunks[0].token_count == fin.generated_tokens == 60
+
+
+class CountingEngine(FlakyEngine):
+    """A real engine that counts prompt calls and the rows in each."""
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        self.prime_rows: list[int] = []
+
+    def prime(self, tokens, lengths, state):
+        self.prime_rows.append(len(tokens))
+        return self.engine.prime(tokens, lengths, state)
+
+
+@pytest.mark.parametrize("wait_steps", [0, 10_000])
+def test_new_prompts_wait_for_company_while_a_batch_runs(engine, wait_steps):
+    """While a decode batch runs, prompts arriving one by one are read in one call once
+    `prime_together` of them wait (or after `prime_wait_steps`); with no wait, one call each.
+    The text is the same either way."""
+    counting = CountingEngine(engine)
+    cfg = SchedulerConfig(prime_wait_steps=wait_steps, prime_together=3)
+    late = [req(p, n=10, seed=i) for i, p in enumerate(["First", "You are", "Before we"])]
+
+    async def main():
+        s = Scheduler(counting, cfg=cfg)
+        s.start()
+        try:
+            long = asyncio.ensure_future(collect(s.submit(req("All", n=3000))))  # keeps a batch running
+            while s.stats().generating_rows == 0:
+                await asyncio.sleep(0.001)
+            tasks = []
+            for r in late:
+                tasks.append(asyncio.ensure_future(collect(s.submit(r))))
+                await asyncio.sleep(0.02)  # many decode steps apart
+            out = await asyncio.gather(*tasks)
+            long.cancel()
+            return out
+        finally:
+            await s.close()
+
+    together = asyncio.run(main())
+    assert counting.prime_rows[1:] == ([3] if wait_steps else [1, 1, 1])
+    assert together == [run_all(engine, [r])[0] for r in late]
