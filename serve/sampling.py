@@ -15,20 +15,19 @@ float64 full-sort reference that the fast path must match):
 
 Like TGI's NextTokenChooser, a stage runs only when some row needs it; every stage is row-wise,
 so a row's token depends only on its own logits, history and seed, never on what shares the
-batch. The per-row selection runs in numba kernels without the GIL (serve/sampling_kernels.py):
-a few passes over the vocabulary, never a sort of it.
+batch. Each sampled row goes from its logits to its token in numba kernels without the GIL
+(serve/sampling_kernels.py): a few passes over the vocabulary, never a sort of it.
 """
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from lstmgen.serve.params import SamplingParams
 from lstmgen.serve.penalties import TokenHistory, apply_penalties
-from lstmgen.serve.sampling_kernels import sample_rows, sample_rows_parallel
+from lstmgen.serve.sampling_kernels import sample_logits, sample_logits_parallel
 
 
 @dataclass(frozen=True)
@@ -37,7 +36,7 @@ class BatchSampling:
     the batch changes, not once per step."""
 
     greedy: np.ndarray  # bool [B]
-    inv_temperature: np.ndarray  # float32 [B, 1] (1 for greedy rows)
+    inv_temperature: np.ndarray  # float32 [B] (1 for greedy rows)
     top_k: np.ndarray  # int64 [B], 0 = off
     top_p: np.ndarray  # float64 [B], 1 = off
     min_p: np.ndarray  # float64 [B], 0 = off
@@ -55,7 +54,7 @@ class BatchSampling:
         temp = np.array([1.0 if p.is_greedy else p.temperature for p in params], dtype=np.float32)
         pen = tuple(i for i, p in enumerate(params) if p.has_penalties)
         f32 = lambda name: np.array([getattr(params[i], name) for i in pen], np.float32)  # noqa: E731
-        return cls(greedy=greedy, inv_temperature=(1.0 / temp)[:, None],
+        return cls(greedy=greedy, inv_temperature=1.0 / temp,
                    top_k=np.array([p.top_k for p in params], dtype=np.int64),
                    top_p=np.array([p.top_p for p in params], dtype=np.float64),
                    min_p=np.array([p.min_p for p in params], dtype=np.float64),
@@ -65,82 +64,13 @@ class BatchSampling:
 
 
 def unnormalised_probs(logits: np.ndarray, inv_temperature: np.ndarray) -> np.ndarray:
-    """exp((logits - row max) / T), float32 [B, V]: the max is taken first, so huge logits or a
-    tiny temperature underflow to 0 instead of overflowing to inf (and NaN). A row with a NaN, a
-    +inf or nothing but -inf comes out NaN (its sum says so: see choose_checked)."""
-    # a huge gap / tiny T is -inf: weight 0, as it should be; inf - inf is NaN: a row without
-    # a distribution, which the caller refuses
+    """exp((logits - row max) / T), float32 [B, V], inv_temperature [B]: the weights the kernels
+    compute (sampling_kernels.weights_row), in numpy, for tests and tools. The max is taken first,
+    so huge logits or a tiny temperature underflow to 0 instead of overflowing to inf (and NaN)."""
     with np.errstate(over="ignore", invalid="ignore"):
         z = logits - logits.max(axis=1, keepdims=True)  # [B, V], <= 0
-        z *= inv_temperature
+        z *= inv_temperature[:, None]
         return np.exp(z, out=z)
-
-
-# Word vocabularies take the dense pass (max, exp) in ONNX Runtime: MLAS's
-# vectorised exp on every core, without the GIL, 2-4x numpy's one-thread exp at batch 64-256
-# (docs/benchmark.md). Chosen by vocabulary size alone, never by batch, so a row's arithmetic
-# (bitwise the same alone or in any batch: tests/test_sampling_exact.py) never depends on what
-# shares its batch. Short rows stay in numpy: a session call costs more than their exp.
-ORT_PREP_MIN_VOCAB = 1024
-_PREP_GRAPH = Path(__file__).with_name("sampler_prep.onnx")
-
-
-class DensePass:
-    """weights float32 [B, V] = exp((logits - row max) / T), and each row's total weight [B]."""
-
-    def __init__(self):
-        self._session = None  # opened on first use: char models never need it
-        # Outputs land in buffers kept between calls (IO binding): a fresh [B, V] array per call
-        # costs its page faults and the binding's copy, as much as the exp itself at batch 64.
-        self._weights = np.zeros((0, 0), np.float32)  # [capacity, V]
-        self._total = np.zeros((0, 1), np.float32)  # [capacity, 1]
-
-    def __call__(self, logits: np.ndarray, inv_temperature: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The returned arrays are overwritten by the next call (the worker thread's only caller)."""
-        b, v = logits.shape
-        if v < ORT_PREP_MIN_VOCAB:
-            weights = unnormalised_probs(logits, inv_temperature)
-            return weights, weights.sum(axis=1)
-        if self._session is None:
-            self._session = self._open()
-        if v != self._weights.shape[1]:  # another model: start over at this batch
-            self._weights = np.empty((b, v), np.float32)
-        elif b > len(self._weights):  # a bigger batch: grow geometrically, rows join one by one
-            self._weights = np.empty((max(b, 2 * len(self._weights)), v), np.float32)
-        if len(self._total) != len(self._weights):
-            self._total = np.empty((len(self._weights), 1), np.float32)
-        weights, total = self._weights[:b], self._total[:b]  # contiguous prefixes [b, V], [b, 1]
-        io = self._session.io_binding()
-        io.bind_cpu_input("logits", np.ascontiguousarray(logits, np.float32))
-        io.bind_cpu_input("inv_temperature", np.ascontiguousarray(inv_temperature, np.float32))
-        io.bind_output("weights", "cpu", 0, np.float32, list(weights.shape), weights.ctypes.data)
-        io.bind_output("total", "cpu", 0, np.float32, list(total.shape), total.ctypes.data)
-        self._session.run_with_iobinding(io)
-        return weights, total[:, 0]
-
-    def _open(self):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.add_session_config_entry("session.force_spinning_stop", "1")  # no spinning between calls
-        return ort.InferenceSession(str(_PREP_GRAPH), opts, providers=["CPUExecutionProvider"])
-
-
-# One DensePass per thread: its output buffer is reused between calls, so two schedulers' worker
-# threads in one process (a Generator beside a server) must not share one.
-_local = threading.local()
-
-
-def dense_pass(logits: np.ndarray, inv_temperature: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """This thread's DensePass: (weights [B, V], total [B])."""
-    dense = getattr(_local, "dense", None)
-    if dense is None:
-        dense = _local.dense = DensePass()
-    return dense(logits, inv_temperature)
-
-
-def _dense(logits: np.ndarray, inv_temperature: np.ndarray) -> np.ndarray:
-    return dense_pass(logits, inv_temperature)[0]
 
 
 # Batches this large (rows x vocabulary) share their rows among the cores: 0.73 vs 1.29 ms at
@@ -166,7 +96,7 @@ def choose_checked(logits: np.ndarray, sp: BatchSampling, uniforms: np.ndarray,
                    overwrite: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """choose() for any logits -> (token ids int64 [B], ok bool [B]). A row with a NaN, a +inf or
     nothing but -inf has no distribution: not ok, and its token means nothing. The check rides on
-    passes made anyway (the greedy argmax, the dense pass's row sums): a pass of its own over
+    passes made anyway (the greedy argmax, the kernels' row max): a pass of its own over
     [64, 10,000] cost 6-8% of a word model's iteration in the server."""
     if sp.penalty_rows:
         if not overwrite:  # a copy of [B, V] costs as much as the dense pass: only when needed
@@ -184,17 +114,14 @@ def choose_checked(logits: np.ndarray, sp: BatchSampling, uniforms: np.ndarray,
         ok[greedy] = np.isfinite(logits[greedy, out[greedy]])
     else:
         out = np.zeros(b, np.int64)
-    probs, total = dense_pass(logits, sp.inv_temperature)  # [B, V], [B]
     rows = sp.sampled_rows
-    ok[rows] = np.isfinite(total[rows])
-    if not ok.all():
-        rows = rows[ok[rows]]  # the kernels take rows with a distribution only
-    args = (probs, np.ascontiguousarray(uniforms, np.float64), sp.top_k, sp.top_p, sp.min_p, rows, out)
-    if len(rows) * probs.shape[1] >= PARALLEL_MIN_WORK and len(rows) > 1:
+    args = (np.ascontiguousarray(logits, np.float32), sp.inv_temperature, np.ascontiguousarray(uniforms, np.float64),
+            sp.top_k, sp.top_p, sp.min_p, rows, out, ok)
+    if len(rows) * logits.shape[1] >= PARALLEL_MIN_WORK and len(rows) > 1:
         with _parallel:
-            sample_rows_parallel(*args)
+            sample_logits_parallel(*args)
     else:
-        sample_rows(*args)
+        sample_logits(*args)
     return out, ok
 
 

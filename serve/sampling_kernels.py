@@ -1,7 +1,11 @@
 """Per-row sampling kernels: numba, compiled once and cached on disk, run without the GIL.
 
-A row's work is a handful of passes over its V probabilities, never a sort of the vocabulary.
+A row's work is a handful of passes over its V logits, never a sort of the vocabulary, and each
+row is taken from its logits to its token in one go, so its weights stay in the core's cache.
 
+* The weights are exp((logits - row max) / T), largest exactly 1: the max comes from an integer
+  pass over the float bits (which also finds a NaN or +inf, a row without a distribution), the
+  exp from a polynomial that LLVM vectorises (numba's own exp calls libm once per value).
 * The kept set (after top_k, top_p, min_p) is always a prefix of the tokens ordered by
   (probability descending, token id ascending). It is written `(vc, ties)`: every token with
   p > vc, plus the `ties` lowest-id tokens with p == vc (`ties` < 0: all of them).
@@ -31,7 +35,9 @@ if "NUMBA_CACHE_DIR" not in os.environ and not os.access(os.path.join(_HERE, "__
 
 import numba as nb  # noqa: E402 (after the cache folder is settled)
 import numpy as np
-from numba import prange
+from llvmlite import ir
+from numba import prange, types
+from numba.extending import intrinsic
 
 if os.environ.get("NUMBA_CACHE_DIR"):
     nb.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]  # numba may have been imported before this module
@@ -50,6 +56,79 @@ SORT_BAND = 64  # a band this small is sorted outright
 SMALL_VOCAB = 256  # rows this short (char models) are sorted outright: selection's fixed cost is more
 
 _jit = dict(cache=True, nogil=True)
+
+
+@intrinsic
+def _f32_from_bits(typingctx, bits):
+    """The float32 whose bits are the int32 `bits` (a free bitcast; numba has no scalar view)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.int32), codegen
+
+
+_SIGN_OFF = np.int32(0x7FFFFFFF)
+KEY_NEG_INF = np.int32(-2139095041)  # _key(-inf): every other float's key is larger, a NaN's aside
+KEY_POS_INF = np.int32(0x7F800000)  # _key(+inf); a positive NaN's key is larger
+
+
+@nb.njit(inline="always")
+def _key(b):
+    """int32 bits of a float32 -> an int32 in the floats' order (its own inverse); NaNs land past
+    the ends: a positive NaN above +inf, a negative one below -inf."""
+    return b ^ ((b >> 31) & _SIGN_OFF)
+
+
+@nb.njit(**_jit)
+def row_max(bits):
+    """A row's largest value from its float32 bits (int32 [V]), and whether the row has a
+    distribution: no NaN, no +inf, not all -inf. Integer min/max vectorise; float max does not
+    (LLVM keeps NaN order), 10x slower."""
+    hi, lo = np.int32(-2147483648), np.int32(2147483647)
+    for i in range(bits.shape[0]):
+        k = _key(bits[i])
+        hi = max(hi, k)
+        lo = min(lo, k)
+    return _f32_from_bits(_key(hi)), lo >= KEY_NEG_INF and KEY_NEG_INF < hi < KEY_POS_INF
+
+
+# e^r for |r| <= ln(2)/2: Taylor to degree 7 (relative error < 1e-8, below float32's 6e-8).
+# ln 2 in two parts (Cody and Waite) so that y - n ln 2 is exact to float32 for |n| <= 160.
+_E2, _E3, _E4, _E5, _E6, _E7 = (np.float32(1 / np.prod(np.arange(1, k + 1))) for k in range(2, 8))
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693359375)  # 8 significant bits: n * _LN2_HI is exact
+_LN2_LO = np.float32(-2.12194440e-4)
+
+
+@nb.njit(inline="always")
+def _weight(x, m, inv_t):
+    """exp((x - m) * inv_t) for x <= m; 0 below e^-110 (2^-159). Plain IEEE arithmetic (no
+    fastmath): the vector body and the scalar tail of a row give the same bits, so a row's
+    weights never depend on where it sits in its batch. Within 2 ulp of exp of the float32
+    argument (tests/test_sampling_exact.py)."""
+    y = (x - m) * inv_t
+    y = y if y > np.float32(-110.0) else np.float32(-110.0)  # -inf (impossible tokens) too
+    n = -np.int32(np.float32(0.5) - y * _LOG2E)  # round(y / ln 2): y <= 0, the cast truncates
+    fn = np.float32(n)
+    r = (y - fn * _LN2_HI) - fn * _LN2_LO
+    p = np.float32(1.0) + r * (np.float32(1.0) + r * (_E2 + r * (_E3 + r * (_E4 + r * (_E5 + r * (_E6 + r * _E7))))))
+    # 2^n as two normal floats (n >= -160 is below float32's normal range): the product rounds
+    # to the subnormal it should be
+    n1 = n >> 1
+    return p * _f32_from_bits((n1 + 127) << 23) * _f32_from_bits((n - n1 + 127) << 23)
+
+
+@nb.njit(**_jit)
+def weights_row(x, inv_t, w):
+    """w float32 [V] = exp((x - max x) * inv_t), largest exactly 1; False (w untouched) for a row
+    without a distribution (see row_max)."""
+    m, ok = row_max(x.view(np.int32))
+    if not ok:
+        return False
+    t = np.float32(inv_t)
+    for i in range(x.shape[0]):
+        w[i] = _weight(x[i], m, t)
+    return True
+
 
 
 # Round one's thresholds, relative to the row's largest probability (1 by construction): bands of
@@ -179,7 +258,7 @@ def _select(vals, th, cnt, mass, floor, by_mass, target):
 @nb.njit(**_jit)
 def _cut(p, k, top_p, min_p):
     """The kept set (vc, ties) after top_k, then top_p, then min_p (Hugging Face's order).
-    p's largest value must be 1 (see sampling.unnormalised_probs)."""
+    p's largest value must be 1 (weights_row)."""
     vc, ties = np.float32(0.0), -1  # everything
     if k <= 0 and top_p >= 1.0:  # min_p alone: a threshold, nothing to select
         return (np.float32(min_p), -1) if min_p > 0.0 else (vc, ties)
@@ -329,28 +408,44 @@ def _sample_row(p, u, k, top_p, min_p):
 
 
 @nb.njit(**_jit)
-def sample_rows(p, u, top_k, top_p, min_p, rows, out):
-    """p float32 [B, V] (probabilities, need not be normalised, largest 1), u float64 [B] in
+def sample_logits(logits, inv_t, u, top_k, top_p, min_p, rows, out, ok):
+    """logits float32 [B, V] (C order), inv_t float32 [B] (1 / temperature), u float64 [B] in
     [0, 1), top_k int64 [B] (0: off), top_p float64 [B] (1: off), min_p float64 [B] (0: off):
-    writes the token of each row in `rows` to out int64 [B]."""
+    for each row in `rows`, its token into out int64 [B], or ok[row] = False when the row has no
+    distribution (a NaN, a +inf or nothing but -inf)."""
+    w = np.empty(logits.shape[1], np.float32)
     for j in range(rows.shape[0]):
         r = rows[j]
-        out[r] = _sample_row(p[r], u[r], top_k[r], top_p[r], min_p[r])
+        ok[r] = weights_row(logits[r], inv_t[r], w)
+        if ok[r]:
+            out[r] = _sample_row(w, u[r], top_k[r], top_p[r], min_p[r])
 
 
 @nb.njit(parallel=True, **_jit)
-def sample_rows_parallel(p, u, top_k, top_p, min_p, rows, out):
-    """sample_rows with the rows shared among numba's threads (every core: ONNX Runtime's are idle
-    while the sampler runs). Each row runs the same code as in sample_rows, so its token is the
-    same whichever is called."""
+def sample_logits_parallel(logits, inv_t, u, top_k, top_p, min_p, rows, out, ok):
+    """sample_logits with the rows shared among numba's threads (every core: ONNX Runtime's are
+    idle while the sampler runs). Each row runs the same code as in sample_logits, so its token is
+    the same whichever is called."""
     for j in prange(rows.shape[0]):
         r = rows[j]
-        out[r] = _sample_row(p[r], u[r], top_k[r], top_p[r], min_p[r])
+        w = np.empty(logits.shape[1], np.float32)  # this row's: in the core's cache until drawn
+        ok[r] = weights_row(logits[r], inv_t[r], w)
+        if ok[r]:
+            out[r] = _sample_row(w, u[r], top_k[r], top_p[r], min_p[r])
+
+
+@nb.njit(**_jit)
+def weights(logits, inv_t, w, ok):
+    """Every row's weights into w float32 [B, V] (as sample_logits computes them; for tests and
+    tools), ok bool [B]."""
+    for r in range(logits.shape[0]):
+        ok[r] = weights_row(logits[r], inv_t[r], w[r])
 
 
 @nb.njit(**_jit)
 def kept_sets(p, top_k, top_p, min_p, rows, vc_out, ties_out):
-    """The kept set (vc, ties) of each row in `rows`, as sample_rows computes it (for tests)."""
+    """The kept set (vc, ties) of each row in `rows` of weights p [B, V], as sample_logits finds it
+    (for tests)."""
     for j in range(rows.shape[0]):
         r = rows[j]
         vc_out[r], ties_out[r] = _cut(p[r], top_k[r], top_p[r], min_p[r])

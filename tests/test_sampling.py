@@ -47,7 +47,7 @@ def test_sampling_follows_distribution():
 
 def test_temperature_sharpens():
     logits = np.log(np.array([[0.6, 0.4]], np.float32))
-    w = unnormalised_probs(logits, sp(SamplingParams(temperature=0.25)).inv_temperature)
+    w = unnormalised_probs(logits, sp(SamplingParams(temperature=0.25)).inv_temperature)  # [B]
     assert w[0, 0] / w[0].sum() > 0.8
 
 

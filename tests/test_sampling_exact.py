@@ -14,9 +14,8 @@ import pytest
 
 from lstmgen.serve.params import SamplingParams
 from lstmgen.serve.penalties import TokenHistory
-from lstmgen.serve import sampling
 from lstmgen.serve.sampling import BatchSampling, choose
-from lstmgen.serve.sampling_kernels import kept_sets
+from lstmgen.serve.sampling_kernels import kept_sets, weights
 
 
 def reference_kept(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
@@ -45,10 +44,18 @@ def reference_token(kept: np.ndarray, u: float) -> int:
     return int(np.searchsorted(cdf, u * cdf[-1], side="right"))
 
 
+def fast_weights(logits: np.ndarray, inv_t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The kernels' weights of every row, float32 [B, V] (0 for a row without a distribution), and ok [B]."""
+    logits = np.ascontiguousarray(logits, np.float32)
+    w, ok = np.zeros(logits.shape, np.float32), np.zeros(len(logits), bool)
+    weights(logits, np.asarray(inv_t, np.float32), w, ok)
+    return w, ok
+
+
 def fast_kept(logits: np.ndarray, params: list[SamplingParams]) -> np.ndarray:
     """bool [B, V]: the tokens the kernels keep, from their (vc, ties) description."""
     sp = BatchSampling.from_params(params)
-    probs = sampling._dense(logits.astype(np.float32), sp.inv_temperature).copy()  # as choose() gets them
+    probs = fast_weights(logits, sp.inv_temperature)[0]  # as the kernels compute them
     b = len(params)
     vc, ties = np.zeros(b, np.float32), np.zeros(b, np.int64)
     kept_sets(probs, sp.top_k, sp.top_p, sp.min_p, np.arange(b), vc, ties)
@@ -239,77 +246,53 @@ def test_distribution_is_sampled_in_proportion():
     assert chi2 < 3 * (ref > 0).sum() + 30
 
 
-def test_dense_pass_is_the_committed_graph_and_batch_independent():
-    """serve/sampler_prep.onnx is what tools/gen_sampler_graph.py makes, and a row's weights are
-    bitwise the same alone and at any place in any batch (so a request's text never depends on
-    what shares its batch)."""
-    pytest.importorskip("onnx")
-    from pathlib import Path
-
-    from tools.gen_sampler_graph import build
-
-    assert build() == (Path(sampling.__file__).with_name("sampler_prep.onnx")).read_bytes()
-    rng = np.random.default_rng(0)
-    for v in (sampling.ORT_PREP_MIN_VOCAB, 10_000, 33_278):
-        rows = rng.normal(0, 3, (70, v)).astype(np.float32)
-        inv_t = np.full((70, 1), 1.25, np.float32)
-        # copies: the dense pass writes into buffers it reuses on the next call
-        alone = [sampling._dense(rows[i:i + 1], inv_t[i:i + 1])[0].copy() for i in range(70)]
-        for b, start in ((64, 0), (64, 6), (7, 30), (70, 0)):
-            w = sampling._dense(rows[start:start + b], inv_t[start:start + b])
-            for j in range(b):
-                assert np.array_equal(w[j], alone[start + j])
-        ref = np.exp((rows - rows.max(axis=1, keepdims=True)) * 1.25)
-        w = sampling._dense(rows, inv_t)
-        assert np.allclose(w, ref, rtol=1e-5, atol=1e-30) and (w.max(axis=1) == 1).all()
+@pytest.mark.parametrize("vocab", [1, 7, 83, 1000, 10_000, 33_278])
+def test_weights_are_exp_and_batch_independent(vocab):
+    """The kernels' weights are exp((logits - max) / T) within 2 ulp of exp of that float32
+    argument, largest exactly 1, subnormals where they belong; and a row's weights are bitwise the same alone and at any place
+    in any batch (so a request's text never depends on what shares its batch)."""
+    rng = np.random.default_rng(vocab)
+    rows = rng.normal(0, 3, (70, vocab)).astype(np.float32)
+    rows[3, : vocab // 2] = -np.inf
+    rows[4] *= 1e30
+    inv_t = rng.uniform(0.5, 3.0, 70).astype(np.float32)
+    alone = [fast_weights(rows[i:i + 1], inv_t[i:i + 1])[0][0] for i in range(70)]
+    for b, start in ((64, 0), (64, 6), (7, 30), (70, 0)):
+        w, ok = fast_weights(rows[start:start + b], inv_t[start:start + b])
+        assert ok.all()
+        for j in range(b):
+            assert np.array_equal(w[j], alone[start + j])
+    with np.errstate(invalid="ignore", over="ignore"):
+        arg = (rows - rows.max(axis=1, keepdims=True)) * inv_t[:, None]  # float32, as the kernel forms it
+    ref = np.exp(arg.astype(np.float64))
+    w, _ = fast_weights(rows, inv_t)
+    assert (w.max(axis=1) == 1).all()
+    normal = ref >= np.finfo(np.float32).tiny
+    assert (np.abs(w[normal] - ref[normal]) <= 2 * np.spacing(ref[normal].astype(np.float32))).all()  # 2 ulp
+    assert (np.abs(w[~normal] - ref[~normal]) <= 2 * 2.0 ** -149).all()  # subnormal: to its spacing
+    assert (w[3, : vocab // 2] == 0).all()
 
 
 def test_parallel_and_serial_kernels_pick_the_same_tokens():
     """Large batches share rows among threads; a row's token must not depend on which ran it."""
-    from lstmgen.serve.sampling_kernels import sample_rows, sample_rows_parallel
+    from lstmgen.serve.sampling_kernels import sample_logits, sample_logits_parallel
 
     rng = np.random.default_rng(9)
     params = (SETTINGS * 6)[:64]
     sp = BatchSampling.from_params(params)
-    probs = sampling._dense(rng.normal(0, 3, (64, 4096)).astype(np.float32), sp.inv_temperature).copy()
+    logits = rng.normal(0, 3, (64, 4096)).astype(np.float32)
+    logits[5, 7] = np.nan
     for _ in range(5):
         u = rng.random(64)
         a, b = np.zeros(64, np.int64), np.zeros(64, np.int64)
-        sample_rows(probs, u, sp.top_k, sp.top_p, sp.min_p, sp.sampled_rows, a)
-        sample_rows_parallel(probs, u, sp.top_k, sp.top_p, sp.min_p, sp.sampled_rows, b)
-        assert (a == b).all()
+        ok_a, ok_b = np.ones(64, bool), np.ones(64, bool)
+        sample_logits(logits, sp.inv_temperature, u, sp.top_k, sp.top_p, sp.min_p, sp.sampled_rows, a, ok_a)
+        sample_logits_parallel(logits, sp.inv_temperature, u, sp.top_k, sp.top_p, sp.min_p, sp.sampled_rows, b,
+                               ok_b)
+        assert (a == b).all() and (ok_a == ok_b).all() and not ok_a[5] and ok_a.sum() == 63
 
 
-def test_each_thread_has_its_own_dense_buffer():
-    """Two schedulers' worker threads in one process: one's weights never land in the other's."""
-    import threading
-
-    a = np.zeros((2, 2048), np.float32)
-    b = np.full((2, 2048), -1.0, np.float32)
-    b[:, 0] = 0.0
-    inv_t = np.ones((2, 1), np.float32)
-    mine = sampling._dense(a, inv_t)
-    other = threading.Thread(target=lambda: sampling._dense(b, inv_t))
-    other.start()
-    other.join()
-    assert (mine == 1.0).all()  # the other thread's call did not overwrite this thread's buffer
-
-
-def test_dense_buffer_follows_the_batch_not_the_number_of_models():
-    """The reused output grows with the batch; a thread that meets several vocabularies must
-    not keep doubling it (it once reached 229,376 rows and failed to allocate 28 GiB)."""
-    from lstmgen.serve.sampling import DensePass
-
-    dense = DensePass()
-    inv_t = np.ones((3, 1), np.float32)
-    for v in [2048, 4096] * 10:
-        dense(np.zeros((3, v), np.float32), inv_t)
-    assert dense._weights.shape == (3, 4096)
-    dense(np.zeros((5, 4096), np.float32), np.ones((5, 1), np.float32))
-    assert dense._weights.shape[0] >= 5
-
-
-@pytest.mark.parametrize("vocab", [83, 10_000])  # the numpy dense pass (char) and ONNX Runtime's (word)
+@pytest.mark.parametrize("vocab", [83, 10_000, 33_278])
 def test_rows_without_a_distribution_are_flagged_and_the_rest_sample_as_alone(vocab):
     """choose_checked: a row with one NaN anywhere, a +inf, or nothing but -inf is not ok (greedy
     or sampled, with a penalty or not); every other row, huge and -inf values included, gets the

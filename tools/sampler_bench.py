@@ -6,8 +6,10 @@ For a char vocabulary (83) and word vocabularies (10,000 and 33,278), at batch 1
 logits shaped like a trained model's (a Zipf head and tail, ~3.8 nats at temperature 0.8), it
 times per call:
   sort      the previous sampler: top_k by np.partition, top_p by a full argsort of [B, V]
-  kernel    serve/sampling.py: numpy exp, then the numba kernels (weighted selection, no sort)
-  exp       the numpy exp alone (the kernel's input), and the same in a small ONNX Runtime graph
+  kernel    serve/sampling.py: the numba kernels, logits to token (their own exp, weighted
+            selection, no sort)
+  exp       the weights exp((logits - max) / T) alone: the kernels' pass, numpy's, and the same
+            in a small ONNX Runtime graph (the kernels' input before they took the exp in)
   ort_topk  the candidate-window step vLLM uses (TopK of 64 per row) in ONNX Runtime, alone
 Needs the train extra (onnx) for the two ONNX Runtime graphs.
 """
@@ -21,6 +23,7 @@ import numpy as np
 
 from lstmgen.serve.params import SamplingParams
 from lstmgen.serve.sampling import BatchSampling, choose, unnormalised_probs
+from lstmgen.serve.sampling_kernels import weights
 
 MODES = {"plain": SamplingParams(temperature=0.8), "top_k": SamplingParams(temperature=0.8, top_k=40),
          "top_p": SamplingParams(temperature=0.8, top_p=0.9)}
@@ -98,7 +101,9 @@ def main() -> None:
             x = zipf_logits(b, v)
             u = np.random.default_rng(1).random(b)
             inv_t = np.full((b, 1), 1 / 0.8, np.float32)
-            r = {"vocab": v, "batch": b, "exp_numpy": best_ms(lambda: unnormalised_probs(x, inv_t))}
+            w, ok = np.empty_like(x), np.empty(b, bool)
+            r = {"vocab": v, "batch": b, "exp_kernel": best_ms(lambda: weights(x, inv_t[:, 0], w, ok)),
+                 "exp_numpy": best_ms(lambda: unnormalised_probs(x, inv_t[:, 0]))}
             if graphs:
                 r["exp_ort"] = best_ms(lambda: graphs[0].run(None, {"x": x, "it": inv_t}))
                 r["ort_topk64"] = best_ms(lambda: graphs[1].run(None, {"x": x, "k": np.array([min(64, v)])}))
@@ -107,7 +112,7 @@ def main() -> None:
                 r[f"sort_{name}"] = best_ms(lambda: sort_sampler(x, inv_t, sp.top_k, sp.top_p, u), 5)
                 r[f"kernel_{name}"] = best_ms(lambda: choose(x, bs, u))
             rows.append(r)
-            print(f"V={v:>6} B={b:>3}: exp numpy {r['exp_numpy']:.3f} ms"
+            print(f"V={v:>6} B={b:>3}: exp kernel {r['exp_kernel']:.3f} ms, numpy {r['exp_numpy']:.3f}"
                   + (f", ORT {r['exp_ort']:.3f}, ORT TopK-64 {r['ort_topk64']:.3f}" if graphs else "") + "; "
                   + ", ".join(f"{m} sort {r[f'sort_{m}']:.3f} -> kernel {r[f'kernel_{m}']:.3f} ms "
                               f"({r[f'sort_{m}'] / r[f'kernel_{m}']:.1f}x)" for m in MODES), flush=True)
