@@ -73,9 +73,9 @@ def unnormalised_probs(logits: np.ndarray, inv_temperature: np.ndarray) -> np.nd
         return np.exp(z, out=z)
 
 
-# Batches this large (rows x vocabulary) share their rows among the cores: 0.73 vs 1.29 ms at
-# batch 64 x 10,000 (top_p, 2 cores); below about 8 rows of 10,000 waking the threads costs more
-# than it saves (docs/benchmark.md).
+# Batches this large (rows x vocabulary) share their rows among the cores: top_p at batch 64 x
+# 10,000 takes 0.83 ms on 2 cores against 1.35 on one (plain sampling about evens out); below
+# about 8 rows of 10,000 waking the threads costs more than it saves (docs/benchmark.md).
 PARALLEL_MIN_WORK = 100_000
 # numba's workqueue threading layer (its fallback where OpenMP is missing) must not be entered by
 # two threads at once (two schedulers in one process): one parallel call at a time.

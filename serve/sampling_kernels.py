@@ -130,7 +130,6 @@ def weights_row(x, inv_t, w):
     return True
 
 
-
 # Round one's thresholds, relative to the row's largest probability (1 by construction): bands of
 # a factor 4 cover seven octave pairs, and the last threshold (the smallest positive float32)
 # takes everything else, so its count and mass are the row's positive tokens and total mass.
