@@ -99,7 +99,7 @@ def choose_checked(logits: np.ndarray, sp: BatchSampling, uniforms: np.ndarray,
     passes made anyway (the greedy argmax, the kernels' row max): a pass of its own over
     [64, 10,000] cost 6-8% of a word model's iteration in the server."""
     if sp.penalty_rows:
-        if not overwrite:  # a copy of [B, V] costs as much as the dense pass: only when needed
+        if not overwrite:  # a copy of [B, V] costs as much as the kernels' exp: only when needed
             logits = np.array(logits, dtype=np.float32)
         apply_penalties(logits, list(sp.penalty_rows), [histories[i] for i in sp.penalty_rows],
                         sp.repetition, sp.frequency, sp.presence)
@@ -115,8 +115,8 @@ def choose_checked(logits: np.ndarray, sp: BatchSampling, uniforms: np.ndarray,
     else:
         out = np.zeros(b, np.int64)
     rows = sp.sampled_rows
-    args = (np.ascontiguousarray(logits, np.float32), sp.inv_temperature, np.ascontiguousarray(uniforms, np.float64),
-            sp.top_k, sp.top_p, sp.min_p, rows, out, ok)
+    args = (np.ascontiguousarray(logits, np.float32), sp.inv_temperature,  # [B, V], [B]
+            np.ascontiguousarray(uniforms, np.float64), sp.top_k, sp.top_p, sp.min_p, rows, out, ok)
     if len(rows) * logits.shape[1] >= PARALLEL_MIN_WORK and len(rows) > 1:
         with _parallel:
             sample_logits_parallel(*args)

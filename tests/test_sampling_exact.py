@@ -249,8 +249,9 @@ def test_distribution_is_sampled_in_proportion():
 @pytest.mark.parametrize("vocab", [1, 7, 83, 1000, 10_000, 33_278])
 def test_weights_are_exp_and_batch_independent(vocab):
     """The kernels' weights are exp((logits - max) / T) within 2 ulp of exp of that float32
-    argument, largest exactly 1, subnormals where they belong; and a row's weights are bitwise the same alone and at any place
-    in any batch (so a request's text never depends on what shares its batch)."""
+    argument, largest exactly 1, subnormals where they belong; and a row's weights are bitwise
+    the same alone and at any place in any batch (so a request's text never depends on what
+    shares its batch)."""
     rng = np.random.default_rng(vocab)
     rows = rng.normal(0, 3, (70, vocab)).astype(np.float32)
     rows[3, : vocab // 2] = -np.inf
