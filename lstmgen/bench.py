@@ -236,12 +236,13 @@ class RawStep:
     once up front (ort_steps) and again beside each server point: a VM's speed drifts by 10-20%
     over a minute, and a ratio of two figures taken minutes apart carries that drift."""
 
-    def __init__(self, bundle: Path):
+    def __init__(self, bundle: Path, engine_cfg=None):
         import numpy as np
 
         from lstmgen.serve.engine import Engine, EngineConfig
 
-        self.engine = Engine(bundle, EngineConfig(device="cpu"))
+        # ORT's default session options unless told otherwise (tools/contention_bench.py: the server's)
+        self.engine = Engine(bundle, engine_cfg or EngineConfig(device="cpu"))
         self._rng = np.random.default_rng(0)
 
     def windows(self, batch: int, seconds: float, n: int = 1):

@@ -217,7 +217,7 @@ class HttpApi:
                 async for chunk in stream:
                     queue.put_nowait((i, chunk, None))
                     if chunk.finished is None:
-                        await self._pace(stream)
+                        await pace(self.scheduler, self.cfg, stream)
                 queue.put_nowait((i, None, None))
             except Exception as e:  # the stream's error: the whole completion ends with it
                 queue.put_nowait((i, None, e))
@@ -237,9 +237,6 @@ class HttpApi:
         finally:
             for t in tasks:
                 t.cancel()
-
-    async def _pace(self, stream: Stream) -> None:
-        await pace(self.scheduler, self.cfg, stream)
 
     async def _collect(self, call: _Call, creq: CompletionRequest) -> dict:
         k = len(call.streams)

@@ -210,7 +210,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                 tokens += chunk.token_count
                 await context.write(chunk_to_pb(chunk, self.scheduler.codec))
                 if chunk.finished is None:
-                    await self._pace(stream)
+                    await pace(self.scheduler, self.cfg, stream)
             status = "OK"
         except grpc.aio.InternalError:  # a send failed in core: the client is gone (status stays CANCELLED)
             await _abort_gone(context, grpc.StatusCode.CANCELLED, "the client went away")
@@ -245,9 +245,6 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         level = logging.ERROR if status == "INTERNAL" else logging.INFO
         log.log(level, "stream end request_id=%s status=%s tokens=%d duration_ms=%.1f%s", rid, status, tokens,
                 seconds * 1e3, f" error={error!r}" if error else "", extra={"request_id": rid})
-
-    async def _pace(self, stream: Stream) -> None:
-        await pace(self.scheduler, self.cfg, stream)
 
     async def GetModelInfo(self, request: pb.ModelInfoRequest | None, context) -> pb.ModelInfo:
         if request is None:

@@ -31,22 +31,29 @@ def test_stream_delivers_text_and_final_message(client):
     assert len(text) == 60 and set(text) <= set(CHAR_TEXT)
 
 
+def timed_stream(bundle, log, server_args: tuple, **generate) -> tuple[list, float]:
+    """One stream from a server of its own started with `server_args`: its messages and the
+    seconds they took."""
+    from tests.conftest import start_server
+
+    srv = start_server(bundle, log, *server_args)
+    try:
+        with Client(srv.target, timeout=60) as c:
+            t0 = time.monotonic()
+            chunks = list(c.generate_stream("All", seed=3, **generate))
+            return chunks, time.monotonic() - t0
+    finally:
+        srv.stop()
+
+
 def test_messages_coalesce_after_the_first_token(bundles, tmp_path):
     """After the first message a stream's messages are at least --min-message-interval-ms apart,
     so a fast model's tokens ride many to a message; the text is the same with or without."""
-    from tests.conftest import start_server
-
     texts = {}
     for ms in ("0", "20"):
-        srv = start_server(bundles["char"], tmp_path / f"srv{ms}.log", "--min-message-interval-ms", ms,
-                           "--max-new-tokens", "2000")
-        try:
-            with Client(srv.target, timeout=60) as c:
-                t0 = time.monotonic()
-                chunks = list(c.generate_stream("All", max_new_tokens=2000, seed=3))
-                seconds = time.monotonic() - t0
-        finally:
-            srv.stop()
+        chunks, seconds = timed_stream(bundles["char"], tmp_path / f"srv{ms}.log",
+                                       ("--min-message-interval-ms", ms, "--max-new-tokens", "2000"),
+                                       max_new_tokens=2000)
         assert chunks[0].finished is None and sum(ch.token_count for ch in chunks) == 2000
         texts[ms] = "".join(ch.text for ch in chunks)
         if ms == "20":  # (here ~8 messages; ~340 without the floor)
@@ -58,16 +65,8 @@ def test_a_finished_stream_does_not_wait_out_its_pacing_interval(bundles, tmp_pa
     """With a 3 s message floor, a short stream's last message still goes out as soon as it is
     made: the pause between messages ends with the stream (a client's next request must not wait
     for the interval)."""
-    from tests.conftest import start_server
-
-    srv = start_server(bundles["char"], tmp_path / "srv.log", "--min-message-interval-ms", "3000")
-    try:
-        with Client(srv.target, timeout=60) as c:
-            t0 = time.monotonic()
-            chunks = list(c.generate_stream("All", max_new_tokens=40, seed=3))
-            seconds = time.monotonic() - t0
-    finally:
-        srv.stop()
+    chunks, seconds = timed_stream(bundles["char"], tmp_path / "srv.log", ("--min-message-interval-ms", "3000"),
+                                   max_new_tokens=40)
     assert len(chunks) == 2 and chunks[-1].finished is not None  # the first token, then the rest
     assert sum(ch.token_count for ch in chunks) == 40
     assert seconds < 1.5, seconds

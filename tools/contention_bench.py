@@ -18,9 +18,8 @@ import multiprocessing as mp
 import statistics
 import time
 
-import numpy as np
-
-from lstmgen.serve.engine import Engine, EngineConfig
+from lstmgen.bench import RawStep
+from lstmgen.serve.engine import EngineConfig
 
 
 def busy(share: float, period_s: float, stop) -> None:
@@ -32,14 +31,9 @@ def busy(share: float, period_s: float, stop) -> None:
         time.sleep(period_s * (1 - share))
 
 
-def step_ms(engine: Engine, batch: int, seconds: float) -> float:
-    """Mean ms per step of the bare loop (tokens and state fed back)."""
-    tokens, state = np.zeros(batch, np.int64), engine.zeros(batch)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        _, state = engine.step(tokens, state)
-        n += 1
-    return 1e3 * (time.perf_counter() - t0) / n
+def step_ms(raw: RawStep, batch: int, seconds: float) -> float:
+    """Mean ms per step of the bare loop (lstmgen bench's raw step)."""
+    return 1e3 * batch / raw.tokens_per_s(batch, seconds)
 
 
 def main() -> None:
@@ -50,8 +44,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    engine = Engine(args.bundle, EngineConfig(device="cpu", intra_op_threads=args.threads, spin="run"))
-    step_ms(engine, args.batch, 1.0)  # warm up
+    raw = RawStep(args.bundle, EngineConfig(device="cpu", intra_op_threads=args.threads, spin="run"))
+    step_ms(raw, args.batch, 1.0)  # warm up
     loads = [(0.0, 0.0), (0.05, 0.002), (0.1, 0.002), (0.2, 0.002), (0.1, 0.0005)]
     times: dict[tuple, list[float]] = {load: [] for load in loads}
     for _ in range(args.repeats):
@@ -61,7 +55,7 @@ def main() -> None:
             if proc:
                 proc.start()
                 time.sleep(0.2)
-            times[(share, period)].append(step_ms(engine, args.batch, args.seconds))
+            times[(share, period)].append(step_ms(raw, args.batch, args.seconds))
             stop.set()
             if proc:
                 proc.join()
