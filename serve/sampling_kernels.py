@@ -15,6 +15,10 @@ row is taken from its logits to its token in one go, so its weights stay in the 
   values (or of equal values) is sorted. A trained model's nucleus boundary takes one pass over
   the vocabulary and a few over a shrinking band (llama.cpp's bucket samplers do the same in C;
   vLLM's top-k window needs a full sort when the nucleus spills out of it, this never does).
+* Most rows are searched in a window, not whole: one pass counts and sums the tokens within a
+  factor 4^5 (or else 4^7) of the most likely one; when those hold the boundary (the k-th value, or
+  top_p of the whole row's mass), a masked compress-store gathers them, a few hundred values for a
+  trained word model, and the selection runs on them alone. Otherwise it runs on the whole row.
 * The draw is an inverse CDF over the kept tokens in token-id order: masked sums of blocks of
   BLOCK tokens find the crossing block, then one block is scanned.
 
@@ -64,6 +68,35 @@ def _f32_from_bits(typingctx, bits):
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], ir.FloatType())
     return types.float32(types.int32), codegen
+
+
+@intrinsic
+def _compress16(typingctx, src, i, dst, j, lo, hi):
+    """Of the 16 floats src[i:i+16], those with lo <= x < hi go to dst[j:], in order; returns how
+    many. LLVM's masked compress-store: one instruction with AVX-512 (vcompressps), a sequence of
+    conditional stores without it; a loop with a branch per value is 4x slower."""
+    sig = types.int64(src, types.int64, dst, types.int64, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        src_arr = context.make_array(signature.args[0])(context, builder, args[0])
+        dst_arr = context.make_array(signature.args[2])(context, builder, args[2])
+        v16 = ir.VectorType(ir.FloatType(), 16)
+        m16 = ir.VectorType(ir.IntType(1), 16)
+        val = builder.load(builder.bitcast(builder.gep(src_arr.data, [args[1]]), v16.as_pointer()), align=4)
+
+        def splat(x):
+            one = builder.insert_element(ir.Constant(v16, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
+            return builder.shuffle_vector(one, ir.Constant(v16, ir.Undefined),
+                                          ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16))
+        mask = builder.and_(builder.fcmp_ordered(">=", val, splat(args[4])),
+                            builder.fcmp_ordered("<", val, splat(args[5])))
+        out = builder.gep(dst_arr.data, [args[3]])
+        name = "llvm.masked.compressstore.v16f32"
+        fn = builder.module.globals.get(name) or ir.Function(
+            builder.module, ir.FunctionType(ir.VoidType(), [v16, out.type, m16]), name=name)
+        builder.call(fn, [val, out, mask])
+        return builder.zext(builder.ctpop(builder.bitcast(mask, ir.IntType(16))), ir.IntType(64))
+    return sig, codegen
 
 
 _SIGN_OFF = np.int32(0x7FFFFFFF)
@@ -135,6 +168,13 @@ def weights_row(x, inv_t, w):
 # takes everything else, so its count and mass are the row's positive tokens and total mass.
 TINY = np.float32(1e-45)
 FIRST = np.array([4.0 ** -(j + 1) for j in range(SPLITS - 1)] + [1e-45], np.float32)
+# The windows (see _cut): the tokens within a factor 4^5 (4^7) of the most likely one. On a PTB
+# model trained for two epochs (validation perplexity 147), temperature 0.8, over 3,840 rows of
+# the validation text: a median of 126 (942) tokens, holding a 0.9 nucleus in 68% (100%) of the
+# rows and the top 40 in 89% (98%). On the benchmark's shaped random logits the first holds both
+# in every row.
+WINDOW = np.float32(4.0 ** -5)
+WIDE_WINDOW = np.float32(4.0 ** -7)
 
 
 
@@ -183,14 +223,25 @@ def _above(vals, th):
 @nb.njit(**_jit)
 def _band(vals, lo, hi):
     """The values in [lo, hi), in order (one pass into a buffer as long as vals)."""
-    buf = np.empty(vals.shape[0], np.float32)
-    n = 0
-    for i in range(vals.shape[0]):
+    return _compress(vals, lo, hi, vals.shape[0])
+
+
+@nb.njit(**_jit)
+def _compress(vals, lo, hi, n):
+    """The values in [lo, hi), in order; there must be at most n of them."""
+    out = np.empty(n + 16, np.float32)  # room for one block's worth past n (never used when n is right)
+    j = 0
+    whole = vals.shape[0] // 16
+    for b in range(whole):
+        if j > n:
+            break
+        j += _compress16(vals, b * 16, out, j, lo, hi)
+    for i in range(whole * 16, vals.shape[0]):
         x = vals[i]
-        if lo <= x and x < hi:
-            buf[n] = x
-            n += 1
-    return buf[:n]
+        if lo <= x and x < hi and j < n:
+            out[j] = x
+            j += 1
+    return out[:min(j, n)]
 
 
 @nb.njit(**_jit)
@@ -254,40 +305,100 @@ def _select(vals, th, cnt, mass, floor, by_mass, target):
     return x, c_gt, m_gt, c_gt + (up - lo), m_gt + np.float64(x) * (up - lo)
 
 
+@nb.njit(fastmath=True, **_jit)
+def _window_mass(p, t1, t2):
+    """One pass: the count and mass of p >= t1, of p >= t2, and of p > 0 (the row's positive
+    tokens and its total mass); sums as in _count_mass."""
+    whole = p.shape[0] // BLOCK
+    z = np.float32(0.0)
+    c1, m1, c2, m2, c_pos, m_pos = 0, 0.0, 0, 0.0, 0, 0.0
+    for b in range(whole):
+        base = b * BLOCK
+        s1, n1, s2, n2, sp, np_ = z, z, z, z, z, z
+        for i in range(BLOCK):
+            x = p[base + i]
+            k1 = np.float32(x >= t1)
+            k2 = np.float32(x >= t2)
+            q = np.float32(x >= TINY)
+            s1 += x * k1
+            n1 += k1
+            s2 += x * k2
+            n2 += k2
+            sp += x * q
+            np_ += q
+        m1 += s1
+        c1 += int(n1)
+        m2 += s2
+        c2 += int(n2)
+        m_pos += sp
+        c_pos += int(np_)
+    for i in range(whole * BLOCK, p.shape[0]):
+        x = p[i]
+        if x >= t1:
+            c1 += 1
+            m1 += x
+        if x >= t2:
+            c2 += 1
+            m2 += x
+        if x >= TINY:
+            c_pos += 1
+            m_pos += x
+    return c1, m1, c2, m2, c_pos, m_pos
+
+
 @nb.njit(**_jit)
 def _cut(p, k, top_p, min_p):
     """The kept set (vc, ties) after top_k, then top_p, then min_p (Hugging Face's order).
-    p's largest value must be 1 (weights_row)."""
-    vc, ties = np.float32(0.0), -1  # everything
+    p's largest value must be 1 (weights_row). When the tokens with p >= WINDOW (or else
+    WIDE_WINDOW) hold the k-th value (top_k) or top_p of the mass, only they are searched (a
+    trained model's rows: one pass over the vocabulary, then a few hundred values); otherwise the
+    whole row is."""
     if k <= 0 and top_p >= 1.0:  # min_p alone: a threshold, nothing to select
-        return (np.float32(min_p), -1) if min_p > 0.0 else (vc, ties)
+        return (np.float32(min_p), -1) if min_p > 0.0 else (np.float32(0.0), -1)
     if p.shape[0] <= SMALL_VOCAB:
         return _cut_sorted(p, k, top_p, min_p)
+    c1, m1, c2, m2, positive, total = _window_mass(p, WINDOW, WIDE_WINDOW)
+    k_on = 0 < k < positive
+    if not k_on and top_p >= 1.0:  # top_k at least the row's tokens: min_p alone
+        return (np.float32(min_p), -1) if min_p > 0.0 else (np.float32(0.0), -1)
+    # top_p after top_k works within what top_k kept, so the k-th value inside is enough; the
+    # margin covers the rounding between this pass's sums and the selection's
+    target = top_p * total * (1.0 + 1e-5)
+    for t, c_w, m_w in ((WINDOW, c1, m1), (WIDE_WINDOW, c2, m2)):
+        if c_w >= k if k_on else m_w >= target:
+            return _cut_in(_compress(p, t, np.float32(np.inf), c_w), k_on, k, top_p, min_p, total)
+    return _cut_in(p, k_on, k, top_p, min_p, total)
+
+
+@nb.njit(**_jit)
+def _cut_in(vals, k_on, k, top_p, min_p, total):
+    """_cut on vals: the row, or the row's values >= some threshold (in token-id order) when they
+    hold the boundaries. total: the row's mass; k_on: top_k cuts (0 < k < positive tokens)."""
+    vc, ties = np.float32(0.0), -1  # everything
     th = FIRST
-    # cnt[-1], mass[-1]: the row's positive tokens and total mass
-    cnt, mass = _above(p, th)
-    kept = mass[SPLITS - 1]
-    if 0 < k < cnt[SPLITS - 1]:
+    cnt, mass = _above(vals, th)
+    kept = total
+    if k_on:
         # ties at the k-th value all stay (Hugging Face, vLLM): keep p >= v
-        v, c_gt, m_gt, c_ge, m_ge = _select(p, th, cnt, mass, TINY, False, k)
+        v, c_gt, m_gt, c_ge, m_ge = _select(vals, th, cnt, mass, TINY, False, k)
         vc, kept = v, m_ge
     if top_p < 1.0:
         target = top_p * kept
         if vc > 0:  # top_p works within what top_k kept: those values only
-            vals = _band(p, vc, np.float32(np.inf))
+            sub = _band(vals, vc, np.float32(np.inf))
             th2 = np.full(SPLITS, vc, np.float32)  # a first round that puts all of them in one band
-            cnt2, mass2 = _above(vals, th2)
-            v, c_gt, m_gt, c_ge, m_ge = _select(vals, th2, cnt2, mass2, vc, True, target)
+            cnt2, mass2 = _above(sub, th2)
+            v, c_gt, m_gt, c_ge, m_ge = _select(sub, th2, cnt2, mass2, vc, True, target)
         else:
-            v, c_gt, m_gt, c_ge, m_ge = _select(p, th, cnt, mass, TINY, True, target)
+            v, c_gt, m_gt, c_ge, m_ge = _select(vals, th, cnt, mass, TINY, True, target)
         if c_ge - c_gt == 1 or m_ge < target:
             vc, ties = v, -1  # one token at the boundary value (or rounding ran the walk out)
         else:
             # several tokens equal v: keep them in id order while the mass before each is < target
             n_keep, acc = 0, m_gt
-            for i in range(p.shape[0]):
-                if p[i] == v and acc < target:
-                    acc += p[i]
+            for i in range(vals.shape[0]):
+                if vals[i] == v and acc < target:
+                    acc += vals[i]
                     n_keep += 1
             vc, ties = v, n_keep
     if min_p > 0.0:

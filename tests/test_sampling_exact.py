@@ -158,6 +158,25 @@ def test_ties_at_the_nucleus_edge_kept_in_id_order():
     check(big, [SamplingParams(top_p=0.5), SamplingParams(top_k=70, top_p=0.5)])
 
 
+@pytest.mark.parametrize("leaders,tail", [(12, -5.0), (12, -6.8), (12, -7.0), (12, -9.0), (12, -9.6),
+                                          (12, -10.5), (1, -10.5)])
+def test_windows_and_the_whole_row_agree_with_reference(leaders, tail):
+    """The kernels search only the tokens within a factor 4^5 (WINDOW) or else 4^7 (WIDE_WINDOW)
+    of the most likely one when those hold the boundary, and the whole row otherwise. A few
+    leaders in (-0.5, 0) and a flat tail at e^tail: above WINDOW (-5), around it (-6.8, -7.0:
+    4^-5 = e^-6.93), inside the wide one (-9, -9.6) or below both (-10.5: 4^-7 = e^-9.70). So the
+    kept set lies inside a window, on its edge, or spills out of both (one leader and the tail
+    below both: the tail holds 30% of the mass, a 0.9 nucleus reaches into it)."""
+    rng = np.random.default_rng(7)
+    rows, params = [], []
+    for top_k, top_p in ((0, 0.3), (0, 0.5), (0, 0.9), (12, 1.0), (13, 1.0), (40, 1.0), (40, 0.9), (5, 0.5)):
+        row = np.full(10_000, tail, np.float32)
+        row[rng.permutation(10_000)[:leaders]] = rng.uniform(-0.5, 0.0, leaders)
+        rows.append(row)
+        params.append(SamplingParams(top_k=top_k, top_p=top_p))
+    check(np.array(rows), params, n_draws=50)
+
+
 @pytest.mark.parametrize("vocab", [1, 5, 4096])
 def test_all_equal_rows(vocab):
     logits = np.full((len(SETTINGS), vocab), 0.25, np.float32)
