@@ -188,7 +188,8 @@ def mode_params(mode: str, batch: int):
 
 def time_sampling(logits, mode: str, repeats: int = 20) -> float:
     """Median seconds of one sampler call on logits [B, V] in this mode (histories of 100 seen
-    tokens for the rows with penalties, as after a 100-token generation)."""
+    tokens for the rows with penalties, as after a 100-token generation), called as the server
+    calls it: on the step's own output, which the penalties may change in place."""
     import numpy as np
 
     from lstmgen.serve.penalties import TokenHistory
@@ -207,8 +208,9 @@ def time_sampling(logits, mode: str, repeats: int = 20) -> float:
     times = []
     for _ in range(repeats + 2):
         u = rng.random(b)
+        x = np.array(logits, np.float32)  # a fresh step output each call (penalties write into it)
         t0 = time.perf_counter()
-        choose(logits, sp, u, histories)
+        choose(x, sp, u, histories, overwrite=True)
         times.append(time.perf_counter() - t0)
     return float(np.median(times[2:]))
 

@@ -169,7 +169,8 @@ def test_windows_and_the_whole_row_agree_with_reference(leaders, tail):
     below both: the tail holds 30% of the mass, a 0.9 nucleus reaches into it)."""
     rng = np.random.default_rng(7)
     rows, params = [], []
-    for top_k, top_p in ((0, 0.3), (0, 0.5), (0, 0.9), (12, 1.0), (13, 1.0), (40, 1.0), (40, 0.9), (5, 0.5)):
+    for top_k, top_p in ((0, 0.3), (0, 0.5), (0, 0.9), (12, 1.0), (12, 0.5), (13, 1.0), (40, 1.0), (40, 0.9),
+                         (5, 0.5)):
         row = np.full(10_000, tail, np.float32)
         row[rng.permutation(10_000)[:leaders]] = rng.uniform(-0.5, 0.0, leaders)
         rows.append(row)
