@@ -75,6 +75,9 @@ def _compress16(typingctx, src, i, dst, j, lo, hi):
     """Of the 16 floats src[i:i+16], those with lo <= x < hi go to dst[j:], in order; returns how
     many. LLVM's masked compress-store: one instruction with AVX-512 (vcompressps), a sequence of
     conditional stores without it; a loop with a branch per value is 4x slower."""
+    if not (isinstance(src, types.Array) and src.layout == "C" and src.dtype == types.float32
+            and isinstance(dst, types.Array) and dst.layout == "C" and dst.dtype == types.float32):
+        raise nb.errors.TypingError("_compress16 takes contiguous float32 arrays")  # a strided row would be misread
     sig = types.int64(src, types.int64, dst, types.int64, types.float32, types.float32)
 
     def codegen(context, builder, signature, args):
