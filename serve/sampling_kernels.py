@@ -310,8 +310,8 @@ def _select(vals, th, cnt, mass, floor, by_mass, target):
 
 @nb.njit(fastmath=True, **_jit)
 def _window_mass(p, t1, t2):
-    """One pass: the count and mass of p >= t1, of p >= t2, and of p > 0 (the row's positive
-    tokens and its total mass); sums as in _count_mass."""
+    """_count_mass for three thresholds in one pass instead of three: the count and mass of
+    p >= t1, of p >= t2, and of p > 0 (the row's positive tokens and its total mass)."""
     whole = p.shape[0] // BLOCK
     z = np.float32(0.0)
     c1, m1, c2, m2, c_pos, m_pos = 0, 0.0, 0, 0.0, 0, 0.0
@@ -349,6 +349,12 @@ def _window_mass(p, t1, t2):
     return c1, m1, c2, m2, c_pos, m_pos
 
 
+@nb.njit(inline="always")
+def _min_p_only(min_p):
+    """The kept set when only min_p cuts: p >= min_p (x the largest, 1), or everything."""
+    return (np.float32(min_p), -1) if min_p > 0.0 else (np.float32(0.0), -1)
+
+
 @nb.njit(**_jit)
 def _cut(p, k, top_p, min_p):
     """The kept set (vc, ties) after top_k, then top_p, then min_p (Hugging Face's order).
@@ -357,13 +363,13 @@ def _cut(p, k, top_p, min_p):
     trained model's rows: one pass over the vocabulary, then a few hundred values); otherwise the
     whole row is."""
     if k <= 0 and top_p >= 1.0:  # min_p alone: a threshold, nothing to select
-        return (np.float32(min_p), -1) if min_p > 0.0 else (np.float32(0.0), -1)
+        return _min_p_only(min_p)
     if p.shape[0] <= SMALL_VOCAB:
         return _cut_sorted(p, k, top_p, min_p)
     c1, m1, c2, m2, positive, total = _window_mass(p, WINDOW, WIDE_WINDOW)
     k_on = 0 < k < positive
     if not k_on and top_p >= 1.0:  # top_k at least the row's tokens: min_p alone
-        return (np.float32(min_p), -1) if min_p > 0.0 else (np.float32(0.0), -1)
+        return _min_p_only(min_p)
     # top_p after top_k works within what top_k kept, so the k-th value inside is enough; the
     # margin covers the rounding between this pass's sums and the selection's
     target = top_p * total * (1.0 + 1e-5)

@@ -232,9 +232,10 @@ def _shutdown_cancel(record: logging.LogRecord) -> bool:
 async def _grpc_calls_ended(timeout: float) -> None:
     """Wait (up to `timeout`) for grpc.aio's own tasks of the calls it cancelled at stop: an unread
     stream's were still pending when stop() returned (in each of three instrumented runs of the
-    grace-period test), and end a few loop turns later. Left pending, asyncio.run's teardown may cancel them first, and
-    grpc.aio then prints that CancelledError with traceback.print_exc, straight to stderr, where
-    no logging filter reaches it (the intermittent traceback of that test)."""
+    grace-period test), and end a few loop turns later. Left pending, asyncio.run's teardown may
+    cancel them first, and grpc.aio then prints that CancelledError with traceback.print_exc,
+    straight to stderr, where no logging filter reaches it (the intermittent traceback of that
+    test)."""
     current = asyncio.current_task()
     calls = [t for t in asyncio.all_tasks() if t is not current and not t.done()
              and (t.get_name() == "rpc_task" or t.get_name().startswith("HandleExceptions["))]

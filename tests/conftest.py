@@ -21,9 +21,9 @@ WORD_TEXT = "the cat sat on the mat\nthe dog ate the <unk> bone\na cat and a dog
 
 def make_checkpoint(path: Path, level: str, text: str, *, hidden: int = 16, embedding: int = 16,
                     layers: int = 2, tie: bool = False, seed: int = 0, eot_bias: float = 0.0,
-                    cell: str = "lstm") -> Path:
+                    cell: str = "lstm", head_scale: float = 1.0) -> Path:
     """A randomly initialised StackedLSTM (an LSTM or GRU stack) saved as an lstmgen checkpoint (tiny:
-    exports in ms)."""
+    exports in ms). head_scale multiplies the output layer: spread logits, as a trained model's."""
     import torch
 
     from lstmgen.train.checkpoint import Checkpoint, save_checkpoint
@@ -36,9 +36,11 @@ def make_checkpoint(path: Path, level: str, text: str, *, hidden: int = 16, embe
                       cell=cell)
     torch.manual_seed(seed)
     model = StackedLSTM(cfg.model_config(len(vocab))).eval()
-    if eot_bias:
-        with torch.no_grad():
+    with torch.no_grad():
+        if eot_bias:
             model.head.bias[vocab.eot_id] += eot_bias
+        model.head.weight *= head_scale
+        model.head.bias *= head_scale
     ckpt = Checkpoint(cfg.model_config(len(vocab)), cfg, vocab, model.state_dict(),
                       metrics={"note": "random weights for tests"}, corpus={"source": "tests"})
     return save_checkpoint(ckpt, path)

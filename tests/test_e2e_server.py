@@ -105,6 +105,50 @@ def test_concurrent_streams_match_solo_runs(char_server):
     assert len(set(solo)) == len(solo)
 
 
+def test_word_model_rows_sample_alone_as_in_a_batch(tmp_path):
+    """A 5,000-word model through the real server: rows longer than the char models' (the
+    sampler's windowed selection, and its parallel kernel once 20 such rows share a step). Each
+    seeded request gives the same text alone and among 39 others with other settings."""
+    import numpy as np
+
+    from lstmgen.serve.engine import Engine, EngineConfig
+    from lstmgen.serve.sampling_kernels import WINDOW, weights
+    from tests.conftest import export, make_checkpoint, start_server
+
+    words = " ".join(f"w{i}" for i in range(5000))
+    bundle = export(make_checkpoint(tmp_path / "big.pt", "word", words, seed=4, head_scale=30.0), tmp_path / "big")
+    # Spread logits (a few hundred words hold most of the mass), so that the window, not the
+    # whole row, holds the boundary
+    engine = Engine(bundle, EngineConfig(device="cpu", intra_op_threads=1))
+    tokens, state = np.arange(8, dtype=np.int64), engine.zeros(8)
+    for _ in range(5):
+        logits, state = engine.step(tokens, state)  # [8, V]
+    w, ok = np.empty_like(logits), np.empty(8, bool)
+    weights(np.ascontiguousarray(logits, np.float32), np.full(8, 1.25, np.float32), w, ok)
+    inside = w >= WINDOW
+    assert ok.all() and (inside.sum(axis=1) < 2500).all()
+    assert ((w * inside).sum(axis=1) >= 0.9 * w.sum(axis=1)).all()
+
+    settings = [dict(temperature=0.8, top_k=40), dict(temperature=0.8, top_p=0.9),
+                dict(temperature=0.8, top_k=40, top_p=0.9), dict(temperature=0.7, min_p=0.05),
+                dict(temperature=0.8, top_p=0.9, repetition_penalty=1.2)]
+    params = [dict(seed=s, max_new_tokens=60, **settings[s % len(settings)]) for s in range(40)]
+    srv = start_server(bundle, tmp_path / "srv.log")
+    try:
+        with Client(srv.target) as c:
+            solo = [c.generate("w1 w2 w3", **kw).text for kw in params[:10]]
+
+        async def together():
+            async with AsyncClient(srv.target) as ac:
+                return await asyncio.gather(*(ac.generate("w1 w2 w3", **kw) for kw in params))
+
+        results = [r.text for r in asyncio.run(together())]
+    finally:
+        srv.stop()
+    assert results[:10] == solo
+    assert len(set(results)) > 1 and all(len(t.split()) == 60 for t in results)
+
+
 def test_stop_sequence(client):
     base = client.generate("First", max_new_tokens=80, seed=5).text
     stop = base[30:33]

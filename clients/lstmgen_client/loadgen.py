@@ -3,11 +3,12 @@
 Each stream issues requests back to back, the first of staggered lengths so that requests end and
 start at a steady rate; the measured window follows a warm-up without a break. Reported: tokens/s
 over the window, time to first token, inter-token latency (a message's gap spread over the tokens
-it carries), messages/s, request latency, completed, cancelled and failed requests by status. With `--cancel-fraction F`
-that share of requests is abandoned at a random point (after a random number of tokens); with
-`--metrics URL` the server's RSS and row/queue gauges are scraped before and after the run; with
-`--probe-rate R` a separate connection fires R short calls per second on a fixed schedule (open
-loop) and reports how fast each was answered, by status: at a full server, the rejection latency.
+it carries), messages/s, request latency, completed, cancelled and failed requests by status.
+With `--cancel-fraction F` that share of requests is abandoned at a random point (after a random
+number of tokens); with `--metrics URL` the server's RSS and row/queue gauges are scraped before
+and after the run; with `--probe-rate R` a separate connection fires R short calls per second on
+a fixed schedule (open loop) and reports how fast each was answered, by status: at a full server,
+the rejection latency.
 `lstmgen loadtest --help` (or `python -m lstmgen_client.loadgen --help`).
 """
 from __future__ import annotations
