@@ -186,31 +186,34 @@ def mode_params(mode: str, batch: int):
     return [SamplingParams(seed=i, **settings[i % len(settings)]) for i in range(batch)]
 
 
-def time_sampling(logits, mode: str, repeats: int = 20) -> float:
-    """Median seconds of one sampler call on logits [B, V] in this mode (histories of 100 seen
-    tokens for the rows with penalties, as after a 100-token generation), called as the server
-    calls it: on the step's own output, which the penalties may change in place."""
+def time_sampling(outputs, mode: str, repeats: int = 20) -> float:
+    """Median seconds of one sampler call in this mode (histories of 100 seen tokens for the rows
+    with penalties, as after a 100-token generation), called as the server calls it: on each of
+    `repeats` step outputs [B, V] from the iterator `outputs`, which the penalties may change in
+    place. Each call gets new logits, as in the server: the same logits again and again let the
+    CPU's branch predictor learn the row by heart, and read 30-40% faster than a step's new ones
+    (B = 64, V = 10,000, top_p)."""
     import numpy as np
 
     from lstmgen.serve.penalties import TokenHistory
     from lstmgen.serve.sampling import BatchSampling, choose
 
-    b, v = logits.shape
     rng = np.random.default_rng(0)
-    params = mode_params(mode, b)
-    sp = BatchSampling.from_params(params)
-    histories = []
-    for _ in range(b):
-        h = TokenHistory(rng.integers(0, v, 20).tolist())
-        for t in rng.integers(0, v, 100).tolist():
-            h.add(t)
-        histories.append(h)
+    sp = histories = None
     times = []
-    for _ in range(repeats + 2):
+    for _, logits in zip(range(repeats + 2), outputs):
+        b, v = logits.shape
+        if sp is None:
+            sp = BatchSampling.from_params(mode_params(mode, b))
+            histories = []
+            for _ in range(b):
+                h = TokenHistory(rng.integers(0, v, 20).tolist())
+                for t in rng.integers(0, v, 100).tolist():
+                    h.add(t)
+                histories.append(h)
         u = rng.random(b)
-        x = np.array(logits, np.float32)  # a fresh step output each call (penalties write into it)
         t0 = time.perf_counter()
-        choose(x, sp, u, histories, overwrite=True)
+        choose(logits, sp, u, histories, overwrite=True)
         times.append(time.perf_counter() - t0)
     return float(np.median(times[2:]))
 
@@ -248,58 +251,86 @@ class RawStep:
         self._rng = np.random.default_rng(0)
 
     def windows(self, batch: int, seconds: float, n: int = 1):
-        """Tokens/s in each of `n` windows of `seconds` at `batch`, and the last step's logits."""
+        """Tokens/s in each of `n` windows of `seconds` at `batch`."""
         tokens = self._rng.integers(0, self.engine.manifest.vocab_size, batch).astype("int64")
         state = self.engine.zeros(batch)
         for _ in range(3):
-            logits, state = self.engine.step(tokens, state)
+            _, state = self.engine.step(tokens, state)
         rates = []
         for _ in range(n):
             steps, t0 = 0, time.perf_counter()
             while time.perf_counter() - t0 < seconds:
-                logits, state = self.engine.step(tokens, state)
+                _, state = self.engine.step(tokens, state)
                 steps += 1
             rates.append(batch * steps / (time.perf_counter() - t0))
-        return rates, logits
+        return rates
 
     def tokens_per_s(self, batch: int, seconds: float = 1.0) -> float:
-        return self.windows(batch, seconds)[0][0]
+        return self.windows(batch, seconds)[0]
+
+    def outputs(self, batch: int):
+        """Each step's logits [B, V] in turn (state fed back), without end."""
+        tokens = self._rng.integers(0, self.engine.manifest.vocab_size, batch).astype("int64")
+        state = self.engine.zeros(batch)
+        while True:
+            logits, state = self.engine.step(tokens, state)
+            yield logits
 
 
-def ort_steps(raw: RawStep, batches, seconds: float = 1.5, modes=(), windows: int = 3) -> tuple[dict, dict]:
+def ort_steps(raw: RawStep, batches, seconds: float = 1.5, modes=(), windows: int = 3,
+              served: RawStep | None = None) -> tuple[dict, dict]:
     """Raw step tokens/s by batch (the median of `windows` windows of `seconds`), and
-    {batch: {"step_ms", "sampling_ms": {mode: ms}}}: the model step and the sampler on that
-    step's logits, side by side."""
+    {batch: {"step_ms", "sampling_ms": {mode: ms}}}: the model step and the sampler side by side.
+    The sampler is timed right after each of 20 steps of `served` (the step with the server's
+    session options: with ORT's default, its threads spin on between steps and take the cores
+    the sampler's threads need, which the server does not let them do)."""
     import numpy as np
 
     out, detail = {}, {}
     for b in batches:
-        rates, logits = raw.windows(b, seconds, windows)
+        rates = raw.windows(b, seconds, windows)
         out[str(b)] = float(np.median(rates))
         detail[str(b)] = {"step_ms": 1e3 * b / out[str(b)],
-                          "sampling_ms": {m: 1e3 * time_sampling(logits, m) for m in modes}}
+                          "sampling_ms": {m: 1e3 * time_sampling((served or raw).outputs(b), m) for m in modes}}
     return out, detail
 
 
 def uniform_worst_case(vocab_size: int, batch: int, modes) -> dict[str, float]:
     """Sampler ms per call on nearly uniform logits (random weights, unscaled): a nucleus then
-    holds most of the vocabulary."""
+    holds most of the vocabulary. Eight different arrays in turn, each call on a fresh copy."""
+    import itertools
+
     import numpy as np
 
-    logits = np.random.default_rng(1).normal(0, 0.05, (batch, vocab_size)).astype(np.float32)
-    return {m: 1e3 * time_sampling(logits, m) for m in modes}
+    rng = np.random.default_rng(1)
+    arrays = [rng.normal(0, 0.05, (batch, vocab_size)).astype(np.float32) for _ in range(8)]
+    return {m: 1e3 * time_sampling((a.copy() for a in itertools.cycle(arrays)), m) for m in modes}
 
 
 def start_server(bundle: Path, threads: int, max_concurrent: int):
+    """The real server in its own process -> (process, its gRPC target, its /metrics URL)."""
     cmd = [sys.executable, "-m", "lstmgen.cli", "serve", str(bundle), "--host", "127.0.0.1", "--port", "0",
-           "--device", "cpu", "--threads", str(threads), "--log-level", "WARNING",
+           "--device", "cpu", "--threads", str(threads), "--log-level", "WARNING", "--metrics-port", "0",
            "--max-concurrent", str(max_concurrent), "--max-prompt-chars", "100000"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    m = re.search(r"serving on ([\d.]+):(\d+)", proc.stdout.readline())
-    if not m:
+    line = proc.stdout.readline()
+    m = re.search(r"serving on ([\d.]+):(\d+)", line)
+    metrics = re.search(r"metrics on (http://\S+/metrics)", line)
+    if not (m and metrics):
         proc.kill()
         raise RuntimeError("server did not start")
-    return proc, f"{m.group(1)}:{m.group(2)}"
+    return proc, f"{m.group(1)}:{m.group(2)}", metrics.group(1)
+
+
+def inside_server(before: dict, after: dict) -> dict:
+    """Mean ms of the server's own decode step and of choosing its tokens, between two scrapes of
+    its /metrics: what each inter-token gap was made of."""
+    steps = after.get('lstmgen_step_seconds_count{kind="decode"}', 0) - before.get('lstmgen_step_seconds_count{kind="decode"}', 0)
+    if steps <= 0:
+        return {}
+    per = lambda key: 1e3 * (after.get(key, 0) - before.get(key, 0)) / steps  # noqa: E731
+    return {"decode_steps": steps, "step_ms": per('lstmgen_step_seconds_sum{kind="decode"}'),
+            "sampling_ms": per("lstmgen_sampling_seconds_sum")}
 
 
 def load(target: str, streams: int, seconds: float, prompt: str, max_new_tokens: int, mode: str = "plain",
@@ -355,6 +386,8 @@ def prefix_ttft(target: str, vocab, chars: int = 1000, shared: int = 950, trials
 def run_bench(cfg: BenchConfig, log=print) -> dict:
     import torch
 
+    from lstmgen.serve.engine import EngineConfig
+
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     ckpt, bundle, entropy = make_bundle(cfg, work)
@@ -373,7 +406,9 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     log(f"2. PyTorch eager, one request: {eager:,.0f} tokens/s")
     batches = sorted(set(cfg.batches) | {n for n in cfg.concurrency if n <= max(cfg.batches)})
     raw_step = RawStep(bundle)
-    ort, steps = ort_steps(raw_step, batches, modes=cfg.sampling)
+    served = RawStep(bundle, EngineConfig(device="cpu", intra_op_threads=cfg.threads, spin="run"))
+    ort, steps = ort_steps(raw_step, batches, modes=cfg.sampling, served=served)
+    del served  # its session's memory
     log("3. ORT step: " + ", ".join(f"B={b}: {v:,.0f} tok/s ({v / ceiling:.0%})" for b, v in ort.items()))
     for b, d in steps.items():
         log(f"   B={b}: step {d['step_ms']:.3f} ms; sampling " + ", ".join(
@@ -384,7 +419,9 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         f"{m} {ms:.3f} ms ({ms / steps[str(worst_b)]['step_ms']:.0%} of the step)" for m, ms in worst.items()))
     by_mode: dict[str, dict] = {}
     ttft_prompt, prefix, state_cost = None, {}, {}
-    proc, target = start_server(bundle, cfg.threads, max(cfg.concurrency))
+    from lstmgen_client.loadgen import scrape_metrics
+
+    proc, target, metrics_url = start_server(bundle, cfg.threads, max(cfg.concurrency))
     try:
         runs: dict[tuple[str, int], list[dict]] = {}
         for r in range(cfg.repeats):  # modes interleaved, so a slow spell of the machine hits all
@@ -393,7 +430,9 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                     # the raw step at the same batch just before and just after: each run's
                     # ratio is a pair, its raw side the mean of the two
                     before = raw_step.tokens_per_s(n) if str(n) in ort else None
+                    m0 = scrape_metrics(metrics_url)
                     s = load(target, n, cfg.seconds, "The ", cfg.max_new_tokens, mode)
+                    s["inside_server"] = inside_server(m0, scrape_metrics(metrics_url))
                     s["raw_ort_tokens_per_s"] = (before + raw_step.tokens_per_s(n)) / 2 if before else None
                     runs.setdefault((mode, n), []).append(s)
         for mode in cfg.sampling:
@@ -411,7 +450,9 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                     + f"{s['tokens_per_s'] / ceiling:.0%} of ceiling), ITL p50 {s['p50_ms']} ms p99 {s['p99_ms']} ms, "
                     f"TTFT {s['ttft_ms']} ms, {s['tokens_per_message']} tok/msg, failed {s['failed']}"
                     + (f"; runs {', '.join(f'{x:,.0f}' for x in s['tokens_per_s_runs'])}" if cfg.repeats > 1 else "")
-                    + (f" ({', '.join(f'{x:.0%}' for x in pairs)} of raw)" if cfg.repeats > 1 and pairs else ""))
+                    + (f" ({', '.join(f'{x:.0%}' for x in pairs)} of raw)" if cfg.repeats > 1 and pairs else "")
+                    + (f"; in the server: step {i['step_ms']:.3f} ms, sampling {i['sampling_ms']:.3f} ms "
+                       f"({i['sampling_ms'] / i['step_ms']:.0%} of the step)" if (i := s["inside_server"]) else ""))
         prefix = prefix_ttft(target, ckpt.vocab, cfg.prompt_chars, cfg.prompt_chars * 95 // 100)
         ttft_prompt = prefix["cold_ms"]
         log(f"5. TTFT with a {cfg.prompt_chars}-char prompt: cold {prefix['cold_ms']:.1f} ms; sharing its first "
@@ -456,7 +497,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             "by_sampling": {m: {"server_64_vs_ort_batch_64": pts.get("64", {}).get("vs_ort_same_batch"),
                                 "server_1_vs_ort_batch_1": pts.get("1", {}).get("vs_ort_same_batch"),
                                 "sampling_vs_step_batch_64": (steps["64"]["sampling_ms"][m] / steps["64"]["step_ms"]
-                                                              if "64" in steps else None)}
+                                                              if "64" in steps else None),
+                                "in_server_sampling_vs_step_64": _share(pts.get("64", {}).get("inside_server"))}
                             for m, pts in by_mode.items()},
         },
         "model": {**asdict(mc), "parameters": params, "flops_per_token": fpt, "quantization":
@@ -468,6 +510,10 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                     "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__},
         "config": asdict(cfg),
     }
+
+
+def _share(inside: dict | None) -> float | None:
+    return inside["sampling_ms"] / inside["step_ms"] if inside else None
 
 
 def cpu_model() -> str:

@@ -126,6 +126,9 @@ class Metrics:
                          registry=r)
         rows = Histogram("lstmgen_batch_rows", "Rows in one model call", ["kind"], buckets=ROW_BUCKETS, registry=r)
         self._step_decode, self._step_prime = step.labels("decode"), step.labels("prompt")
+        # beside the decode step: what choosing its tokens adds to each inter-token gap
+        self._sampling = Histogram("lstmgen_sampling_seconds", "Choosing the next tokens of one decode step "
+                                   "(penalties and the sampler, all rows)", buckets=STEP_BUCKETS, registry=r)
         self._rows_decode, self._rows_prime = rows.labels("decode"), rows.labels("prompt")
         self.itl = WeightedHistogram(ITL_BUCKETS)
         self._http = None
@@ -146,6 +149,9 @@ class Metrics:
     def on_prime(self, rows: int, tokens: int, seconds: float) -> None:
         self._step_prime.observe(seconds)
         self._rows_prime.observe(rows)
+
+    def on_sample(self, rows: int, seconds: float) -> None:
+        self._sampling.observe(seconds)
 
     # -- the gRPC edge, once per call ------------------------------------------------------------
     def stream_ended(self, status: str) -> None:

@@ -118,12 +118,19 @@ class StepObserver(Protocol):
     def on_prime(self, rows: int, tokens: int, seconds: float) -> None:
         """One prompt call primed `tokens` prompt tokens over `rows` rows in `seconds`."""
 
+    def on_sample(self, rows: int, seconds: float) -> None:
+        """Choosing the next tokens of one decode step's `rows` rows (penalties, the sampler) took
+        `seconds`."""
+
 
 class NoObserver:
     def on_decode(self, rows: int, seconds: float, gap_s: float | None) -> None:
         pass
 
     def on_prime(self, rows: int, tokens: int, seconds: float) -> None:
+        pass
+
+    def on_sample(self, rows: int, seconds: float) -> None:
         pass
 
 
@@ -606,8 +613,10 @@ class Scheduler:
         raw = logits[lp_rows] if lp_rows else None  # [R, V] copies: the penalties overwrite
         # finite: False for a row with a NaN, a +inf or nothing but -inf (-inf logits alone are
         # just impossible tokens): it has no distribution and fails below
+        t0 = time.perf_counter()
         next_tokens, finite = choose_checked(logits, batch.sampling, uniforms, batch.histories,
                                              overwrite=True)  # [B], [B]
+        self.observer.on_sample(len(batch), time.perf_counter() - t0)
         if raw is not None and not finite[lp_rows].all():
             keep = [j for j, i in enumerate(lp_rows) if finite[i]]
             lp_rows, raw = [lp_rows[j] for j in keep], raw[keep]

@@ -67,6 +67,9 @@ def test_metrics_move_with_traffic(srv):
     assert delta(after, before, 'lstmgen_step_seconds_count{kind="decode"}') == 75
     assert delta(after, before, 'lstmgen_batch_rows_sum{kind="decode"}') == 75
     assert delta(after, before, 'lstmgen_step_seconds_count{kind="prompt"}') == 3
+    # tokens chosen once per decode step, and in less time than the steps took with them
+    assert delta(after, before, "lstmgen_sampling_seconds_count") == 75
+    assert 0 < delta(after, before, "lstmgen_sampling_seconds_sum") < 75 * 0.25
     # inter-token gaps: every decode step after the first of each request
     assert delta(after, before, "lstmgen_inter_token_latency_seconds_count") == 72
     assert after['lstmgen_inter_token_latency_seconds_bucket{le="+Inf"}'] == \
