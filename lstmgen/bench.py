@@ -190,9 +190,9 @@ def time_sampling(outputs, mode: str, repeats: int = 20) -> float:
     """Median seconds of one sampler call in this mode (histories of 100 seen tokens for the rows
     with penalties, as after a 100-token generation), called as the server calls it: on each of
     `repeats` step outputs [B, V] from the iterator `outputs`, which the penalties may change in
-    place. Each call gets new logits, as in the server: the same logits again and again let the
-    CPU's branch predictor learn the row by heart, and read 30-40% faster than a step's new ones
-    (B = 64, V = 10,000, top_p)."""
+    place. Each call gets new logits, as in the server: on the same logits again and again the
+    CPU's branch predictor learns the rows by heart, and the sampler ran 20-40% faster than on new
+    ones (B = 64, V = 10,000, top_p)."""
     import numpy as np
 
     from lstmgen.serve.penalties import TokenHistory
