@@ -325,12 +325,14 @@ def start_server(bundle: Path, threads: int, max_concurrent: int):
 def inside_server(before: dict, after: dict) -> dict:
     """Mean ms of the server's own decode step and of choosing its tokens, between two scrapes of
     its /metrics: what each inter-token gap was made of."""
-    steps = after.get('lstmgen_step_seconds_count{kind="decode"}', 0) - before.get('lstmgen_step_seconds_count{kind="decode"}', 0)
+    def delta(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    steps = delta('lstmgen_step_seconds_count{kind="decode"}')
     if steps <= 0:
         return {}
-    per = lambda key: 1e3 * (after.get(key, 0) - before.get(key, 0)) / steps  # noqa: E731
-    return {"decode_steps": steps, "step_ms": per('lstmgen_step_seconds_sum{kind="decode"}'),
-            "sampling_ms": per("lstmgen_sampling_seconds_sum")}
+    return {"decode_steps": steps, "step_ms": 1e3 * delta('lstmgen_step_seconds_sum{kind="decode"}') / steps,
+            "sampling_ms": 1e3 * delta("lstmgen_sampling_seconds_sum") / steps}
 
 
 def load(target: str, streams: int, seconds: float, prompt: str, max_new_tokens: int, mode: str = "plain",
