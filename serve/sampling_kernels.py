@@ -137,9 +137,11 @@ _LN2_LO = np.float32(-2.12194440e-4)
 
 @nb.njit(inline="always")
 def _weight(x, m, inv_t):
-    """exp((x - m) * inv_t) for x <= m; 0 below e^-110 (2^-159). Plain IEEE arithmetic (no
-    fastmath): the vector body and the scalar tail of a row give the same bits, so a row's
-    weights never depend on where it sits in its batch. Within 2 ulp of exp of the float32
+    """exp((x - m) * inv_t) for x <= m; 0 below e^-110 (2^-159). IEEE arithmetic with one
+    licence, fused multiply-adds (weights_row's fastmath "contract": 27% faster on AVX2, 64 new
+    rows of 10,000), and no reassociation: the vector body and the scalar tail of a row give the
+    same bits (a test moves values around a row), so a row's weights never depend on where it
+    sits in its batch. Within 2 ulp of exp of the float32
     argument (tests/test_sampling_exact.py)."""
     y = (x - m) * inv_t
     y = y if y > np.float32(-110.0) else np.float32(-110.0)  # -inf (impossible tokens) too
@@ -153,7 +155,7 @@ def _weight(x, m, inv_t):
     return p * _f32_from_bits((n1 + 127) << 23) * _f32_from_bits((n - n1 + 127) << 23)
 
 
-@nb.njit(**_jit)
+@nb.njit(fastmath={"contract"}, **_jit)
 def weights_row(x, inv_t, w):
     """w float32 [V] = exp((x - max x) * inv_t), largest exactly 1; False (w untouched) for a row
     without a distribution (see row_max)."""

@@ -294,6 +294,22 @@ def test_weights_are_exp_and_batch_independent(vocab):
     assert (w[3, : vocab // 2] == 0).all()
 
 
+def test_a_weight_does_not_depend_on_its_place_in_the_row():
+    """The vectorised body and the scalar tail of the exp loop give the same bits (the kernel's
+    fused multiply-adds included): the same logit, at another index or in a row of another
+    length, gets the same weight."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 3, 400).astype(np.float32)
+    x[0] = 50.0  # the row's max, in every slice below
+    inv_t = np.array([1.3], np.float32)
+    ref = fast_weights(x[None], inv_t)[0][0]
+    for n in range(1, 120):
+        assert np.array_equal(fast_weights(x[None, :n], inv_t)[0][0], ref[:n])
+        shift = 1 + n % 13
+        y = np.concatenate([x[:1], x[shift:]])  # every value but the max moves by shift - 1
+        assert np.array_equal(fast_weights(y[None], inv_t)[0][0][1:], ref[shift:])
+
+
 def test_parallel_and_serial_kernels_pick_the_same_tokens():
     """Large batches share rows among threads; a row's token must not depend on which ran it."""
     from lstmgen.serve.sampling_kernels import sample_logits, sample_logits_parallel
