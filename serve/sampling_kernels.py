@@ -141,8 +141,7 @@ def _weight(x, m, inv_t):
     licence, fused multiply-adds (weights_row's fastmath "contract": 27% faster on AVX2, 64 new
     rows of 10,000), and no reassociation: the vector body and the scalar tail of a row give the
     same bits (a test moves values around a row), so a row's weights never depend on where it
-    sits in its batch. Within 2 ulp of exp of the float32
-    argument (tests/test_sampling_exact.py)."""
+    sits in its batch. Within 2 ulp of exp of the float32 argument (tests/test_sampling_exact.py)."""
     y = (x - m) * inv_t
     y = y if y > np.float32(-110.0) else np.float32(-110.0)  # -inf (impossible tokens) too
     n = -np.int32(np.float32(0.5) - y * _LOG2E)  # round(y / ln 2): y <= 0, the cast truncates
