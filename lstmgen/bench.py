@@ -252,17 +252,16 @@ class RawStep:
 
     def windows(self, batch: int, seconds: float, n: int = 1):
         """Tokens/s in each of `n` windows of `seconds` at `batch`."""
-        tokens = self._rng.integers(0, self.engine.manifest.vocab_size, batch).astype("int64")
-        state = self.engine.zeros(batch)
+        steps = self.outputs(batch)
         for _ in range(3):
-            _, state = self.engine.step(tokens, state)
+            next(steps)
         rates = []
         for _ in range(n):
-            steps, t0 = 0, time.perf_counter()
+            count, t0 = 0, time.perf_counter()
             while time.perf_counter() - t0 < seconds:
-                _, state = self.engine.step(tokens, state)
-                steps += 1
-            rates.append(batch * steps / (time.perf_counter() - t0))
+                next(steps)
+                count += 1
+            rates.append(batch * count / (time.perf_counter() - t0))
         return rates
 
     def tokens_per_s(self, batch: int, seconds: float = 1.0) -> float:
