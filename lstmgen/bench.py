@@ -321,25 +321,44 @@ def start_server(bundle: Path, threads: int, max_concurrent: int):
     return proc, f"{m.group(1)}:{m.group(2)}", metrics.group(1)
 
 
-def inside_server(before: dict, after: dict) -> dict:
-    """Mean ms of the server's own decode step and of choosing its tokens, between two scrapes of
-    its /metrics: what each inter-token gap was made of."""
-    def delta(key: str) -> float:
-        return after.get(key, 0.0) - before.get(key, 0.0)
-
-    steps = delta('lstmgen_step_seconds_count{kind="decode"}')
+def inside_server(deltas: dict, seconds: float | None = None) -> dict:
+    """What the server's counters grew by (loadgen.counter_deltas) -> its mean decode step and the
+    time it took to choose that step's tokens, ms; over a window of `seconds` of steady load also
+    where each iteration went: its length, the prompt calls and everything else (the per-row
+    Python, handing out the text, admitting requests, and whatever the event loop and the load
+    generator take from the worker), the rows a step carried and the tokens/s the server made."""
+    steps = deltas.get('lstmgen_step_seconds_count{kind="decode"}', 0.0)
     if steps <= 0:
         return {}
-    return {"decode_steps": steps, "step_ms": 1e3 * delta('lstmgen_step_seconds_sum{kind="decode"}') / steps,
-            "sampling_ms": 1e3 * delta("lstmgen_sampling_seconds_sum") / steps}
+    ms = lambda key: 1e3 * deltas.get(key, 0.0) / steps  # noqa: E731 (per decode step)
+    out = {"decode_steps": steps, "step_ms": ms('lstmgen_step_seconds_sum{kind="decode"}'),
+           "sampling_ms": ms("lstmgen_sampling_seconds_sum")}
+    if seconds:
+        out.update(iteration_ms=1e3 * seconds / steps, prompt_ms=ms('lstmgen_step_seconds_sum{kind="prompt"}'),
+                   rows_per_step=deltas.get('lstmgen_batch_rows_sum{kind="decode"}', 0.0) / steps,
+                   tokens_per_s=deltas.get("lstmgen_generated_tokens_total", 0.0) / seconds)
+        out["other_ms"] = out["iteration_ms"] - out["step_ms"] - out["sampling_ms"] - out["prompt_ms"]
+    return out
+
+
+def where_it_went(i: dict) -> str:
+    """inside_server's figures in a line: the step and the sampler, and with a window the whole
+    iteration, taken apart."""
+    sampling = f"sampling {i['sampling_ms']:.3f} ms ({i['sampling_ms'] / i['step_ms']:.0%} of the step)"
+    if "iteration_ms" not in i:
+        return f"step {i['step_ms']:.3f} ms, {sampling}"
+    raw = f" ({i['step_ms'] / i['raw_step_ms']:.2f}x the raw step)" if i.get("raw_step_ms") else ""
+    return (f"iteration {i['iteration_ms']:.3f} ms = step {i['step_ms']:.3f} ms{raw} + {sampling} + prompts "
+            f"{i['prompt_ms']:.3f} ms + the rest {i['other_ms']:.3f} ms; {i['rows_per_step']:.1f} rows a step, "
+            f"{i['tokens_per_s']:,.0f} tok/s made")
 
 
 def load(target: str, streams: int, seconds: float, prompt: str, max_new_tokens: int, mode: str = "plain",
-         extra: dict | None = None) -> dict:
+         extra: dict | None = None, metrics_url: str | None = None) -> dict:
     settings = [{**d, **(extra or {})} for d in SAMPLING_MODES[mode]]
     cmd = [sys.executable, "-m", "lstmgen_client.loadgen", "--target", target, "--streams", str(streams),
            "--seconds", str(seconds), "--prompt", prompt, "--max-new-tokens", str(max_new_tokens),
-           "--sampling-json", json.dumps(settings)]
+           "--sampling-json", json.dumps(settings)] + (["--metrics", metrics_url] if metrics_url else [])
     r = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -420,8 +439,6 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         f"{m} {ms:.3f} ms ({ms / steps[str(worst_b)]['step_ms']:.0%} of the step)" for m, ms in worst.items()))
     by_mode: dict[str, dict] = {}
     ttft_prompt, prefix, state_cost = None, {}, {}
-    from lstmgen_client.loadgen import scrape_metrics
-
     proc, target, metrics_url = start_server(bundle, cfg.threads, max(cfg.concurrency))
     try:
         runs: dict[tuple[str, int], list[dict]] = {}
@@ -431,10 +448,12 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                     # the raw step at the same batch just before and just after: each run's
                     # ratio is a pair, its raw side the mean of the two
                     before = raw_step.tokens_per_s(n) if str(n) in ort else None
-                    m0 = scrape_metrics(metrics_url)
-                    s = load(target, n, cfg.seconds, "The ", cfg.max_new_tokens, mode)
-                    s["inside_server"] = inside_server(m0, scrape_metrics(metrics_url))
+                    s = load(target, n, cfg.seconds, "The ", cfg.max_new_tokens, mode, metrics_url=metrics_url)
+                    window = s.get("server", {}).get("window")
+                    s["inside_server"] = inside_server(window["deltas"], window["seconds"]) if window else {}
                     s["raw_ort_tokens_per_s"] = (before + raw_step.tokens_per_s(n)) / 2 if before else None
+                    if s["inside_server"] and s["raw_ort_tokens_per_s"]:  # the same step, bare, beside it
+                        s["inside_server"]["raw_step_ms"] = 1e3 * n / s["raw_ort_tokens_per_s"]
                     runs.setdefault((mode, n), []).append(s)
         for mode in cfg.sampling:
             points = by_mode[mode] = {}
@@ -452,8 +471,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                     f"TTFT {s['ttft_ms']} ms, {s['tokens_per_message']} tok/msg, failed {s['failed']}"
                     + (f"; runs {', '.join(f'{x:,.0f}' for x in s['tokens_per_s_runs'])}" if cfg.repeats > 1 else "")
                     + (f" ({', '.join(f'{x:.0%}' for x in pairs)} of raw)" if cfg.repeats > 1 and pairs else "")
-                    + (f"; in the server: step {i['step_ms']:.3f} ms, sampling {i['sampling_ms']:.3f} ms "
-                       f"({i['sampling_ms'] / i['step_ms']:.0%} of the step)" if (i := s["inside_server"]) else ""))
+                    + (f"; in the server: {where_it_went(i)}" if (i := s["inside_server"]) else ""))
         prefix = prefix_ttft(target, ckpt.vocab, cfg.prompt_chars, cfg.prompt_chars * 95 // 100)
         ttft_prompt = prefix["cold_ms"]
         log(f"5. TTFT with a {cfg.prompt_chars}-char prompt: cold {prefix['cold_ms']:.1f} ms; sharing its first "

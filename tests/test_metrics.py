@@ -13,7 +13,7 @@ import pytest
 
 from lstmgen.bench import inside_server
 from lstmgen_client import Client, InvalidArgumentError
-from lstmgen_client.loadgen import scrape_metrics
+from lstmgen_client.loadgen import counter_deltas, scrape_metrics
 from lstmgen_client.v1 import generator_pb2 as pb
 from tests.conftest import start_server
 
@@ -70,8 +70,9 @@ def test_metrics_move_with_traffic(srv):
     assert delta(after, before, 'lstmgen_step_seconds_count{kind="prompt"}') == 3
     # tokens chosen once per decode step; `lstmgen bench` reads both as each step's mean
     assert delta(after, before, "lstmgen_sampling_seconds_count") == 75
-    inside = inside_server(before, after)
+    inside = inside_server(counter_deltas(before, after))
     assert inside["decode_steps"] == 75 and inside["step_ms"] > 0 and 0 < inside["sampling_ms"] < 250
+    assert "iteration_ms" not in inside  # no window: nothing to divide the wall time by
     # inter-token gaps: every decode step after the first of each request
     assert delta(after, before, "lstmgen_inter_token_latency_seconds_count") == 72
     assert after['lstmgen_inter_token_latency_seconds_bucket{le="+Inf"}'] == \
@@ -128,6 +129,16 @@ def test_loadtest_command_reports_server_state(srv, tmp_path):
     server = s["server"]
     assert server["before"]["rss_bytes"] > 0 and server["after"]["rss_bytes"] > 0
     assert server["after"]["active_rows"] == server["after"]["in_system"] == 0
+    # the counters inside the 2 s window alone, and `lstmgen bench`'s reading of them
+    window = server["window"]
+    assert 1.9 < window["seconds"] < 2.5, window["seconds"]
+    i = inside_server(window["deltas"], window["seconds"])
+    assert i["decode_steps"] > 10 and 0 < i["rows_per_step"] <= 8 + 1  # 8 streams, and a probe call
+    assert i["iteration_ms"] == pytest.approx(1e3 * window["seconds"] / i["decode_steps"])
+    parts = i["step_ms"] + i["sampling_ms"] + i["prompt_ms"] + i["other_ms"]
+    assert parts == pytest.approx(i["iteration_ms"]) and i["other_ms"] > -0.05 * i["iteration_ms"]
+    # the server makes what the client counts, and what cancelled calls left unread
+    assert 0.8 * s["tokens_per_s"] < i["tokens_per_s"] < 3 * s["tokens_per_s"]
     probe = s["probe"]  # 20 one-token calls a second on their own connection, all admitted here
     assert probe["rate"] == 20 and 30 <= probe["OK"]["count"] <= 41 and probe["OK"]["max"] < 5000
 

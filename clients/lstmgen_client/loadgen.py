@@ -6,7 +6,7 @@ over the window, time to first token, inter-token latency (a message's gap sprea
 it carries), messages/s, request latency, completed, cancelled and failed requests by status.
 With `--cancel-fraction F` that share of requests is abandoned at a random point (after a random
 number of tokens); with `--metrics URL` the server's RSS and row/queue gauges are scraped before
-and after the run; with `--probe-rate R` a separate connection fires R short calls per second on
+and after the run, and what its counters grew by inside the measured window is reported; with `--probe-rate R` a separate connection fires R short calls per second on
 a fixed schedule (open loop) and reports how fast each was answered, by status: at a full server,
 the rejection latency.
 `lstmgen loadtest --help` (or `python -m lstmgen_client.loadgen --help`).
@@ -44,6 +44,12 @@ def scrape_metrics(url: str, timeout: float = 5.0) -> dict[str, float]:
         if m and not line.startswith("#"):
             out[m.group(1)] = float(m.group(2))
     return out
+
+
+def counter_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """What each counter, histogram sum and histogram count grew by between two scrapes."""
+    return {k: after[k] - before[k] for k in after
+            if k in before and k.split("{", 1)[0].endswith(("_total", "_sum", "_count"))}
 
 
 def server_state(url: str) -> dict[str, float]:
@@ -216,16 +222,32 @@ async def run_load(target: str, streams: int, seconds: float, prompt: str, param
         start = time.perf_counter() + warmup
         window = (start, start + seconds)
         probing = [probe(target, window, probe_rate, prompt, client_kw)] if probe_rate else []
+        # the server's counters at the window's two ends: what it did in the steady state alone
+        scrapes = asyncio.gather(*(scrape_at(metrics_url, t) for t in window)) if metrics_url else None
         done = await asyncio.gather(*probing, *(one_stream(client, res, window, plan, i) for i in range(streams)))
         res.seconds = time.perf_counter() - start
         if probing:
             extra["probe"] = done[0]
+        ends = await scrapes if scrapes else None
     if metrics_url:
         after, settle_s = await asyncio.to_thread(settle, metrics_url)
         rss0, rss1 = before["rss_bytes"], after["rss_bytes"]
         extra["server"] = {"before": before, "after": after, "settle_s": round(settle_s, 3),
                            "rss_growth": round(rss1 / rss0 - 1, 4) if rss0 and rss1 else None}
+        if ends and all(m is not None for _, m in ends):
+            (t0, m0), (t1, m1) = ends
+            extra["server"]["window"] = {"seconds": round(t1 - t0, 4), "deltas": counter_deltas(m0, m1)}
     return res, extra
+
+
+async def scrape_at(url: str, at: float) -> tuple[float, dict | None]:
+    """The server's metrics scraped at perf_counter time `at` (None if it did not answer)."""
+    await asyncio.sleep(max(0.0, at - time.perf_counter()))
+    t = time.perf_counter()
+    try:
+        return t, await asyncio.to_thread(scrape_metrics, url)
+    except OSError:
+        return t, None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
