@@ -58,6 +58,10 @@ BLOCK = 256  # tokens per block summed ahead of the inverse-CDF scan
 SPLITS = 8  # thresholds per selection round
 SORT_BAND = 64  # a band this small is sorted outright
 SMALL_VOCAB = 256  # rows this short (char models) are sorted outright: selection's fixed cost is more
+# ... unless top_p alone cuts and its nucleus holds at most this many distinct values: they are then
+# picked largest first, a pass over the row each (a trained char model's nucleus at top_p 0.9
+# holds a handful of characters; sorting 83 values cost 4x the pass-per-value walk, docs/benchmark.md)
+NUCLEUS_PICKS = 8
 
 _jit = dict(cache=True, nogil=True)
 
@@ -364,6 +368,10 @@ def _cut(p, k, top_p, min_p):
     if k <= 0 and top_p >= 1.0:  # min_p alone: a threshold, nothing to select
         return _min_p_only(min_p)
     if p.shape[0] <= SMALL_VOCAB:
+        if k <= 0 or k >= p.shape[0]:  # top_p (and min_p) alone
+            vc, ties, done = _cut_picked(p, top_p, min_p)
+            if done:
+                return vc, ties
         return _cut_sorted(p, k, top_p, min_p)
     c1, m1, c2, m2, positive, total = _window_mass(p, WINDOW, WIDE_WINDOW)
     k_on = 0 < k < positive
@@ -447,6 +455,45 @@ def _cut_sorted(p, k, top_p, min_p):
     if min_p > 0.0 and np.float32(min_p) > vc:
         return np.float32(min_p), -1
     return vc, ties
+
+
+@nb.njit(**_jit)
+def _cut_picked(p, top_p, min_p):
+    """_cut_sorted for top_p without top_k (top_p < 1), walking the values largest first without
+    sorting them: each distinct value is found by a pass over the row (the largest below the last
+    one) and its copies are taken one by one, as the sorted walk takes them, so the cut and its
+    ties are the same. -> (vc, ties, True), or (0, -1, False) when the nucleus holds more than
+    NUCLEUS_PICKS distinct values (the caller sorts)."""
+    total = 0.0
+    for i in range(p.shape[0]):
+        total += p[i]  # the dropped-and-zero tokens add nothing
+    target, acc = top_p * total, 0.0
+    prev = np.float32(np.inf)
+    vc, ties = np.float32(0.0), -1
+    for _ in range(NUCLEUS_PICKS):
+        v = np.float32(0.0)  # the largest value below prev
+        for i in range(p.shape[0]):
+            x = p[i]
+            v = x if (x < prev and x > v) else v
+        if v <= 0.0:  # every positive token is in: the walk ran out (rounding), as the sorted one does
+            vc = prev
+            break
+        copies = 0
+        for i in range(p.shape[0]):
+            copies += p[i] == v
+        took = 0
+        while took < copies and acc < target:
+            acc += v
+            took += 1
+        if acc >= target:
+            vc, ties = v, (took if took < copies else -1)
+            break
+        prev = v
+    else:
+        return np.float32(0.0), -1, False
+    if min_p > 0.0 and np.float32(min_p) > vc:
+        return np.float32(min_p), -1, True
+    return vc, ties, True
 
 
 @nb.njit(fastmath=True, **_jit)

@@ -124,6 +124,7 @@ def test_loadtest_command_reports_server_state(srv, tmp_path):
     for key in ("tokens_per_s", "p50_ms", "p99_ms", "ttft_ms", "ttft_p99_ms", "tokens_per_message", "failed"):
         assert key in s  # lstmgen/bench.py reads these
     assert s["completed"] > 0 and s["cancelled"] > 0 and s["failed"] == {} and s["tokens_per_s"] > 0
+    assert s["seconds"] == pytest.approx(2.0, abs=0.005)  # the window, whatever the streams took to notice its end
     assert s["requests"] >= s["completed"] + s["cancelled"]
     assert s["latency_ms"]["p50"] <= s["latency_ms"]["p99"] <= s["latency_ms"]["max"]
     server = s["server"]

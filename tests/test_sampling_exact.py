@@ -15,7 +15,7 @@ import pytest
 from lstmgen.serve.params import SamplingParams
 from lstmgen.serve.penalties import TokenHistory
 from lstmgen.serve.sampling import BatchSampling, choose
-from lstmgen.serve.sampling_kernels import kept_sets, weights
+from lstmgen.serve.sampling_kernels import SMALL_VOCAB, _cut_picked, _cut_sorted, kept_sets, weights
 
 
 def reference_kept(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
@@ -152,6 +152,12 @@ def test_ties_at_the_nucleus_edge_kept_in_id_order():
         rows.append(row)
         params.append(SamplingParams(top_p=top_p))
     check(np.array(rows), params)
+    # the same on char-sized rows, whose nucleus is walked value by value (_cut_picked)
+    short = np.zeros((len(params), 83), np.float32) - 30
+    for row in short:
+        idx = rng.permutation(83)[:11]
+        row[idx[0]], row[idx[1:]] = 1.0, 0.0
+    check(short, params)
     # a big tie spread over a large vocabulary: the band never shrinks, the exact path sorts it
     big = np.zeros((2, 5000), np.float32)
     big[:, 17] = 2.0
@@ -176,6 +182,28 @@ def test_windows_and_the_whole_row_agree_with_reference(leaders, tail):
         rows.append(row)
         params.append(SamplingParams(top_k=top_k, top_p=top_p))
     check(np.array(rows), params, n_draws=50)
+
+
+def test_short_rows_walked_value_by_value_cut_where_sorting_cuts():
+    """On rows up to SMALL_VOCAB long, top_p alone is cut by picking the largest values one pass
+    at a time; wherever that walk finishes it must give the sorted walk's (vc, ties) exactly."""
+    rng = np.random.default_rng(11)
+    walked = 0
+    for trial in range(3000):
+        v = int(rng.integers(1, SMALL_VOCAB + 1))
+        logits = rng.standard_normal(v) * rng.choice([0.5, 3.0, 12.0])
+        if trial % 3 == 0:
+            logits = np.round(logits)  # few distinct values: ties everywhere
+        logits[rng.random(v) < 0.05] = -np.inf
+        if not np.isfinite(logits).any():
+            continue
+        p = np.exp(logits - logits.max()).astype(np.float32)
+        top_p, min_p = float(rng.choice([1e-6, 0.3, 0.9, 0.999999])), float(rng.choice([0.0, 0.0, 0.05]))
+        vc, ties, done = _cut_picked(p, top_p, min_p)
+        if done:
+            walked += 1
+            assert (vc, ties) == _cut_sorted(p, 0, top_p, min_p), (v, top_p, min_p)
+    assert walked > 1000  # the walk is the usual path, not a corner
 
 
 @pytest.mark.parametrize("vocab", [1, 5, 4096])
