@@ -6,9 +6,9 @@ over the window, time to first token, inter-token latency (a message's gap sprea
 it carries), messages/s, request latency, completed, cancelled and failed requests by status.
 With `--cancel-fraction F` that share of requests is abandoned at a random point (after a random
 number of tokens); with `--metrics URL` the server's RSS and row/queue gauges are scraped before
-and after the run, and what its counters grew by inside the measured window is reported; with `--probe-rate R` a separate connection fires R short calls per second on
-a fixed schedule (open loop) and reports how fast each was answered, by status: at a full server,
-the rejection latency.
+and after the run, and what its counters grew by inside the measured window is reported; with
+`--probe-rate R` a separate connection fires R short calls per second on a fixed schedule (open
+loop) and reports how fast each was answered, by status: at a full server, the rejection latency.
 `lstmgen loadtest --help` (or `python -m lstmgen_client.loadgen --help`).
 """
 from __future__ import annotations
@@ -223,15 +223,19 @@ async def run_load(target: str, streams: int, seconds: float, prompt: str, param
         window = (start, start + seconds)
         probing = [probe(target, window, probe_rate, prompt, client_kw)] if probe_rate else []
         # the server's counters at the window's two ends: what it did in the steady state alone
-        scrapes = asyncio.gather(*(scrape_at(metrics_url, t) for t in window)) if metrics_url else None
+        ends = [asyncio.create_task(scrape_at(metrics_url, t)) for t in window] if metrics_url else []
         done = await asyncio.gather(*probing, *(one_stream(client, res, window, plan, i) for i in range(streams)))
+        for i, end in enumerate(ends):  # a run that ended before its window (--requests) ends it now
+            if not end.done():
+                end.cancel()
+                ends[i] = asyncio.create_task(scrape_at(metrics_url, 0.0))
         # tokens count while they arrive inside the window, so they are divided by the window; each
         # stream notices its end only at its next message, up to a pacing interval later (128 ms
         # at 64 streams: dividing by the time they took understated tokens/s by 2-3%)
         res.seconds = min(time.perf_counter(), start + seconds) - start
         if probing:
             extra["probe"] = done[0]
-        ends = await scrapes if scrapes else None
+        ends = [await end for end in ends]
     if metrics_url:
         after, settle_s = await asyncio.to_thread(settle, metrics_url)
         rss0, rss1 = before["rss_bytes"], after["rss_bytes"]
