@@ -36,6 +36,10 @@ def request_bytes_for(max_prompt_chars: int, max_state_bytes: int = 0) -> int:
 # Temperatures below this decode greedily: logits / 1e-40 overflow float32 to inf, then NaN.
 MIN_TEMPERATURE = 1e-4
 MAX_REPETITION_PENALTY = 100.0
+# Its mirror, 0.01 (favouring a seen token as much as 100 disfavours it): a positive logit divided by
+# much less overflows to inf (1e-45 made every logit non-finite and the request fail with INTERNAL).
+# As float32, the type the proto carries it in, so that 0.01 sent is 0.01 allowed.
+MIN_REPETITION_PENALTY = 0.009999999776482582
 MAX_OPENAI_PENALTY = 2.0  # |frequency_penalty|, |presence_penalty| (OpenAI's range)
 
 
@@ -98,8 +102,9 @@ def validate(req: GenerationRequest, limits: Limits) -> int:
             raise InvalidRequest("top_k", f"is {s.top_k}; allowed >= 0 (0 = off)")
         if math.isnan(s.min_p) or not 0.0 <= s.min_p <= 1.0:
             raise InvalidRequest("min_p", f"is {s.min_p}; allowed [0, 1] (0 = off)")
-    if math.isnan(s.repetition_penalty) or not 0.0 < s.repetition_penalty <= MAX_REPETITION_PENALTY:
-        raise InvalidRequest("repetition_penalty", f"is {s.repetition_penalty}; allowed (0, "
+    rep = s.repetition_penalty
+    if math.isnan(rep) or not MIN_REPETITION_PENALTY <= rep <= MAX_REPETITION_PENALTY:
+        raise InvalidRequest("repetition_penalty", f"is {rep}; allowed [{MIN_REPETITION_PENALTY:g}, "
                                                    f"{MAX_REPETITION_PENALTY:g}] (1 = off)")
     for name in ("frequency_penalty", "presence_penalty"):
         v = getattr(s, name)

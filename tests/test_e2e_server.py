@@ -191,6 +191,8 @@ BAD = [
     (dict(prompt="First", min_p=-0.1), "min_p"),
     (dict(prompt="First", min_p=1.5), "min_p"),
     (dict(prompt="First", repetition_penalty=0.0), "repetition_penalty"),
+    (dict(prompt="First", repetition_penalty=1.4e-45), "repetition_penalty"),  # divided by: inf logits
+    (dict(prompt="First", repetition_penalty=0.0099), "repetition_penalty"),
     (dict(prompt="First", repetition_penalty=101.0), "repetition_penalty"),
     (dict(prompt="First", repetition_penalty=math.nan), "repetition_penalty"),
     (dict(prompt="First", frequency_penalty=2.5), "frequency_penalty"),
@@ -209,6 +211,12 @@ def test_bad_input_is_invalid_argument_naming_field(client, kwargs, field):
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert e.value.message.split(": ", 1)[1].startswith(field)
     assert client.generate("First", max_new_tokens=5, seed=1).finished.generated_tokens == 5  # still serving
+
+
+def test_the_penalties_own_edges_are_allowed(client):
+    for kw in (dict(repetition_penalty=0.01), dict(repetition_penalty=100.0),
+               dict(frequency_penalty=-2.0, presence_penalty=2.0)):
+        assert client.generate("First", max_new_tokens=5, seed=1, **kw).finished.generated_tokens == 5
 
 
 def test_unknown_chars_named_or_skipped(client):

@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
     p.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the top token's probability")
     p.add_argument("--repetition-penalty", type=float, default=None,
-                   help="Hugging Face repetition penalty over prompt and output, in (0, 100] (1: off)")
+                   help="Hugging Face repetition penalty over prompt and output, in [0.01, 100] (1: off)")
     p.add_argument("--frequency-penalty", type=float, default=0.0,
                    help="OpenAI frequency penalty per repeat of a generated token, in [-2, 2]")
     p.add_argument("--presence-penalty", type=float, default=0.0,
