@@ -108,12 +108,12 @@ def choose_checked(logits: np.ndarray, sp: BatchSampling, uniforms: np.ndarray,
         out = logits.argmax(axis=1)  # a NaN is the argmax of its row; +inf too; all -inf: -inf
         return out, np.isfinite(logits[np.arange(b), out])
     ok = np.ones(b, bool)
-    if sp.any_greedy:
-        out = logits.argmax(axis=1)
+    out = np.zeros(b, np.int64)
+    if sp.any_greedy:  # the greedy rows' argmax only: a pass over the whole batch cost 0.1 ms at 64 x 10,000
         greedy = np.flatnonzero(sp.greedy)
-        ok[greedy] = np.isfinite(logits[greedy, out[greedy]])
-    else:
-        out = np.zeros(b, np.int64)
+        rows = logits[greedy]  # [G, V]
+        out[greedy] = top = rows.argmax(axis=1)
+        ok[greedy] = np.isfinite(rows[np.arange(len(greedy)), top])
     rows = sp.sampled_rows
     args = (np.ascontiguousarray(logits, np.float32), sp.inv_temperature,  # [B, V], [B]
             np.ascontiguousarray(uniforms, np.float64), sp.top_k, sp.top_p, sp.min_p, rows, out, ok)
