@@ -368,7 +368,7 @@ def _cut(p, k, top_p, min_p):
     if k <= 0 and top_p >= 1.0:  # min_p alone: a threshold, nothing to select
         return _min_p_only(min_p)
     if p.shape[0] <= SMALL_VOCAB:
-        if k <= 0 or k >= p.shape[0]:  # top_p (and min_p) alone
+        if (k <= 0 or k >= p.shape[0]) and top_p < 1.0:  # top_p (and min_p) alone
             vc, ties, done = _cut_picked(p, top_p, min_p)
             if done:
                 return vc, ties
