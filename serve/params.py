@@ -6,6 +6,7 @@ Every check names the field and the allowed range.
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass, field
 
 from lstmgen.serve.errors import InvalidRequest
@@ -39,7 +40,7 @@ MAX_REPETITION_PENALTY = 100.0
 # Its mirror, 0.01 (favouring a seen token as much as 100 disfavours it): a positive logit divided by
 # much less overflows to inf (1e-45 made every logit non-finite and the request fail with INTERNAL).
 # As float32, the type the proto carries it in, so that 0.01 sent is 0.01 allowed.
-MIN_REPETITION_PENALTY = 0.009999999776482582
+MIN_REPETITION_PENALTY = struct.unpack("f", struct.pack("f", 1.0 / MAX_REPETITION_PENALTY))[0]
 MAX_OPENAI_PENALTY = 2.0  # |frequency_penalty|, |presence_penalty| (OpenAI's range)
 
 

@@ -136,8 +136,8 @@ def test_loadtest_command_reports_server_state(srv, tmp_path):
     i = inside_server(window["deltas"], window["seconds"])
     assert i["decode_steps"] > 10 and 0 < i["rows_per_step"] <= 8 + 1  # 8 streams, and a probe call
     assert i["iteration_ms"] == pytest.approx(1e3 * window["seconds"] / i["decode_steps"])
-    parts = i["step_ms"] + i["sampling_ms"] + i["prompt_ms"] + i["other_ms"]
-    assert parts == pytest.approx(i["iteration_ms"]) and i["other_ms"] > -0.05 * i["iteration_ms"]
+    # the worker's step, sampling and prompt calls are disjoint spans of the window: they fit in it
+    assert i["step_ms"] + i["sampling_ms"] + i["prompt_ms"] < 1.05 * i["iteration_ms"]
     # the server makes what the client counts, and what cancelled calls left unread
     assert 0.8 * s["tokens_per_s"] < i["tokens_per_s"] < 3 * s["tokens_per_s"]
     probe = s["probe"]  # 20 one-token calls a second on their own connection, all admitted here

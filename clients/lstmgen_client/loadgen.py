@@ -223,19 +223,19 @@ async def run_load(target: str, streams: int, seconds: float, prompt: str, param
         window = (start, start + seconds)
         probing = [probe(target, window, probe_rate, prompt, client_kw)] if probe_rate else []
         # the server's counters at the window's two ends: what it did in the steady state alone
-        ends = [asyncio.create_task(scrape_at(metrics_url, t)) for t in window] if metrics_url else []
+        scrapes = [asyncio.create_task(scrape_at(metrics_url, t)) for t in window] if metrics_url else []
         done = await asyncio.gather(*probing, *(one_stream(client, res, window, plan, i) for i in range(streams)))
-        for i, end in enumerate(ends):  # a run that ended before its window (--requests) ends it now
-            if not end.done():
-                end.cancel()
-                ends[i] = asyncio.create_task(scrape_at(metrics_url, 0.0))
+        for i, scrape in enumerate(scrapes):  # a run that ended before its window (--requests) ends it now
+            if not scrape.done():
+                scrape.cancel()
+                scrapes[i] = asyncio.create_task(scrape_at(metrics_url, 0.0))
         # tokens count while they arrive inside the window, so they are divided by the window; each
         # stream notices its end only at its next message, up to a pacing interval later (128 ms
         # at 64 streams: dividing by the time they took understated tokens/s by 2-3%)
         res.seconds = min(time.perf_counter(), start + seconds) - start
         if probing:
             extra["probe"] = done[0]
-        ends = [await end for end in ends]
+        ends = [await scrape for scrape in scrapes]  # [(time, metrics or None)] at the window's ends
     if metrics_url:
         after, settle_s = await asyncio.to_thread(settle, metrics_url)
         rss0, rss1 = before["rss_bytes"], after["rss_bytes"]
