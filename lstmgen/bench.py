@@ -326,7 +326,8 @@ def inside_server(deltas: dict, seconds: float | None = None) -> dict:
     time it took to choose that step's tokens, ms; over a window of `seconds` of steady load also
     where each iteration went: its length, the prompt calls and everything else (the per-row
     Python, handing out the text, admitting requests, and whatever the event loop and the load
-    generator take from the worker), the rows a step carried and the tokens/s the server made."""
+    generator take from the worker), the rows a step carried, the tokens/s the server made and
+    the cores its threads kept busy (CPU seconds a second)."""
     steps = deltas.get('lstmgen_step_seconds_count{kind="decode"}', 0.0)
     if steps <= 0:
         return {}
@@ -338,6 +339,8 @@ def inside_server(deltas: dict, seconds: float | None = None) -> dict:
                    rows_per_step=deltas.get('lstmgen_batch_rows_sum{kind="decode"}', 0.0) / steps,
                    tokens_per_s=deltas.get("lstmgen_generated_tokens_total", 0.0) / seconds)
         out["other_ms"] = out["iteration_ms"] - out["step_ms"] - out["sampling_ms"] - out["prompt_ms"]
+        if "process_cpu_seconds_total" in deltas:  # every thread: the model's, the event loop's, gRPC's
+            out["server_cores"] = deltas["process_cpu_seconds_total"] / seconds
     return out
 
 
@@ -348,9 +351,13 @@ def where_it_went(i: dict) -> str:
     if "iteration_ms" not in i:
         return f"step {i['step_ms']:.3f} ms, {sampling}"
     raw = f" ({i['step_ms'] / i['raw_step_ms']:.2f}x the raw step)" if i.get("raw_step_ms") else ""
+    cores = [f"{name} {i[key]:.2f}" for name, key in (("server", "server_cores"),
+                                                        ("load generator", "load_generator_cores"))
+             if i.get(key) is not None]
     return (f"iteration {i['iteration_ms']:.3f} ms = step {i['step_ms']:.3f} ms{raw} + {sampling} + prompts "
             f"{i['prompt_ms']:.3f} ms + the rest {i['other_ms']:.3f} ms; {i['rows_per_step']:.1f} rows a step, "
-            f"{i['tokens_per_s']:,.0f} tok/s made")
+            f"{i['tokens_per_s']:,.0f} tok/s made"
+            + (f"; cores in use: {', '.join(cores)} (of {os.cpu_count()})" if cores else ""))
 
 
 def load(target: str, streams: int, seconds: float, prompt: str, max_new_tokens: int, mode: str = "plain",
@@ -454,6 +461,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                     s["raw_ort_tokens_per_s"] = (before + raw_step.tokens_per_s(n)) / 2 if before else None
                     if s["inside_server"] and s["raw_ort_tokens_per_s"]:  # the same step, bare, beside it
                         s["inside_server"]["raw_step_ms"] = 1e3 * n / s["raw_ort_tokens_per_s"]
+                    if s["inside_server"] and "load_generator_cpu" in s:  # the same window, the client's side
+                        s["inside_server"]["load_generator_cores"] = s["load_generator_cpu"]["cores"]
                     runs.setdefault((mode, n), []).append(s)
         for mode in cfg.sampling:
             points = by_mode[mode] = {}

@@ -3,6 +3,7 @@ JSON logs, and `lstmgen loadtest` reporting the server's memory and rows."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import time
 import grpc
 import pytest
 
-from lstmgen.bench import inside_server
+from lstmgen.bench import inside_server, where_it_went
 from lstmgen_client import Client, InvalidArgumentError
 from lstmgen_client.loadgen import counter_deltas, scrape_metrics
 from lstmgen_client.v1 import generator_pb2 as pb
@@ -140,8 +141,27 @@ def test_loadtest_command_reports_server_state(srv, tmp_path):
     assert i["step_ms"] + i["sampling_ms"] + i["prompt_ms"] < 1.05 * i["iteration_ms"]
     # the server makes what the client counts, and what cancelled calls left unread
     assert 0.8 * s["tokens_per_s"] < i["tokens_per_s"] < 3 * s["tokens_per_s"]
+    # the cores each side kept busy in the same window: some, and no more than the machine has
+    cpu = s["load_generator_cpu"]
+    assert cpu["seconds"] == pytest.approx(2.0, abs=0.05) and cpu["cpu_seconds"] > 0
+    assert 0 < cpu["cores"] <= os.cpu_count() and 0 < i["server_cores"] <= os.cpu_count()
     probe = s["probe"]  # 20 one-token calls a second on their own connection, all admitted here
     assert probe["rate"] == 20 and 30 <= probe["OK"]["count"] <= 41 and probe["OK"]["max"] < 5000
+
+
+def test_bench_line_takes_the_iteration_apart_and_names_the_cores():
+    deltas = {'lstmgen_step_seconds_count{kind="decode"}': 100.0, 'lstmgen_step_seconds_sum{kind="decode"}': 0.8,
+              "lstmgen_sampling_seconds_sum": 0.06, 'lstmgen_step_seconds_sum{kind="prompt"}': 0.01,
+              'lstmgen_batch_rows_sum{kind="decode"}': 6370.0, "lstmgen_generated_tokens_total": 6370.0,
+              "process_cpu_seconds_total": 1.85}
+    i = inside_server(deltas, 1.0)
+    assert i["iteration_ms"] == pytest.approx(10.0) and i["other_ms"] == pytest.approx(1.3)
+    assert i["server_cores"] == pytest.approx(1.85)
+    line = where_it_went({**i, "raw_step_ms": 6.4, "load_generator_cores": 0.106})
+    assert ("iteration 10.000 ms = step 8.000 ms (1.25x the raw step) + sampling 0.600 ms (8% of the step)"
+            " + prompts 0.100 ms + the rest 1.300 ms; 63.7 rows a step, 6,370 tok/s made") in line
+    assert f"cores in use: server 1.85, load generator 0.11 (of {os.cpu_count()})" in line
+    assert "cores" not in where_it_went(inside_server({k: v for k, v in deltas.items() if "cpu" not in k}, 1.0))
 
 
 def test_loadtest_needs_only_the_client():

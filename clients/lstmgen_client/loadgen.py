@@ -3,7 +3,9 @@
 Each stream issues requests back to back, the first of staggered lengths so that requests end and
 start at a steady rate; the measured window follows a warm-up without a break. Reported: tokens/s
 over the window, time to first token, inter-token latency (a message's gap spread over the tokens
-it carries), messages/s, request latency, completed, cancelled and failed requests by status.
+it carries), messages/s, request latency, completed, cancelled and failed requests by status,
+and the CPU this process used in the window (on one machine with the server, it takes the cores
+the server needs).
 With `--cancel-fraction F` that share of requests is abandoned at a random point (after a random
 number of tokens); with `--metrics URL` the server's RSS and row/queue gauges are scraped before
 and after the run, and what its counters grew by inside the measured window is reported; with
@@ -224,6 +226,9 @@ async def run_load(target: str, streams: int, seconds: float, prompt: str, param
         probing = [probe(target, window, probe_rate, prompt, client_kw)] if probe_rate else []
         # the server's counters at the window's two ends: what it did in the steady state alone
         scrapes = [asyncio.create_task(scrape_at(metrics_url, t)) for t in window] if metrics_url else []
+        # and this process's own CPU there: on a small machine the load generator takes cores the
+        # server needs, so a figure measured beside it should say how much
+        cpu = [asyncio.create_task(cpu_at(t)) for t in window]
         done = await asyncio.gather(*probing, *(one_stream(client, res, window, plan, i) for i in range(streams)))
         for i, scrape in enumerate(scrapes):  # a run that ended before its window (--requests) ends it now
             if not scrape.done():
@@ -233,6 +238,13 @@ async def run_load(target: str, streams: int, seconds: float, prompt: str, param
         # stream notices its end only at its next message, up to a pacing interval later (128 ms
         # at 64 streams: dividing by the time they took understated tokens/s by 2-3%)
         res.seconds = min(time.perf_counter(), start + seconds) - start
+        for i, task in enumerate(cpu):  # as the scrapes: a run that ended early reads its CPU now
+            if not task.done():
+                task.cancel()
+                cpu[i] = asyncio.create_task(cpu_at(0.0))
+        (t0, c0), (t1, c1) = [await c for c in cpu]
+        extra["load_generator_cpu"] = {"seconds": round(t1 - t0, 4), "cpu_seconds": round(c1 - c0, 4),
+                                       "cores": round((c1 - c0) / (t1 - t0), 4) if t1 > t0 else None}
         if probing:
             extra["probe"] = done[0]
         ends = [await scrape for scrape in scrapes]  # [(time, metrics or None)] at the window's ends
@@ -255,6 +267,12 @@ async def scrape_at(url: str, at: float) -> tuple[float, dict | None]:
         return t, await asyncio.to_thread(scrape_metrics, url)
     except OSError:
         return t, None
+
+
+async def cpu_at(at: float) -> tuple[float, float]:
+    """(perf_counter time, CPU seconds this process has used, all its threads) at time `at`."""
+    await asyncio.sleep(max(0.0, at - time.perf_counter()))
+    return time.perf_counter(), time.process_time()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
