@@ -306,6 +306,53 @@ def uniform_worst_case(vocab_size: int, batch: int, modes) -> dict[str, float]:
     return {m: 1e3 * time_sampling((a.copy() for a in itertools.cycle(arrays)), m) for m in modes}
 
 
+def scheduler_alone(bundle: Path, streams: int, seconds: float, prompt: str, max_new_tokens: int, mode: str,
+                    threads: int = 0, warmup: float = 2.0) -> float:
+    """Tokens/s of the server's scheduler with no gRPC and no load generator process: its worker,
+    batching and message pacing in this process, `streams` readers issuing requests back to back
+    (their first of staggered lengths, as the load generator's), counted over `seconds` after
+    `warmup`. Beside the server's own figure it splits what is lost to the raw step into the
+    scheduler's share and the serving edge's (gRPC, the event loop's writes, the client)."""
+    import asyncio
+
+    from lstmgen.serve.engine import Engine, EngineConfig
+    from lstmgen.serve.params import GenerationRequest, SamplingParams
+    from lstmgen.serve.scheduler import Scheduler
+    from lstmgen.serve.service import ServiceConfig, pace
+
+    engine = Engine(bundle, EngineConfig(device="cpu", intra_op_threads=threads, spin="run"))  # serve's
+    settings = SAMPLING_MODES[mode]
+    cfg = ServiceConfig()
+
+    async def run() -> float:
+        scheduler = Scheduler(engine)
+        scheduler.start()
+        start = time.perf_counter() + warmup
+        stop, tokens = start + seconds, [0]
+
+        async def reader(i: int) -> None:
+            n = 0
+            while time.perf_counter() < stop:
+                length = max(1, max_new_tokens * (i + 1) // streams) if n == 0 else max_new_tokens
+                sampling = SamplingParams(**settings[i % len(settings)], seed=i * 100_003 + n)
+                stream = scheduler.submit(GenerationRequest(prompt=prompt, max_new_tokens=length,
+                                                            sampling=sampling, seed_given=True))
+                async for chunk in stream:
+                    if start <= time.perf_counter() < stop:
+                        tokens[0] += chunk.token_count
+                    if chunk.finished is None:
+                        await pace(scheduler, cfg, stream)
+                n += 1
+
+        try:
+            await asyncio.gather(*(reader(i) for i in range(streams)))
+        finally:
+            await scheduler.close()
+        return tokens[0] / seconds
+
+    return asyncio.run(run())
+
+
 def start_server(bundle: Path, threads: int, max_concurrent: int):
     """The real server in its own process -> (process, its gRPC target, its /metrics URL)."""
     cmd = [sys.executable, "-m", "lstmgen.cli", "serve", str(bundle), "--host", "127.0.0.1", "--port", "0",
@@ -463,6 +510,12 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                         s["inside_server"]["raw_step_ms"] = 1e3 * n / s["raw_ort_tokens_per_s"]
                     if s["inside_server"] and "load_generator_cpu" in s:  # the same window, the client's side
                         s["inside_server"]["load_generator_cores"] = s["load_generator_cpu"]["cores"]
+                    if n == max(cfg.concurrency) and str(n) in ort:  # the scheduler alone, beside
+                        before = raw_step.tokens_per_s(n)
+                        alone = scheduler_alone(bundle, n, cfg.seconds, "The ", cfg.max_new_tokens, mode,
+                                                cfg.threads)
+                        s["scheduler_alone"] = {"tokens_per_s": alone,
+                                                "vs_ort": alone / ((before + raw_step.tokens_per_s(n)) / 2)}
                     runs.setdefault((mode, n), []).append(s)
         for mode in cfg.sampling:
             points = by_mode[mode] = {}
@@ -474,6 +527,10 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                          if t["raw_ort_tokens_per_s"]]
                 s["vs_ort_runs"] = pairs
                 s["vs_ort_same_batch"] = sorted(pairs)[len(pairs) // 2] if pairs else None  # median pair
+                alone = [t["scheduler_alone"]["vs_ort"] for t in runs[(mode, n)] if "scheduler_alone" in t]
+                if alone:
+                    s["scheduler_alone_vs_ort_runs"] = alone
+                    s["scheduler_alone_vs_ort"] = sorted(alone)[len(alone) // 2]
                 log(f"4. server [{mode}], {n} streams: {s['tokens_per_s']:,.0f} tok/s ("
                     + (f"{s['vs_ort_same_batch']:.0%} of raw ORT at B={n}, " if pairs else "")
                     + f"{s['tokens_per_s'] / ceiling:.0%} of ceiling), ITL p50 {s['p50_ms']} ms p99 {s['p99_ms']} ms, "
@@ -481,6 +538,10 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                     + (f"; runs {', '.join(f'{x:,.0f}' for x in s['tokens_per_s_runs'])}" if cfg.repeats > 1 else "")
                     + (f" ({', '.join(f'{x:.0%}' for x in pairs)} of raw)" if cfg.repeats > 1 and pairs else "")
                     + (f"; in the server: {where_it_went(i)}" if (i := s["inside_server"]) else ""))
+                if "scheduler_alone_vs_ort" in s:
+                    log(f"   the scheduler alone (no gRPC, no client process), {n} streams: "
+                        f"{s['scheduler_alone_vs_ort']:.0%} of raw ORT at B={n} (runs "
+                        + ", ".join(f"{x:.0%}" for x in s["scheduler_alone_vs_ort_runs"]) + ")")
         prefix = prefix_ttft(target, ckpt.vocab, cfg.prompt_chars, cfg.prompt_chars * 95 // 100)
         ttft_prompt = prefix["cold_ms"]
         log(f"5. TTFT with a {cfg.prompt_chars}-char prompt: cold {prefix['cold_ms']:.1f} ms; sharing its first "
@@ -523,6 +584,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                                         or server.get("1", {}).get("tokens_per_s", 0) / ort.get("1", 1)),
             "server_64_vs_torch_eager": server.get("64", {}).get("tokens_per_s", 0) / eager,
             "by_sampling": {m: {"server_64_vs_ort_batch_64": pts.get("64", {}).get("vs_ort_same_batch"),
+                                "scheduler_alone_64_vs_ort_batch_64": pts.get("64", {}).get("scheduler_alone_vs_ort"),
                                 "server_1_vs_ort_batch_1": pts.get("1", {}).get("vs_ort_same_batch"),
                                 "sampling_vs_step_batch_64": (steps["64"]["sampling_ms"][m] / steps["64"]["step_ms"]
                                                               if "64" in steps else None),

@@ -12,7 +12,7 @@ import time
 import grpc
 import pytest
 
-from lstmgen.bench import inside_server, where_it_went
+from lstmgen.bench import inside_server, scheduler_alone, where_it_went
 from lstmgen_client import Client, InvalidArgumentError
 from lstmgen_client.loadgen import counter_deltas, scrape_metrics
 from lstmgen_client.v1 import generator_pb2 as pb
@@ -162,6 +162,15 @@ def test_bench_line_takes_the_iteration_apart_and_names_the_cores():
             " + prompts 0.100 ms + the rest 1.300 ms; 63.7 rows a step, 6,370 tok/s made") in line
     assert f"cores in use: server 1.85, load generator 0.11 (of {os.cpu_count()})" in line
     assert "cores" not in where_it_went(inside_server({k: v for k, v in deltas.items() if "cpu" not in k}, 1.0))
+
+
+def test_bench_runs_the_scheduler_alone_with_the_servers_pacing(bundles):
+    """`lstmgen bench`'s in-process point: the real scheduler and engine, readers back to back, every
+    mode's settings (mixed: penalties and greedy rows in one batch) accepted and generating."""
+    for mode in ("mixed", "top_p"):
+        rate = scheduler_alone(bundles["word"], streams=4, seconds=0.6, prompt="the", max_new_tokens=12,
+                               mode=mode, threads=1, warmup=0.2)
+        assert rate > 50, (mode, rate)  # a tiny model makes thousands a second; 0 when nothing counts
 
 
 def test_loadtest_needs_only_the_client():
