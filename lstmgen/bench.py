@@ -496,6 +496,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     proc, target, metrics_url = start_server(bundle, cfg.threads, max(cfg.concurrency))
     try:
         runs: dict[tuple[str, int], list[dict]] = {}
+        alone_at = 64 if 64 in cfg.concurrency else max(cfg.concurrency)  # the targets' stream count
         for r in range(cfg.repeats):  # modes interleaved, so a slow spell of the machine hits all
             for mode in cfg.sampling:
                 for n in cfg.concurrency:
@@ -510,7 +511,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                         s["inside_server"]["raw_step_ms"] = 1e3 * n / s["raw_ort_tokens_per_s"]
                     if s["inside_server"] and "load_generator_cpu" in s:  # the same window, the client's side
                         s["inside_server"]["load_generator_cores"] = s["load_generator_cpu"]["cores"]
-                    if n == max(cfg.concurrency) and str(n) in ort:  # the scheduler alone, beside
+                    if n == alone_at and str(n) in ort:  # the scheduler alone, beside
                         before = raw_step.tokens_per_s(n)
                         alone = scheduler_alone(bundle, n, cfg.seconds, "The ", cfg.max_new_tokens, mode,
                                                 cfg.threads)
