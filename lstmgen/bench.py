@@ -319,6 +319,7 @@ def scheduler_alone(bundle: Path, streams: int, seconds: float, prompt: str, max
     from lstmgen.serve.params import GenerationRequest, SamplingParams
     from lstmgen.serve.scheduler import Scheduler
     from lstmgen.serve.service import ServiceConfig, pace
+    from lstmgen_client.loadgen import request_seed, staggered_length
 
     engine = Engine(bundle, EngineConfig(device="cpu", intra_op_threads=threads, spin="run"))  # serve's
     settings = SAMPLING_MODES[mode]
@@ -333,8 +334,8 @@ def scheduler_alone(bundle: Path, streams: int, seconds: float, prompt: str, max
         async def reader(i: int) -> None:
             n = 0
             while time.perf_counter() < stop:
-                length = max(1, max_new_tokens * (i + 1) // streams) if n == 0 else max_new_tokens
-                sampling = SamplingParams(**settings[i % len(settings)], seed=i * 100_003 + n)
+                length = staggered_length(max_new_tokens, i, streams) if n == 0 else max_new_tokens
+                sampling = SamplingParams(**settings[i % len(settings)], seed=request_seed(i, n))
                 stream = scheduler.submit(GenerationRequest(prompt=prompt, max_new_tokens=length,
                                                             sampling=sampling, seed_given=True))
                 async for chunk in stream:
@@ -527,11 +528,11 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                 pairs = [t["tokens_per_s"] / t["raw_ort_tokens_per_s"] for t in runs[(mode, n)]
                          if t["raw_ort_tokens_per_s"]]
                 s["vs_ort_runs"] = pairs
-                s["vs_ort_same_batch"] = sorted(pairs)[len(pairs) // 2] if pairs else None  # median pair
+                s["vs_ort_same_batch"] = _median(pairs) if pairs else None  # median pair
                 alone = [t["scheduler_alone"]["vs_ort"] for t in runs[(mode, n)] if "scheduler_alone" in t]
                 if alone:
                     s["scheduler_alone_vs_ort_runs"] = alone
-                    s["scheduler_alone_vs_ort"] = sorted(alone)[len(alone) // 2]
+                    s["scheduler_alone_vs_ort"] = _median(alone)
                 log(f"4. server [{mode}], {n} streams: {s['tokens_per_s']:,.0f} tok/s ("
                     + (f"{s['vs_ort_same_batch']:.0%} of raw ORT at B={n}, " if pairs else "")
                     + f"{s['tokens_per_s'] / ceiling:.0%} of ceiling), ITL p50 {s['p50_ms']} ms p99 {s['p99_ms']} ms, "
@@ -557,9 +558,9 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             for _ in range(max(2, cfg.repeats)):  # interleaved, as above
                 for k, extra in variants.items():
                     tries[k].append(load(target, n, cfg.seconds, "The ", cfg.max_new_tokens, mode, extra)["tokens_per_s"])
-            base = sorted(tries["none"])[len(tries["none"]) // 2]
+            base = _median(tries["none"])
             for k, runs_ in tries.items():
-                med = sorted(runs_)[len(runs_) // 2]
+                med = _median(runs_)
                 state_cost[k] = {"tokens_per_s": med, "vs_none": med / base, "runs": runs_}
             log(f"6. state hand-off [{mode}], {n} streams: " + ", ".join(
                 f"{k} {v['tokens_per_s']:,.0f} tok/s ({v['vs_none']:.0%})" for k, v in state_cost.items()))
@@ -601,6 +602,11 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                     "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__},
         "config": asdict(cfg),
     }
+
+
+def _median(xs: list[float]) -> float:
+    """The middle of an odd count, the upper middle of an even one: always a value measured."""
+    return sorted(xs)[len(xs) // 2]
 
 
 def _share(inside: dict | None) -> float | None:

@@ -358,6 +358,15 @@ def _min_p_only(min_p):
     return (np.float32(min_p), -1) if min_p > 0.0 else (np.float32(0.0), -1)
 
 
+@nb.njit(inline="always")
+def _then_min_p(vc, ties, min_p):
+    """The kept set (vc, ties) after min_p, which runs last: p >= min_p (x the largest
+    probability, 1) when that keeps fewer tokens, a subset of what top_k and top_p kept."""
+    if min_p > 0.0 and np.float32(min_p) > vc:
+        return np.float32(min_p), -1
+    return vc, ties
+
+
 @nb.njit(**_jit)
 def _cut(p, k, top_p, min_p):
     """The kept set (vc, ties) after top_k, then top_p, then min_p (Hugging Face's order).
@@ -417,11 +426,7 @@ def _cut_in(vals, k_on, k, top_p, min_p, total):
                     acc += vals[i]
                     n_keep += 1
             vc, ties = v, n_keep
-    if min_p > 0.0:
-        th_min = np.float32(min_p)  # x the largest probability, 1
-        if th_min > vc:
-            vc, ties = th_min, -1  # keep p >= min_p (a subset of what is kept so far)
-    return vc, ties
+    return _then_min_p(vc, ties, min_p)
 
 
 @nb.njit(**_jit)
@@ -452,9 +457,7 @@ def _cut_sorted(p, k, top_p, min_p):
             lo -= 1
         if a < s.shape[0] and s[a] == vc:
             ties = a - lo  # in id order, as many as the walk took
-    if min_p > 0.0 and np.float32(min_p) > vc:
-        return np.float32(min_p), -1
-    return vc, ties
+    return _then_min_p(vc, ties, min_p)
 
 
 @nb.njit(**_jit)
@@ -491,8 +494,7 @@ def _cut_picked(p, top_p, min_p):
         prev = v
     else:
         return np.float32(0.0), -1, False
-    if min_p > 0.0 and np.float32(min_p) > vc:
-        return np.float32(min_p), -1, True
+    vc, ties = _then_min_p(vc, ties, min_p)
     return vc, ties, True
 
 

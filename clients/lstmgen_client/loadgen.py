@@ -127,6 +127,17 @@ class LoadPlan:
     stagger: bool = True  # first requests of staggered lengths (one_stream)
 
 
+def staggered_length(longest: int, index: int, streams: int) -> int:
+    """Tokens the first request of stream `index` of `streams` asks for: (index + 1) / streams of
+    the length, so that requests end and start at a steady rate (one_stream)."""
+    return max(1, longest * (index % streams + 1) // streams)
+
+
+def request_seed(index: int, n: int) -> int:
+    """The seed of stream `index`'s n-th request: every run sends the same requests."""
+    return index * 100_003 + n
+
+
 async def one_stream(client: AsyncClient, res: LoadResult, window: tuple[float, float], plan: LoadPlan,
                      index: int) -> None:
     """Stream `index` issues requests back to back from now until the window ends; what arrives
@@ -143,14 +154,14 @@ async def one_stream(client: AsyncClient, res: LoadResult, window: tuple[float, 
     while time.perf_counter() < stop_at and not (plan.max_requests and res.requests >= plan.max_requests):
         call = params
         if n == 0 and plan.stagger and plan.streams > 1:
-            call = {**params, "max_new_tokens": max(1, longest * (index % plan.streams + 1) // plan.streams)}
+            call = {**params, "max_new_tokens": staggered_length(longest, index, plan.streams)}
         t0 = last = time.perf_counter()
         counted = t0 >= start_at  # started inside the window: its first token, latency and outcome count
         res.requests += counted
         cancel_at = rng.randrange(longest) if rng.random() < plan.cancel_fraction else None
         got = 0
         try:
-            async for chunk in client.generate_stream(plan.prompt, seed=index * 100_003 + n, **call):
+            async for chunk in client.generate_stream(plan.prompt, seed=request_seed(index, n), **call):
                 now = time.perf_counter()
                 if now > stop_at:  # count only what arrived inside the window
                     break
@@ -224,30 +235,23 @@ async def run_load(target: str, streams: int, seconds: float, prompt: str, param
         start = time.perf_counter() + warmup
         window = (start, start + seconds)
         probing = [probe(target, window, probe_rate, prompt, client_kw)] if probe_rate else []
-        # the server's counters at the window's two ends: what it did in the steady state alone
-        scrapes = [asyncio.create_task(scrape_at(metrics_url, t)) for t in window] if metrics_url else []
-        # and this process's own CPU there: on a small machine the load generator takes cores the
-        # server needs, so a figure measured beside it should say how much
-        cpu = [asyncio.create_task(cpu_at(t)) for t in window]
+        # the server's counters at the window's two ends (what it did in the steady state alone), and
+        # this process's own CPU there: on a small machine the load generator takes cores the server
+        # needs, so a figure measured beside it should say how much
+        scrape = lambda: asyncio.to_thread(scrape_or_none, metrics_url)  # noqa: E731
+        scrapes = at_window_ends(window, scrape) if metrics_url else []
+        cpu = at_window_ends(window, _process_time)
         done = await asyncio.gather(*probing, *(one_stream(client, res, window, plan, i) for i in range(streams)))
-        for i, scrape in enumerate(scrapes):  # a run that ended before its window (--requests) ends it now
-            if not scrape.done():
-                scrape.cancel()
-                scrapes[i] = asyncio.create_task(scrape_at(metrics_url, 0.0))
         # tokens count while they arrive inside the window, so they are divided by the window; each
         # stream notices its end only at its next message, up to a pacing interval later (128 ms
         # at 64 streams: dividing by the time they took understated tokens/s by 2-3%)
         res.seconds = min(time.perf_counter(), start + seconds) - start
-        for i, task in enumerate(cpu):  # as the scrapes: a run that ended early reads its CPU now
-            if not task.done():
-                task.cancel()
-                cpu[i] = asyncio.create_task(cpu_at(0.0))
-        (t0, c0), (t1, c1) = [await c for c in cpu]
+        (t0, c0), (t1, c1) = await readings(cpu, _process_time)
         extra["load_generator_cpu"] = {"seconds": round(t1 - t0, 4), "cpu_seconds": round(c1 - c0, 4),
                                        "cores": round((c1 - c0) / (t1 - t0), 4) if t1 > t0 else None}
         if probing:
             extra["probe"] = done[0]
-        ends = [await scrape for scrape in scrapes]  # [(time, metrics or None)] at the window's ends
+        ends = await readings(scrapes, scrape)  # [(time, metrics or None)] at the window's ends
     if metrics_url:
         after, settle_s = await asyncio.to_thread(settle, metrics_url)
         rss0, rss1 = before["rss_bytes"], after["rss_bytes"]
@@ -259,20 +263,36 @@ async def run_load(target: str, streams: int, seconds: float, prompt: str, param
     return res, extra
 
 
-async def scrape_at(url: str, at: float) -> tuple[float, dict | None]:
-    """The server's metrics scraped at perf_counter time `at` (None if it did not answer)."""
-    await asyncio.sleep(max(0.0, at - time.perf_counter()))
-    t = time.perf_counter()
+def scrape_or_none(url: str) -> dict[str, float] | None:
+    """scrape_metrics, or None if the server did not answer."""
     try:
-        return t, await asyncio.to_thread(scrape_metrics, url)
+        return scrape_metrics(url)
     except OSError:
-        return t, None
+        return None
 
 
-async def cpu_at(at: float) -> tuple[float, float]:
-    """(perf_counter time, CPU seconds this process has used, all its threads) at time `at`."""
+async def _process_time() -> float:
+    return time.process_time()  # CPU seconds of this process, all its threads
+
+
+async def read_at(at: float, read) -> tuple:
+    """(perf_counter time, `await read()`) at perf_counter time `at`."""
     await asyncio.sleep(max(0.0, at - time.perf_counter()))
-    return time.perf_counter(), time.process_time()
+    return time.perf_counter(), await read()
+
+
+def at_window_ends(window: tuple[float, float], read) -> list[asyncio.Task]:
+    return [asyncio.create_task(read_at(t, read)) for t in window]
+
+
+async def readings(tasks: list[asyncio.Task], read) -> list[tuple]:
+    """The readings at_window_ends took; one still waiting for its time (a run that ended before
+    its window, --requests) reads now instead."""
+    for i, task in enumerate(tasks):
+        if not task.done():
+            task.cancel()
+            tasks[i] = asyncio.create_task(read_at(0.0, read))
+    return [await task for task in tasks]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
