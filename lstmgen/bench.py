@@ -480,7 +480,9 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     eager = torch_eager(ckpt, cfg.eager_tokens)
     log(f"2. PyTorch eager, one request: {eager:,.0f} tokens/s")
     batches = sorted(set(cfg.batches) | {n for n in cfg.concurrency if n <= max(cfg.batches)})
-    raw_step = RawStep(bundle)
+    # the raw step with ORT's default session options, at the server's thread count: with --threads N
+    # the server's N-thread step is paired with an N-thread raw step, not with one on every core
+    raw_step = RawStep(bundle, EngineConfig(device="cpu", intra_op_threads=cfg.threads))
     served = RawStep(bundle, EngineConfig(device="cpu", intra_op_threads=cfg.threads, spin="run"))
     ort, steps = ort_steps(raw_step, batches, modes=cfg.sampling, served=served)
     del served  # its session's memory
@@ -669,7 +671,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seconds", type=float, default=d.seconds, help="measurement window per server point")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="tokens per request")
     p.add_argument("--int8", action="store_true", help="benchmark the int8 (dynamic quantized) export")
-    p.add_argument("--threads", type=int, default=d.threads, help="server ORT intra-op threads (0: default)")
+    p.add_argument("--threads", type=int, default=d.threads, help="ONNX Runtime intra-op threads of the server and of the raw step it is paired with (0: ORT's default, one per core)")
     p.add_argument("--state-every", type=int, default=0, metavar="N",
                    help="also measure the cost of return_state and of a state every N tokens at 64 streams")
     p.add_argument("--json", default=None, help="write the results here")
