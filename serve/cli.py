@@ -49,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "skips that part (0: off)")
     p.add_argument("--prefix-cache-every", type=int, default=SchedulerConfig.prefix_cache_every,
                    help="keep a prefix state every this many prompt tokens (prompts are primed in chunks ending there)")
+    p.add_argument("--prime-wait-steps", type=int, default=SchedulerConfig.prime_wait_steps,
+                   help="while a decode batch runs, a new prompt waits up to this many decode steps for others to be "
+                        "read in the same prompt call: fewer, a sooner first token; more, fewer calls (docs/benchmark.md)")
     p.add_argument("--tls-cert", metavar="PEM", help="certificate chain: serve TLS only (needs --tls-key)")
     p.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     p.add_argument("--auth-token-file", metavar="FILE",
@@ -93,7 +96,8 @@ def config_from_args(args: argparse.Namespace):
                                               min_message_interval_s=args.min_message_interval_ms / 1e3),
                         limits=limits, scheduler=SchedulerConfig(prefill_chunk=args.prefill_chunk,
                                                                  prefix_cache_mb=args.prefix_cache_mb,
-                                                                 prefix_cache_every=args.prefix_cache_every),
+                                                                 prefix_cache_every=args.prefix_cache_every,
+                                                                 prime_wait_steps=args.prime_wait_steps),
                         tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token_file=args.auth_token_file,
                         state_key_file=args.state_key,
                         metrics_port=args.metrics_port, metrics_host=args.metrics_host,
@@ -111,7 +115,8 @@ def describe(cfg) -> str:
              f"(default {lim.default_new_tokens:,}), {lim.max_concurrent_streams} concurrent, "
              f"{lim.max_queued_streams} queued, request "
              + (f"{lim.max_request_bytes:,} bytes" if lim.max_request_bytes else "bytes: prompt and state limits"),
-             f"prefill chunk {cfg.scheduler.prefill_chunk}",
+             f"prefill chunk {cfg.scheduler.prefill_chunk}, a new prompt waits up to "
+             f"{cfg.scheduler.prime_wait_steps} decode steps for company",
              "prefix cache " + (f"{cfg.scheduler.prefix_cache_mb:g} MiB, every {cfg.scheduler.prefix_cache_every} tokens"
                                 if cfg.scheduler.prefix_cache_mb > 0 else "off"),
              f"messages {s.message_budget_per_s:g}/s, at least {s.min_message_interval_s * 1e3:g} ms apart",
@@ -154,6 +159,9 @@ def run(args: argparse.Namespace) -> int:
     if args.prefix_cache_mb < 0 or args.prefix_cache_every < 1:
         print(f"lstmgen serve: --prefix-cache-mb must be >= 0 (got {args.prefix_cache_mb:g}) and "
               f"--prefix-cache-every >= 1 (got {args.prefix_cache_every})", file=sys.stderr)
+        return 2
+    if args.prime_wait_steps < 0:
+        print(f"lstmgen serve: --prime-wait-steps must be >= 0 (got {args.prime_wait_steps})", file=sys.stderr)
         return 2
     setup_logging("WARNING" if args.quiet else args.log_level, args.log_format)
     from lstmgen.serve.server import run_until_signal
