@@ -31,18 +31,22 @@ def cmd(bundle, prompts, out, *extra):
             "--out", str(out), *ARGS, *extra]
 
 
-def kill_at_random_points(command, out, rng, kills: int) -> int:
-    """Runs `command` (with --resume) and SIGKILLs it `kills` times once it has written something."""
+def kill_at_random_points(command, out, rng, kills: int, total: int) -> int:
+    """Runs `command` (with --resume) and SIGKILLs it `kills` times, each time once its output has
+    reached a random point of what is left of the whole file (`total` bytes). A point in the
+    output, not a delay: a random delay outlasted the whole run on a fast or a busy machine."""
     done = 0
     for _ in range(kills):
         before = out.stat().st_size if out.exists() else 0
+        if before >= total:
+            break
+        target = before + 1 + int(rng.uniform(0.0, 0.7) * (total - before))
         proc = subprocess.Popen(command, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while proc.poll() is None and time.monotonic() < deadline:
-            if out.exists() and out.stat().st_size > before:
+            if out.exists() and out.stat().st_size >= target:
                 break
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 0.4))
+            time.sleep(0.002)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             done += 1
@@ -59,7 +63,7 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_file(bundl
     seed = int(os.environ.get("LSTMGEN_TEST_SEED", random.randrange(1 << 30)))
     print(f"kill timing seed {seed}")
     kills = kill_at_random_points(cmd(bundles["char"], prompts, resumed, "--resume", *extra), resumed,
-                                  random.Random(seed), kills)
+                                  random.Random(seed), kills, whole.stat().st_size)
     assert kills >= 1, "the run finished before it could be killed: make it longer"
     assert subprocess.run(cmd(bundles["char"], prompts, resumed, "--resume", *extra)).returncode == 0
     if ordered:
