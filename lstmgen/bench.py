@@ -671,7 +671,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seconds", type=float, default=d.seconds, help="measurement window per server point")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="tokens per request")
     p.add_argument("--int8", action="store_true", help="benchmark the int8 (dynamic quantized) export")
-    p.add_argument("--threads", type=int, default=d.threads, help="ONNX Runtime intra-op threads of the server and of the raw step it is paired with (0: ORT's default, one per core)")
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help="ONNX Runtime intra-op threads of the server and of the raw step it is paired with "
+                        "(0: ORT's default, one per core)")
     p.add_argument("--state-every", type=int, default=0, metavar="N",
                    help="also measure the cost of return_state and of a state every N tokens at 64 streams")
     p.add_argument("--json", default=None, help="write the results here")
