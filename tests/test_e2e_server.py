@@ -67,7 +67,9 @@ def test_a_finished_stream_does_not_wait_out_its_pacing_interval(bundles, tmp_pa
     for the interval)."""
     chunks, seconds = timed_stream(bundles["char"], tmp_path / "srv.log", ("--min-message-interval-ms", "3000"),
                                    max_new_tokens=40)
-    assert len(chunks) == 2 and chunks[-1].finished is not None  # the first token, then the rest
+    # what was made before the reader first looked (the first token, or on a busy machine all 40:
+    # they take a few milliseconds), then the rest at once, not after the 3 s floor
+    assert len(chunks) in (1, 2) and chunks[-1].finished is not None
     assert sum(ch.token_count for ch in chunks) == 40
     assert seconds < 1.5, seconds
 
