@@ -267,6 +267,13 @@ class RawStep:
     def tokens_per_s(self, batch: int, seconds: float = 1.0) -> float:
         return self.windows(batch, seconds)[0]
 
+    def around(self, batch: int, run):
+        """`run()` between two readings of the raw step at `batch`, just before and just after it
+        -> (what run returned, the readings' mean): a pair, each side measured in the same spell."""
+        before = self.tokens_per_s(batch)
+        out = run()
+        return out, (before + self.tokens_per_s(batch)) / 2
+
     def outputs(self, batch: int):
         """Each step's logits [B, V] in turn (state fed back), without end."""
         tokens = self._rng.integers(0, self.engine.manifest.vocab_size, batch).astype("int64")
@@ -503,23 +510,21 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         for r in range(cfg.repeats):  # modes interleaved, so a slow spell of the machine hits all
             for mode in cfg.sampling:
                 for n in cfg.concurrency:
-                    # the raw step at the same batch just before and just after: each run's
-                    # ratio is a pair, its raw side the mean of the two
-                    before = raw_step.tokens_per_s(n) if str(n) in ort else None
-                    s = load(target, n, cfg.seconds, "The ", cfg.max_new_tokens, mode, metrics_url=metrics_url)
+                    # each run's ratio is a pair: the raw step at the same batch around it
+                    point = lambda: load(target, n, cfg.seconds, "The ", cfg.max_new_tokens, mode,  # noqa: E731
+                                         metrics_url=metrics_url)
+                    s, raw = raw_step.around(n, point) if str(n) in ort else (point(), None)
+                    s["raw_ort_tokens_per_s"] = raw
                     window = s.get("server", {}).get("window")
                     s["inside_server"] = inside_server(window["deltas"], window["seconds"]) if window else {}
-                    s["raw_ort_tokens_per_s"] = (before + raw_step.tokens_per_s(n)) / 2 if before else None
                     if s["inside_server"] and s["raw_ort_tokens_per_s"]:  # the same step, bare, beside it
                         s["inside_server"]["raw_step_ms"] = 1e3 * n / s["raw_ort_tokens_per_s"]
                     if s["inside_server"] and "load_generator_cpu" in s:  # the same window, the client's side
                         s["inside_server"]["load_generator_cores"] = s["load_generator_cpu"]["cores"]
                     if n == alone_at and str(n) in ort:  # the scheduler alone, beside
-                        before = raw_step.tokens_per_s(n)
-                        alone = scheduler_alone(bundle, n, cfg.seconds, "The ", cfg.max_new_tokens, mode,
-                                                cfg.threads)
-                        s["scheduler_alone"] = {"tokens_per_s": alone,
-                                                "vs_ort": alone / ((before + raw_step.tokens_per_s(n)) / 2)}
+                        alone, raw = raw_step.around(n, lambda: scheduler_alone(
+                            bundle, n, cfg.seconds, "The ", cfg.max_new_tokens, mode, cfg.threads))
+                        s["scheduler_alone"] = {"tokens_per_s": alone, "vs_ort": alone / raw}
                     runs.setdefault((mode, n), []).append(s)
         for mode in cfg.sampling:
             points = by_mode[mode] = {}

@@ -353,12 +353,6 @@ def _window_mass(p, t1, t2):
 
 
 @nb.njit(inline="always")
-def _min_p_only(min_p):
-    """The kept set when only min_p cuts: p >= min_p (x the largest, 1), or everything."""
-    return (np.float32(min_p), -1) if min_p > 0.0 else (np.float32(0.0), -1)
-
-
-@nb.njit(inline="always")
 def _then_min_p(vc, ties, min_p):
     """The kept set (vc, ties) after min_p, which runs last: p >= min_p (x the largest
     probability, 1) when that keeps fewer tokens, a subset of what top_k and top_p kept."""
@@ -375,7 +369,7 @@ def _cut(p, k, top_p, min_p):
     trained model's rows: one pass over the vocabulary, then a few hundred values); otherwise the
     whole row is."""
     if k <= 0 and top_p >= 1.0:  # min_p alone: a threshold, nothing to select
-        return _min_p_only(min_p)
+        return _then_min_p(np.float32(0.0), -1, min_p)  # everything, then min_p
     if p.shape[0] <= SMALL_VOCAB:
         if (k <= 0 or k >= p.shape[0]) and top_p < 1.0:  # top_p (and min_p) alone
             vc, ties, done = _cut_picked(p, top_p, min_p)
@@ -385,7 +379,7 @@ def _cut(p, k, top_p, min_p):
     c1, m1, c2, m2, positive, total = _window_mass(p, WINDOW, WIDE_WINDOW)
     k_on = 0 < k < positive
     if not k_on and top_p >= 1.0:  # top_k at least the row's tokens: min_p alone
-        return _min_p_only(min_p)
+        return _then_min_p(np.float32(0.0), -1, min_p)  # everything, then min_p
     # top_p after top_k works within what top_k kept, so the k-th value inside is enough; the
     # margin covers the rounding between this pass's sums and the selection's
     target = top_p * total * (1.0 + 1e-5)

@@ -74,6 +74,13 @@ def test_a_finished_stream_does_not_wait_out_its_pacing_interval(bundles, tmp_pa
     assert seconds < 1.5, seconds
 
 
+def test_the_prompt_wait_reaches_the_server(bundles, tmp_path):
+    """--prime-wait-steps is the server's setting: its logged config says so, and it serves."""
+    chunks, _ = timed_stream(bundles["char"], tmp_path / "srv.log", ("--prime-wait-steps", "0"), max_new_tokens=5)
+    assert sum(ch.token_count for ch in chunks) == 5 and chunks[-1].finished is not None
+    assert "a new prompt waits up to 0 decode steps" in (tmp_path / "srv.log").read_text()
+
+
 def test_same_seed_same_text_and_server_picks_seed(client):
     a = client.generate("Speak", max_new_tokens=50, seed=123, temperature=0.9, top_k=10)
     b = client.generate("Speak", max_new_tokens=50, seed=123, temperature=0.9, top_k=10)
