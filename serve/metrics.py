@@ -16,6 +16,8 @@ from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
+from lstmgen.errors import UserError
+
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 ITL_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 STEP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -23,6 +25,10 @@ ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 STATUSES = ("OK", "CANCELLED", "DEADLINE_EXCEEDED", "INVALID_ARGUMENT", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED",
             "UNAVAILABLE", "INTERNAL", "UNAUTHENTICATED")
 REASONS = ("overloaded", "invalid_argument", "failed_precondition", "shutting_down", "unauthenticated")
+
+
+class MetricsBindError(UserError, OSError):
+    """The metrics address cannot be listened on."""
 
 
 class WeightedHistogram:
@@ -170,7 +176,12 @@ class Metrics:
     # -- HTTP ------------------------------------------------------------------------------------
     def serve(self, host: str, port: int) -> int:
         """Expose /metrics on host:port (0: a free port); returns the bound port."""
-        self._http, _thread = start_http_server(port, host, registry=self.registry)
+        try:
+            self._http, _thread = start_http_server(port, host, registry=self.registry)
+        except OSError as e:  # bare, "[Errno 98] Address already in use" names neither flag nor port
+            raise MetricsBindError(f"cannot listen on {host}:{port} for metrics (--metrics-port): {e.strerror}; "
+                                   "in use (another server?) or not an address of this machine; choose another "
+                                   "--metrics-port (0: any free port) or --metrics-host") from None
         return self._http.server_port
 
     def close(self) -> None:

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, replace
 
 from lstmgen.serve.errors import InvalidRequest
-from lstmgen.serve.params import GenerationRequest, SamplingParams
+from lstmgen.serve.params import GenerationRequest, SamplingParams, shown_value
 from lstmgen.serve.scheduler import Finished, TokenLogprob
 from lstmgen.serve.stopping import FinishReason
 
@@ -43,17 +43,29 @@ def _number(body: dict, name: str, default: float) -> float:
     v = body.get(name)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise InvalidRequest(name, f"is {v!r}; expected a finite number")
+    try:  # an integer too large for a double raises OverflowError, not a non-finite float
+        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+    except OverflowError:
+        ok = False
+    if not ok:
+        raise InvalidRequest(name, f"is {shown_value(v)}; expected a finite number")
     return float(v)
 
 
 def _integer(body: dict, name: str, default: int | None) -> int | None:
+    """An integer field; its range is checked by params.validate (or here, for the edge's own)."""
     v = body.get(name)
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, int):
-        raise InvalidRequest(name, f"is {v!r}; expected an integer")
+        raise InvalidRequest(name, f"is {shown_value(v)}; expected an integer")
+    return v
+
+
+def _flag(body: dict, name: str) -> bool:
+    v = body.get(name, False)
+    if not isinstance(v, bool):
+        raise InvalidRequest(name, f"is {shown_value(v)}; expected true or false")
     return v
 
 
@@ -77,19 +89,21 @@ def parse_completion(body: object, request_id: str) -> CompletionRequest:
     unknown = sorted(set(body) - _KNOWN)
     if unknown:
         raise InvalidRequest(unknown[0], "is not a parameter of this server's /v1/completions")
-    if "prompt" not in body:
-        raise InvalidRequest("prompt", "is required")
+    if body.get("prompt") is None:
+        raise InvalidRequest("prompt", "is required (a string or a list of strings)")
     prompts = _strings(body, "prompt", allow_empty_list=False)
     n = _integer(body, "n", 1)
     if not 1 <= n <= MAX_CHOICES:
         raise InvalidRequest("n", f"is {n}; allowed 1..{MAX_CHOICES}")
     if len(prompts) * n > MAX_CHOICES:
         raise InvalidRequest("n", f"{len(prompts)} prompt(s) x n={n} choices; allowed at most {MAX_CHOICES}")
-    if body.get("echo"):
+    # Unsupported options: their "off" value (false, null, "", {}, best_of == n) is accepted, as
+    # clients send it by default; anything else, of any type, is refused naming the option.
+    if _flag(body, "echo"):
         raise InvalidRequest("echo", "is not supported: the response holds the generated text only")
-    if body.get("suffix"):
+    if body.get("suffix") not in (None, ""):
         raise InvalidRequest("suffix", "is not supported (no insertion mode)")
-    if body.get("logit_bias"):
+    if body.get("logit_bias") not in (None, {}):
         raise InvalidRequest("logit_bias", "is not supported")
     best_of = _integer(body, "best_of", None)
     if best_of is not None and best_of != n:
@@ -97,16 +111,17 @@ def parse_completion(body: object, request_id: str) -> CompletionRequest:
     logprobs = _integer(body, "logprobs", None)
     if logprobs is not None and logprobs < 0:
         raise InvalidRequest("logprobs", f"is {logprobs}; allowed >= 0 (the number of alternatives per token)")
-    skip = body.get("skip_unknown", False)
-    if not isinstance(skip, bool):
-        raise InvalidRequest("skip_unknown", f"is {skip!r}; expected true or false")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise InvalidRequest("stream", f"is {stream!r}; expected true or false")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
+    skip = _flag(body, "skip_unknown")
+    stream = _flag(body, "stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
         raise InvalidRequest("stream_options", "expected an object")
+    if options is not None and not stream:
+        raise InvalidRequest("stream_options", "is only allowed with \"stream\": true (as OpenAI's API)")
+    options = options or {}
     seed = _integer(body, "seed", None)
+    if seed is not None and not 0 <= seed < 2**64:  # never wrapped: -1 is not 2^64-1
+        raise InvalidRequest("seed", f"is {shown_value(seed)}; allowed 0..18446744073709551615 (2^64-1)")
     f = {name: _number(body, name, default) for name, default in _FLOATS.items()}
     base = SamplingParams(top_k=_integer(body, "top_k", 0), **f)
     common = dict(max_new_tokens=_integer(body, "max_tokens", None), stop=tuple(_strings(body, "stop", True)),

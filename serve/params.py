@@ -27,6 +27,14 @@ class Limits:
     # rest plus the model's largest state blob (request_bytes_for).
     max_request_bytes: int = 0
     max_top_logprobs: int = 20  # most alternatives a request may ask for per token
+    # Output entries (a token, or one alternative of its logprobs) one request may make the server
+    # hold at once where nobody reads it token by token (an HTTP completion that is not streamed):
+    # choices x max_new_tokens x (1 + top_logprobs), checked at admission. The default lets 64
+    # choices of 4,096 plain tokens through (about 25 MB held at most with logprobs' objects).
+    max_request_output: int = 262_144
+    # Entries a stream may hold unread; past it the row leaves the batch (its state kept) until its
+    # reader catches up: a client that stops reading stops its generation instead of buffering it.
+    max_unread_output: int = 2_048
 
 
 def request_bytes_for(max_prompt_chars: int, max_state_bytes: int = 0) -> int:
@@ -42,6 +50,7 @@ MAX_REPETITION_PENALTY = 100.0
 # As float32, the type the proto carries it in, so that 0.01 sent is 0.01 allowed.
 MIN_REPETITION_PENALTY = struct.unpack("f", struct.pack("f", 1.0 / MAX_REPETITION_PENALTY))[0]
 MAX_OPENAI_PENALTY = 2.0  # |frequency_penalty|, |presence_penalty| (OpenAI's range)
+INT32_MAX = 2**31 - 1  # the proto's int32 fields; the kernels take int64, JSON and Python any size
 
 
 @dataclass(frozen=True)
@@ -84,47 +93,78 @@ class GenerationRequest:
     state_every: int = 0  # and every this many tokens (0: never), for resumable streams
 
 
+def _integer(name: str, v: object, lo: int, hi: int, note: str = "") -> int:
+    """`v` as an int in lo..hi, or InvalidRequest naming the field (bools are not integers)."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise InvalidRequest(name, f"is {shown_value(v)}; expected an integer in {lo}..{hi}{note}")
+    if not lo <= v <= hi:
+        raise InvalidRequest(name, f"is {shown_value(v)}; allowed {lo}..{hi}{note}")
+    return v
+
+
+def _real(name: str, v: object) -> float:
+    """`v` as a float, or InvalidRequest naming the field (an int too big for a double included)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise InvalidRequest(name, f"is {shown_value(v)}; expected a number")
+    try:
+        return float(v)
+    except OverflowError:
+        raise InvalidRequest(name, f"is {shown_value(v)}; out of range for a number") from None
+
+
+def shown_value(v: object) -> str:
+    """A value for an error message: a 5,000-digit integer is not repeated in full."""
+    text = repr(v)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+
+
 def validate(req: GenerationRequest, limits: Limits) -> int:
-    """Check every field; returns the effective max_new_tokens."""
-    if not req.prompt and not req.state:
-        raise InvalidRequest("prompt", "must not be empty (unless the request continues from a state)")
+    """Check every field against the range the kernels accept, before the request shares a step
+    with anyone (a value that fails inside a shared step would end the other rows too); returns
+    the effective max_new_tokens."""
+    if not isinstance(req.prompt, str) or (not req.prompt and not req.state):
+        raise InvalidRequest("prompt", "must be a non-empty string (empty only when the request continues "
+                                       "from a state)")
     if len(req.prompt) > limits.max_prompt_chars:
         raise InvalidRequest("prompt", f"holds {len(req.prompt)} characters; allowed 1..{limits.max_prompt_chars}")
     n = limits.default_new_tokens if req.max_new_tokens is None else req.max_new_tokens
-    if not 1 <= n <= limits.max_new_tokens:
-        raise InvalidRequest("max_new_tokens", f"is {n}; allowed 1..{limits.max_new_tokens}")
+    n = _integer("max_new_tokens", n, 1, limits.max_new_tokens)
     s = req.sampling
     if not s.greedy:
-        if math.isnan(s.temperature) or math.isinf(s.temperature) or s.temperature < 0:
-            raise InvalidRequest("temperature", f"is {s.temperature}; allowed: finite and >= 0 (0 = greedy)")
-        if math.isnan(s.top_p) or not 0.0 < s.top_p <= 1.0:
-            raise InvalidRequest("top_p", f"is {s.top_p}; allowed (0, 1]")
-        if s.top_k < 0:
-            raise InvalidRequest("top_k", f"is {s.top_k}; allowed >= 0 (0 = off)")
-        if math.isnan(s.min_p) or not 0.0 <= s.min_p <= 1.0:
-            raise InvalidRequest("min_p", f"is {s.min_p}; allowed [0, 1] (0 = off)")
-    rep = s.repetition_penalty
+        t = _real("temperature", s.temperature)
+        if math.isnan(t) or math.isinf(t) or t < 0:
+            raise InvalidRequest("temperature", f"is {t}; allowed: finite and >= 0 (0 = greedy)")
+        top_p = _real("top_p", s.top_p)
+        if math.isnan(top_p) or not 0.0 < top_p <= 1.0:
+            raise InvalidRequest("top_p", f"is {top_p}; allowed (0, 1]")
+        _integer("top_k", s.top_k, 0, INT32_MAX, " (0 = off)")
+        min_p = _real("min_p", s.min_p)
+        if math.isnan(min_p) or not 0.0 <= min_p <= 1.0:
+            raise InvalidRequest("min_p", f"is {min_p}; allowed [0, 1] (0 = off)")
+    rep = _real("repetition_penalty", s.repetition_penalty)
     if math.isnan(rep) or not MIN_REPETITION_PENALTY <= rep <= MAX_REPETITION_PENALTY:
         raise InvalidRequest("repetition_penalty", f"is {rep}; allowed [{MIN_REPETITION_PENALTY:g}, "
                                                    f"{MAX_REPETITION_PENALTY:g}] (1 = off)")
     for name in ("frequency_penalty", "presence_penalty"):
-        v = getattr(s, name)
+        v = _real(name, getattr(s, name))
         if math.isnan(v) or not -MAX_OPENAI_PENALTY <= v <= MAX_OPENAI_PENALTY:
             raise InvalidRequest(name, f"is {v}; allowed [-{MAX_OPENAI_PENALTY:g}, {MAX_OPENAI_PENALTY:g}] (0 = off)")
-    if not 0 <= req.state_every <= limits.max_new_tokens:
-        raise InvalidRequest("state_every", f"is {req.state_every}; allowed 0..{limits.max_new_tokens} (0 = off)")
-    if not 0 <= req.top_logprobs <= limits.max_top_logprobs:
-        raise InvalidRequest("top_logprobs", f"is {req.top_logprobs}; allowed 0..{limits.max_top_logprobs}")
+    _integer("state_every", req.state_every, 0, limits.max_new_tokens, " (0 = off)")
+    _integer("top_logprobs", req.top_logprobs, 0, limits.max_top_logprobs)
     if req.top_logprobs and not req.logprobs:
         raise InvalidRequest("top_logprobs", "needs logprobs to be set")
-    if not 0 <= s.seed < 2**64:
-        raise InvalidRequest("seed", f"is {s.seed}; allowed 0..2^64-1")
+    _integer("seed", s.seed, 0, 2**64 - 1)
     if len(req.stop) > limits.max_stop_sequences:
         raise InvalidRequest("stop", f"holds {len(req.stop)} sequences; allowed 0..{limits.max_stop_sequences}")
     for i, seq in enumerate(req.stop):
-        if not 1 <= len(seq) <= limits.max_stop_sequence_chars:
-            raise InvalidRequest(f"stop[{i}]", f"has {len(seq)} characters; allowed 1..{limits.max_stop_sequence_chars}")
+        if not isinstance(seq, str) or not 1 <= len(seq) <= limits.max_stop_sequence_chars:
+            raise InvalidRequest(f"stop[{i}]", f"must be a string of 1..{limits.max_stop_sequence_chars} characters")
     return n
+
+
+def output_entries(max_new_tokens: int, top_logprobs: int, logprobs: bool) -> int:
+    """What one choice may make the server hold: a token, plus its logprob and alternatives."""
+    return max_new_tokens * (1 + (1 + top_logprobs if logprobs else 0))
 
 
 def encode_prompt(req: GenerationRequest, vocab: Vocab) -> list[int]:

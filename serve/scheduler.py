@@ -105,6 +105,7 @@ class Stats:
     steps: int
     tokens_generated: int
     prompt_tokens: int
+    parked: int = 0  # streams whose generation waits for their reader (backpressure)
 
 
 class StepObserver(Protocol):
@@ -155,13 +156,24 @@ class Stream:
 
     A state pushed with the output (state_every) cuts the pile there: the reader's chunk ends at
     the newest state and carries it, and what came after waits for the next read. So a chunk with
-    a state holds exactly the text up to that state, which is what a resuming client needs."""
+    a state holds exactly the text up to that state, which is what a resuming client needs.
+
+    Backpressure: past `max_unread` entries unread (a token, a logprob and each alternative
+    count one), `push` says so and the worker parks the row (its state kept, out of the batch);
+    the reader's next take that leaves room calls `on_room`, and the row rejoins. So what a reader
+    that stops reading makes the server hold is bounded, not its max_new_tokens x logprobs."""
+
+    OVER = 2  # push's flag: past max_unread (1: the reader waits and must be woken)
 
     def __init__(self, seq: Sequence | None = None, on_close: Callable[[], None] | None = None,
-                 whole: bool = False):
+                 whole: bool = False, max_unread: int = 0, on_room: Callable[[Sequence], None] | None = None):
         self.seq = seq
         self.whole = whole
         self._on_close = on_close  # guarded by _lock; None once called
+        self._max_unread = 0 if whole else max_unread  # 0: unbounded (offline's whole streams: its window bounds it)
+        self._on_room = on_room
+        self._unread = 0  # entries pushed and not yet taken; guarded by _lock, as is parked
+        self.parked = False  # the worker parked the row until the reader takes (set by the worker)
         self._lock = threading.Lock()
         self._text: list[str] = []  # guarded by _lock, as are the four below
         self._tokens = 0
@@ -176,23 +188,35 @@ class Stream:
 
     def push(self, text: str, tokens: int, finished: Finished | None, error: GenerationError | None,
              logprob: TokenLogprob | None = None, state: GenerationState | None = None) -> bool:
-        """Worker thread: add output. True when the reader is waiting and must be woken."""
+        """Worker thread: add output. Flags: 1 when the reader is waiting and must be woken, OVER
+        when the stream holds more than max_unread entries and its row should wait for the reader."""
         with self._lock:
             if text:
                 self._text.append(text)
             if logprob is not None:
                 self._logprobs.append(logprob)
+                self._unread += 1 + len(logprob.top)
             self._tokens += tokens
+            self._unread += tokens
             if state is not None:
                 self._cut = (len(self._text), self._tokens, len(self._logprobs), state)
             self._finished = finished or self._finished
             self._error = error or self._error
+            over = self.OVER if self._max_unread and self._unread > self._max_unread and not (
+                self._finished or self._error) else 0
             if self.whole and not (self._finished or self._error):
-                return False
+                return 0
             wake, self._reader_waiting = self._reader_waiting, False
             if self._wake_on_end and (self._finished or self._error):
                 wake, self._wake_on_end = True, False
-        return wake
+        return int(wake) | over
+
+    def park(self) -> bool:
+        """Worker thread: the row leaves the batch until the reader takes; False (stay) when the
+        reader took meanwhile."""
+        with self._lock:
+            self.parked = self._unread > self._max_unread // 2
+            return self.parked
 
     def _take(self) -> Chunk | None:
         """Everything since the last read, or None (and the reader marked waiting) when empty."""
@@ -203,10 +227,14 @@ class Stream:
                     self._reader_waiting = True
                     return None
                 chunk = self._chunk()
+                room = self.parked and self._unread <= self._max_unread // 2
+                self.parked = self.parked and not room
         if error is not None:
             self.done = True
             self.close()  # the error is the reader's last message
             raise error
+        if room:
+            self._on_room(self.seq)
         self.done = chunk.finished is not None
         return chunk
 
@@ -217,12 +245,13 @@ class Stream:
             at_end = cut is not None and cut[:3] == (len(self._text), self._tokens, len(self._logprobs))
             chunk = Chunk("".join(self._text), self._tokens, self._finished, tuple(self._logprobs),
                           cut[3] if at_end else None)
-            self._text, self._tokens, self._logprobs = [], 0, []
+            self._text, self._tokens, self._logprobs, self._unread = [], 0, [], 0
             return chunk
         n_text, n_tokens, n_logprobs, state = cut
         chunk = Chunk("".join(self._text[:n_text]), n_tokens, None, tuple(self._logprobs[:n_logprobs]), state)
         self._text, self._logprobs = self._text[n_text:], self._logprobs[n_logprobs:]
         self._tokens -= n_tokens
+        self._unread = self._tokens + sum(1 + len(lp.top) for lp in self._logprobs)
         return chunk
 
     async def next(self) -> Chunk | None:
@@ -263,9 +292,14 @@ class Stream:
         return chunk
 
     def cancel(self) -> None:
-        """The consumer went away: the row leaves the batch at the next step."""
+        """The consumer went away: the row leaves the batch at the next step (a parked row is
+        handed back to the worker, which drops it)."""
         if self.seq is not None:
             self.seq.cancelled = True
+            with self._lock:
+                room, self.parked = self.parked, False
+            if room:
+                self._on_room(self.seq)
         self.close()
 
     def close(self) -> None:
@@ -297,6 +331,7 @@ class Scheduler:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._cv = threading.Condition()
         self._incoming: list[Sequence] = []  # guarded by _cv
+        self._unparked: list[Sequence] = []  # parked rows whose reader made room; guarded by _cv
         self._in_system = 0  # accepted and not finished; guarded by _cv
         self._open = 0  # accepted and not yet closed by its reader (Stream.close); guarded by _cv
         self._accepting = True
@@ -306,6 +341,8 @@ class Scheduler:
         self._waiting: deque[Sequence] = deque()
         self._priming: list[Sequence] = []
         self._batch: Batch | None = None
+        self._parked: list[Sequence] = []  # out of the batch until their reader takes (Stream.park)
+        self._over: list[Sequence] = []  # rows whose stream passed max_unread in the last delivery
         self._steps = self._tokens_generated = self._prompt_tokens = 0
         self._last_step_end: float | None = None  # None: no decode step since the batch was empty
         self._prime_waited = 0  # decode steps the waiting prompts have waited for company
@@ -360,11 +397,17 @@ class Scheduler:
         with self._cv:
             self._open -= 1
 
+    def _room(self, seq: Sequence) -> None:
+        """A parked row's reader took its output (or cancelled): the worker takes it back."""
+        with self._cv:
+            self._unparked.append(seq)
+            self._cv.notify()
+
     def stats(self) -> Stats:
         batch = self._batch
         generating = len(batch) if batch is not None else 0
         return Stats(generating + len(self._priming), generating, len(self._waiting) + len(self._incoming),
-                     self._steps, self._tokens_generated, self._prompt_tokens)
+                     self._steps, self._tokens_generated, self._prompt_tokens, len(self._parked))
 
     # -- submission (event-loop thread) ---------------------------------------------------------
     def submit(self, req: GenerationRequest, whole: bool = False) -> Stream:
@@ -391,7 +434,8 @@ class Scheduler:
             history = TokenHistory(prompt_ids)
             if state is not None:
                 history.add(state.token)  # generated before the state was taken
-        stream = Stream(on_close=self._stream_closed, whole=whole)
+        stream = Stream(on_close=self._stream_closed, whole=whole, max_unread=self.limits.max_unread_output,
+                        on_room=self._room)
         seq = Sequence(req, prompt_ids, rng, stopper, stream, history=history,
                        want_state=req.return_state or req.state_every > 0)
         if state is not None:
@@ -421,10 +465,13 @@ class Scheduler:
         try:
             while True:
                 with self._cv:
-                    while not (self._incoming or self._waiting or self._priming or self._batch or self._closing):
+                    while not (self._incoming or self._unparked or self._waiting or self._priming or self._batch
+                               or self._closing):
                         self._cv.wait()
                     if self._closing:
                         break
+                    self._unpark(self._unparked)
+                    self._unparked.clear()
                     self._waiting.extend(self._incoming)
                     self._incoming.clear()
                 self._iterate()
@@ -435,6 +482,8 @@ class Scheduler:
 
     def _iterate(self) -> None:
         self._drop_cancelled()
+        if self._over:
+            self._park()
         if self._batch is None:
             self._last_step_end = None  # an idle spell is not an inter-token gap
         room = self.limits.max_concurrent_streams - len(self._priming) - (len(self._batch) if self._batch else 0)
@@ -449,15 +498,14 @@ class Scheduler:
                 (joining if seq.prompt_left == 1 else self._priming).append(seq)
             room -= 1
         if rejoining:
-            self._isolated(rejoining, "state restore", lambda: self._rejoin(rejoining))
+            self._charged(rejoining, "state restore", self._rejoin)
         if joining:
-            self._isolated(joining, "prompt step", lambda: self._join(joining, self._column_states(joining)))
+            self._charged(joining, "prompt step", lambda rows: self._join(rows, self._column_states(rows)))
         if self._priming and (self._batch is None or len(self._priming) >= self.cfg.prime_together
                               or self._prime_waited >= self.cfg.prime_wait_steps
                               or any(s.partial is not None for s in self._priming)):  # mid-prompt: go on
             self._prime_waited = 0
-            rows = self._priming[: self.cfg.max_prefill_rows]
-            self._isolated(rows, "prompt step", lambda: self._prime_chunk(rows))
+            self._charged(self._priming[: self.cfg.max_prefill_rows], "prompt step", self._prime_chunk)
         elif self._priming:
             self._prime_waited += 1
         if self._batch is not None:
@@ -477,9 +525,26 @@ class Scheduler:
             self._last_step_end = None
             out = self._fail(seqs, StepFailed(f"internal error in the {what}: {type(e).__name__}: {e}"))
             with self._cv:  # the part may have released some of them already: count what is held
-                self._in_system = (len(self._incoming) + len(self._waiting) + len(self._priming)
+                self._in_system = (len(self._incoming) + len(self._unparked) + len(self._waiting)
+                                   + len(self._priming) + len(self._parked)
                                    + (len(self._batch) if self._batch is not None else 0))
             self._deliver(out)
+
+    def _charged(self, rows: list[Sequence], what: str, part: Callable[[list[Sequence]], list]) -> None:
+        """`_isolated` for a part that brings `rows` into a shared call (priming, joining the batch),
+        where one request's value can fail the call for all: on a failure the rows are retried in
+        halves, so it ends only the request that caused it. `part` changes nothing before it can
+        fail (it builds, then commits), so a retry starts from where the first try did."""
+        try:
+            self._deliver(part(rows))
+        except Exception:
+            if len(rows) == 1:
+                self._isolated(rows, what, lambda: part(rows))  # fails again: ends this row alone
+                return
+            log.warning("%s failed for %d request(s); retrying them in halves to find the cause", what, len(rows))
+            half = len(rows) // 2
+            self._charged(rows[:half], what, part)
+            self._charged(rows[half:], what, part)
 
     def _die(self, error: BaseException) -> None:
         """The worker cannot go on: refuse new streams, end every held one with UNAVAILABLE and
@@ -514,15 +579,40 @@ class Scheduler:
         if n_gone:
             self._release(n_gone)
 
+    def _park(self) -> None:
+        """Rows whose reader is behind leave the batch with their next input token and state, as a
+        pure continuation does (`rejoin`); they come back through `_unpark` when the reader takes."""
+        over, self._over = {id(s) for s in self._over}, []
+        if self._batch is None:
+            return
+        keep, states = [], None
+        for i, s in enumerate(self._batch.seqs):
+            if id(s) not in over or s.cancelled or not s.sink.park():
+                keep.append(i)
+                continue
+            states = states or tuple(host(x) for x in self._batch.state)  # each [L, B, H]
+            s.rejoin = (int(self._batch.tokens[i]), tuple(x[:, i].copy() for x in states))
+            self._parked.append(s)
+        if len(keep) != len(self._batch):
+            self._batch = self._batch.filter(keep)
+            self._last_step_end = None if self._batch is None else self._last_step_end
+
+    def _unpark(self, seqs: list[Sequence]) -> None:
+        """Under _cv: parked rows with room again go first in the queue (cancelled ones are dropped
+        there, by _drop_cancelled)."""
+        back = {id(s) for s in seqs}
+        self._parked = [s for s in self._parked if id(s) not in back]
+        self._waiting.extendleft(reversed([s for s in seqs if s.rejoin is not None]))
+
     def _rejoin(self, rows: list[Sequence]) -> list:
         """Pure continuations join the decode batch with their state's token and (h, c): their next
         token comes from the same step call it would have come from had the stream never left."""
         tokens = np.array([s.rejoin[0] for s in rows], dtype=np.int64)  # [R]
         state = tuple(np.stack([s.rejoin[1][k] for s in rows], axis=1)  # each [L, R, H]
                       for k in range(len(rows[0].rejoin[1])))
+        self._batch = Batch.concatenate([self._batch, Batch.create(rows, tokens, state)])
         for s in rows:
             s.rejoin = None
-        self._batch = Batch.concatenate([self._batch, Batch.create(rows, tokens, state)])
         return []
 
     def _column_states(self, rows: list[Sequence]) -> tuple[np.ndarray, ...]:
@@ -537,12 +627,20 @@ class Scheduler:
     def _join(self, rows: list[Sequence], state: tuple) -> list:
         """Rows whose prompt has one token left join the decode batch with it as their input and
         `state` (each [L, R, H]): the next step reads it and samples their first token."""
+        self._commit_join(rows, self._joined(rows, state))
+        return []
+
+    def _joined(self, rows: list[Sequence], state: tuple) -> Batch:
+        """The decode batch with `rows` added; changes nothing (each row's sampling arrays are
+        built here, so this is where a request's values meet everyone's)."""
         tokens = np.array([s.prompt_ids[-1] for s in rows], dtype=np.int64)  # [R]
+        return Batch.concatenate([self._batch, Batch.create(rows, tokens, state)])
+
+    def _commit_join(self, rows: list[Sequence], batch: Batch) -> None:
         for s in rows:
             s.primed, s.partial = len(s.prompt_ids), None
         self._prompt_tokens += len(rows)
-        self._batch = Batch.concatenate([self._batch, Batch.create(rows, tokens, state)])
-        return []
+        self._batch = batch
 
     def _prime_chunk(self, rows: list[Sequence]) -> list:
         """One prompt-graph call advancing `rows` (up to max_prefill_rows prompts) by a chunk each;
@@ -554,15 +652,16 @@ class Scheduler:
         for i, s in enumerate(rows):
             tokens[i, : lengths[i]] = s.prompt_ids[s.primed : s.primed + lengths[i]]
         t0 = time.perf_counter()
-        try:
-            _, state = self.engine.prime(tokens, lengths, state)  # the logits: the step graph's job
-        except Exception as e:  # isolate: only these rows fail; the server goes on
-            log.exception("prompt step failed for %d request(s) request_ids=%s", len(rows), _ids(rows))
-            return self._fail(rows, StepFailed(f"model failed while reading the prompt: {e}"))
+        # A failure up to the commit changes nothing, so _charged can retry these rows in halves.
+        _, state = self.engine.prime(tokens, lengths, state)  # the logits: the step graph's job
+        seconds = time.perf_counter() - t0
+        done = [i for i, s in enumerate(rows) if s.prompt_left - int(lengths[i]) <= 1]
+        idx = np.asarray(done, dtype=np.int64)
+        joined = self._joined([rows[i] for i in done], tuple(x[:, idx] for x in state)) if done else None
+        # commit
         n_tokens = int(lengths.sum())
-        self.observer.on_prime(len(rows), n_tokens, time.perf_counter() - t0)
+        self.observer.on_prime(len(rows), n_tokens, seconds)
         self._prompt_tokens += n_tokens
-        done: list[int] = []
         cache = self.prefix_cache
         for i, s in enumerate(rows):
             s.primed += int(lengths[i])
@@ -570,14 +669,11 @@ class Scheduler:
                 cache.store(s.prompt_ids, s.primed, tuple(x[:, i] for x in state))
             if s.prompt_left > 1:
                 s.partial = tuple(x[:, i].copy() for x in state)
-            else:
-                done.append(i)
-        if not done:
-            return []
-        finished = {id(rows[i]) for i in done}
-        self._priming = [s for s in self._priming if id(s) not in finished]
-        idx = np.asarray(done)
-        return self._join([rows[i] for i in done], tuple(x[:, idx] for x in state))
+        if done:
+            finished = {id(rows[i]) for i in done}
+            self._priming = [s for s in self._priming if id(s) not in finished]
+            self._commit_join([rows[i] for i in done], joined)
+        return []
 
     def _chunk_len(self, s: Sequence) -> int:
         """Prompt tokens row `s` reads in the next priming call: a chunk, cut at the next prefix-cache
@@ -685,11 +781,13 @@ class Scheduler:
         return [Output(s.sink, "", 0, None, error) for s in seqs]
 
     def _abort_all(self, error: GenerationError) -> None:
-        seqs = list(self._waiting) + self._priming + (self._batch.seqs if self._batch else [])
+        seqs = list(self._waiting) + self._priming + (self._batch.seqs if self._batch else []) + self._parked
         with self._cv:
             seqs += self._incoming
             self._incoming.clear()
+            self._unparked.clear()
         self._waiting.clear()
+        self._parked = []
         self._batch = None
         if seqs:
             self._deliver(self._fail(seqs, error))
@@ -700,7 +798,13 @@ class Scheduler:
 
     def _deliver(self, out: list) -> None:
         """Hand output to the streams; one loop wake-up per step, and none when no reader waits."""
-        woken = [o.sink for o in out if o.sink.push(o.text, o.tokens, o.finished, o.error, o.logprob, o.state)]
+        woken = []
+        for o in out:
+            flags = o.sink.push(o.text, o.tokens, o.finished, o.error, o.logprob, o.state)
+            if flags & 1:
+                woken.append(o.sink)
+            if flags & Stream.OVER:
+                self._over.append(o.sink.seq)
         if woken and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(_wake_all, woken)
 

@@ -267,4 +267,5 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                 max_concurrent_streams=lim.max_concurrent_streams,
                 max_queued_streams=lim.max_queued_streams, max_request_bytes=lim.max_request_bytes,
                 max_top_logprobs=lim.max_top_logprobs, min_temperature=MIN_TEMPERATURE,
-                max_state_bytes=s.codec.max_bytes))
+                max_state_bytes=s.codec.max_bytes, max_request_output=lim.max_request_output,
+                max_unread_output=lim.max_unread_output))

@@ -53,7 +53,8 @@ def small(bundles, tmp_path_factory):
     """2 concurrent + 2 queued streams."""
     log = tmp_path_factory.mktemp("logs") / "streams.log"
     s = start_server(bundles["char"], log, "--max-concurrent", "2", "--max-queued", "2",
-                     "--max-new-tokens", "100000", "--metrics-port", "0")
+                     "--max-new-tokens", "100000", "--metrics-port", "0",
+                     "--max-unread-output", "100000")  # generate it all unread (backpressure: test_backpressure)
     yield s
     s.stop()
 

@@ -1,6 +1,7 @@
 """Request building and response parsing shared by Client and AsyncClient."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Iterable
 
@@ -80,10 +81,7 @@ def parse_model_info(msg: pb.ModelInfo) -> ModelInfo:
         embedding_size=msg.embedding_size, quantization=msg.quantization,
         execution_provider=msg.execution_provider, model_sha256=msg.model_sha256,
         has_prompt_graph=msg.has_prompt_graph,
-        limits=Limits(lim.max_prompt_chars, lim.max_new_tokens, lim.default_new_tokens, lim.max_stop_sequences,
-                      lim.max_stop_sequence_chars, lim.max_concurrent_streams, lim.max_queued_streams,
-                      lim.max_request_bytes, lim.max_top_logprobs, lim.min_temperature, lim.max_state_bytes,
-                      lim.max_frames_per_message),
+        limits=Limits(**{f.name: getattr(lim, f.name) for f in dataclasses.fields(Limits)}),  # same names
         provenance=json.loads(msg.provenance_json) if msg.provenance_json else {},
         vocabulary=tuple(msg.vocabulary), state_bytes=msg.state_bytes, state_signed=msg.state_signed,
         kind=msg.kind or "text", cell=msg.cell or "lstm", task=msg.task, input_size=msg.input_size,

@@ -72,6 +72,8 @@ class Limits:
     min_temperature: float = 0.0  # temperatures below this decode greedily
     max_state_bytes: int = 0  # largest state a request may carry
     max_frames_per_message: int = 0  # frame models: most frames in one message
+    max_request_output: int = 0  # output entries a request not read as it comes may make the server hold
+    max_unread_output: int = 0  # entries a stream holds unread before its generation waits for the reader
 
 
 @dataclass(frozen=True)

@@ -151,7 +151,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self, include_vocabulary: _Optional[bool] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_prompt_chars", "max_new_tokens", "default_new_tokens", "max_stop_sequences", "max_stop_sequence_chars", "max_concurrent_streams", "max_queued_streams", "max_request_bytes", "max_top_logprobs", "min_temperature", "max_state_bytes", "max_frames_per_message")
+    __slots__ = ("max_prompt_chars", "max_new_tokens", "default_new_tokens", "max_stop_sequences", "max_stop_sequence_chars", "max_concurrent_streams", "max_queued_streams", "max_request_bytes", "max_top_logprobs", "min_temperature", "max_state_bytes", "max_frames_per_message", "max_request_output", "max_unread_output")
     MAX_PROMPT_CHARS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -164,6 +164,8 @@ class Limits(_message.Message):
     MIN_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     MAX_STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_FRAMES_PER_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    MAX_UNREAD_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     max_prompt_chars: int
     max_new_tokens: int
     default_new_tokens: int
@@ -176,7 +178,9 @@ class Limits(_message.Message):
     min_temperature: float
     max_state_bytes: int
     max_frames_per_message: int
-    def __init__(self, max_prompt_chars: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., default_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_stop_sequence_chars: _Optional[int] = ..., max_concurrent_streams: _Optional[int] = ..., max_queued_streams: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., min_temperature: _Optional[float] = ..., max_state_bytes: _Optional[int] = ..., max_frames_per_message: _Optional[int] = ...) -> None: ...
+    max_request_output: int
+    max_unread_output: int
+    def __init__(self, max_prompt_chars: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., default_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_stop_sequence_chars: _Optional[int] = ..., max_concurrent_streams: _Optional[int] = ..., max_queued_streams: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., min_temperature: _Optional[float] = ..., max_state_bytes: _Optional[int] = ..., max_frames_per_message: _Optional[int] = ..., max_request_output: _Optional[int] = ..., max_unread_output: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("level", "vocab_size", "num_layers", "hidden_size", "embedding_size", "quantization", "execution_provider", "model_sha256", "limits", "provenance_json", "vocabulary", "has_prompt_graph", "state_bytes", "state_signed", "kind", "cell", "task", "input_size", "output_size", "class_names", "standardize")
