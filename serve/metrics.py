@@ -85,6 +85,8 @@ class _SchedulerCollector:
         yield GaugeMetricFamily("lstmgen_active_rows", "Rows in the model: priming plus generating",
                                 value=st.active_rows)
         yield GaugeMetricFamily("lstmgen_generating_rows", "Rows in the decode batch", value=st.generating_rows)
+        yield GaugeMetricFamily("lstmgen_parked_streams", "Streams whose generation waits for their reader to take "
+                                "its output (--max-unread-output)", value=st.parked)
         yield GaugeMetricFamily("lstmgen_queued_streams", "Accepted streams waiting for a row", value=st.queued)
         yield GaugeMetricFamily("lstmgen_streams_in_system", "Accepted streams not finished yet (queued + active)",
                                 value=self.scheduler.in_system)
@@ -180,8 +182,8 @@ class Metrics:
             self._http, _thread = start_http_server(port, host, registry=self.registry)
         except OSError as e:  # bare, "[Errno 98] Address already in use" names neither flag nor port
             raise MetricsBindError(f"cannot listen on {host}:{port} for metrics (--metrics-port): {e.strerror}; "
-                                   "in use (another server?) or not an address of this machine; choose another "
-                                   "--metrics-port (0: any free port) or --metrics-host") from None
+                                   "free the port or choose another --metrics-port (0: any free port), and a "
+                                   "--metrics-host of this machine") from None
         return self._http.server_port
 
     def close(self) -> None:
