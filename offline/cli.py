@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import secrets
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from lstmgen.offline.jobs import SampleConfig, check_input, iter_jobs
+from lstmgen.offline.jobs import CheckedInput, SampleConfig, check_input, iter_jobs
 from lstmgen.offline.outputs import DurableAppender, dump_line, journal_path, journal_to_parquet, output_format
 from lstmgen.offline.progress import Progress
-from lstmgen.offline.prompts import InputError, read_items
-from lstmgen.offline.resume import (ResumeError, check_same_run, finished_keys, repair, run_file, skip_finished,
-                                    write_run_file)
+from lstmgen.offline.prompts import INT_RANGES, Fingerprint, InputError, read_items, shown, span
+from lstmgen.offline.resume import (ResumeError, check_same_run, extra_lines_warning, finished_keys, repair, run_file,
+                                    skip_finished, write_run_file)
 from lstmgen.serve.params import Limits, SamplingParams
 
 
@@ -82,6 +83,8 @@ def _fail(message: str) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.window < 0 or args.num_samples < 1 or args.ray_actors < 1:
         return _fail("--batch-size, --num-samples and --ray-actors must be >= 1, --window >= 0")
+    if (message := _flag_error(args)) is not None:
+        return _fail(message)
     if args.ray is not None:
         return _run_ray(args)
     try:
@@ -90,9 +93,51 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(e))
 
 
+def _flag_error(args: argparse.Namespace) -> str | None:
+    """A sampling flag outside what the kernels and the resume key accept, named (as a record's
+    field would be), or None: checked before any record, so the message blames the flag."""
+    values = {"num_samples": args.num_samples, "max_new_tokens": args.max_new_tokens, "top_k": args.top_k,
+              "top_logprobs": args.logprobs, "seed": args.seed}
+    for name, v in values.items():
+        lo, hi = INT_RANGES[name]
+        if v is not None and not lo <= v <= hi:
+            flag = "--logprobs" if name == "top_logprobs" else "--" + name.replace("_", "-")
+            return f"{flag} is {shown(v)}; allowed {span(lo, hi)}"
+    return None
+
+
+def _written_files(out: str) -> tuple[Path, ...]:
+    """Every file a run into `out` writes, replaces or removes."""
+    out_path, meta = Path(out), run_file(out)
+    return (out_path, journal_path(out), meta, out_path.with_name(out_path.name + ".tmp"),
+            meta.with_name(meta.name + ".tmp"))
+
+
+def _check_not_an_input(args: argparse.Namespace) -> None:
+    """Refuses an --out that is (by inode: through symlinks and hard links too) the --prompts file
+    or a file of the bundle: --overwrite would delete it, a run append to it."""
+    bundle = Path(args.bundle)
+    inputs = [("the --prompts file", Path(args.prompts))]
+    inputs += [("a file of the bundle", f) for f in (bundle.iterdir() if bundle.is_dir() else ())]
+    for written in _written_files(args.out):
+        for what, path in inputs:
+            if _same_file(written, path):
+                raise ResumeError(f"--out {args.out} would write over {what} ({path}"
+                                  f"{'' if written == Path(args.out) else ', as ' + str(written)}): "
+                                  "--overwrite or --resume would destroy the input; choose another --out")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
 def _prepare_output(args: argparse.Namespace, settings: dict) -> tuple[dict, bool]:
     """Checks --out against --resume/--overwrite, makes its folder; returns the run's settings
     (the first run's when resuming) and whether a Parquet output is already complete."""
+    _check_not_an_input(args)
     out, journal, meta = Path(args.out), journal_path(args.out), run_file(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.overwrite:
@@ -103,6 +148,10 @@ def _prepare_output(args: argparse.Namespace, settings: dict) -> tuple[dict, boo
         raise ResumeError(f"{args.out} exists: pass --resume to continue it or --overwrite to start again")
     if args.resume and exists:
         first = check_same_run(meta, settings)
+        if "input" not in first:
+            print(f"lstmgen sample: warning: the first run did not record its input; cannot check that "
+                  f"{args.prompts} is unchanged", file=sys.stderr)
+            first["input"] = settings["input"]
         if args.seed is not None and args.seed != first["seed"]:
             raise ResumeError(f"--resume: --seed {args.seed} differs from the first run's {first['seed']}")
         return first, not journal.exists()  # Parquet: the journal is gone once the file is whole
@@ -120,7 +169,8 @@ def _run_local(args: argparse.Namespace) -> int:
     settings = {"bundle": str(Path(args.bundle).resolve()), "prompts": str(Path(args.prompts).resolve()),
                 "format": fmt, "seed": cfg.seed, "config": _jsonable({**asdict(cfg), "seed": None})}
     limits = offline_limits(args.batch_size, window, args.max_new_tokens)
-    total = check_input(args.prompts, cfg, limits)  # every record checked before anything is written
+    checked = check_input(args.prompts, cfg, limits, counts=args.resume)  # before anything is written
+    total, settings["input"] = checked.samples, checked.identity
     settings, complete = _prepare_output(args, settings)
     if complete:
         print(f"lstmgen sample: {args.out} is already complete", file=sys.stderr)
@@ -132,13 +182,9 @@ def _run_local(args: argparse.Namespace) -> int:
         return _fail(str(e))
     journal = journal_path(args.out)
     write_run_file(run_file(args.out), settings)
-    done = None
-    if journal.exists():
-        torn = repair(journal)
-        done = finished_keys(journal, fmt)
-        print(f"lstmgen sample: resuming: {len(done):,} of {total:,} samples already written"
-              + (f"; cut a torn last line ({torn} bytes)" if torn else ""), file=sys.stderr)
-    jobs = iter_jobs(read_items(args.prompts), cfg)
+    done = _finished(journal, fmt, checked, total)
+    reread = Fingerprint()  # the run's own read of the input, to catch an edit during the run
+    jobs = iter_jobs(read_items(args.prompts, reread), cfg)
     if done is not None:
         jobs = skip_finished(jobs, done)
     progress = Progress(total, 0 if done is None else len(done), interval=args.progress_interval,
@@ -152,15 +198,33 @@ def _run_local(args: argparse.Namespace) -> int:
         return 130
     appender.close()
     progress.close()
+    if reread.as_dict() != checked.identity:
+        print(f"lstmgen sample: {args.prompts} changed during the run: {args.out} may mix samples of the old "
+              "and the new prompts; rerun with --overwrite", file=sys.stderr)
+        return 1
     if retries:
         print(f"lstmgen sample: {retries} sample(s) failed in the model and were not written; "
               "rerun with --resume to retry them", file=sys.stderr)
         return 1
     if fmt == "parquet":
-        journal_to_parquet(journal, Path(args.out))
+        journal_to_parquet(journal, Path(args.out), checked.int_ids)
     print(f"lstmgen sample: {total:,} samples in {args.out} ({errors} with an error; base seed {cfg.seed})",
           file=sys.stderr)
     return 1 if errors else 0
+
+
+def _finished(journal: Path, fmt: str, checked: CheckedInput, total: int):
+    """The keys already written when resuming (None for a fresh run), after repairing a torn
+    last line and reporting duplicated or foreign lines."""
+    if not journal.exists():
+        return None
+    torn = repair(journal)
+    finished = finished_keys(journal, fmt, checked.counts)
+    if (warning := extra_lines_warning(journal, finished)) is not None:
+        print(f"lstmgen sample: {warning}", file=sys.stderr)
+    print(f"lstmgen sample: resuming: {len(finished.keys):,} of {total:,} samples already written"
+          + (f"; cut a torn last line ({torn} bytes)" if torn else ""), file=sys.stderr)
+    return finished.keys
 
 
 async def _sample(engine, limits: Limits, jobs, window: int, ordered: bool, appender: DurableAppender, fmt: str,

@@ -6,12 +6,13 @@ and whatever shares its batch.
 """
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from lstmgen.offline.prompts import SAMPLING_FIELDS, InputError, PromptItem, parse_item, read_records
+from lstmgen.offline.prompts import SAMPLING_FIELDS, Fingerprint, InputError, PromptItem, parse_item, read_records
 from lstmgen.serve.errors import InvalidRequest
 from lstmgen.serve.params import GenerationRequest, Limits, SamplingParams, validate
 
@@ -69,17 +70,33 @@ def iter_jobs(items: Iterable[PromptItem], cfg: SampleConfig) -> Iterator[Job]:
         yield from jobs_for(item, index, cfg)
 
 
-def check_input(path: str, cfg: SampleConfig, limits: Limits) -> int:
+@dataclass(frozen=True)
+class CheckedInput:
+    """What the check pass learnt about the input."""
+
+    samples: int  # samples it asks for
+    identity: dict  # {"size", "sha256"} of the bytes read: --resume refuses an input that changed
+    int_ids: bool = False  # every "id" given is an integer (a Parquet output's id column type)
+    counts: array | None = None  # samples asked for per prompt, when wanted (4 bytes a prompt)
+
+
+def check_input(path: str, cfg: SampleConfig, limits: Limits, counts: bool = False) -> CheckedInput:
     """Reads the whole input once (streaming) and checks every record's fields, types and ranges;
-    returns the number of samples it asks for. Raises InputError naming the file and line."""
-    total = 0
-    for where, raw in read_records(path):
+    raises InputError naming the file and line. `counts`: also keep each prompt's sample count
+    (what `--resume` needs to tell a foreign output line from a finished sample)."""
+    total, digest, id_types = 0, Fingerprint(), set()
+    per_prompt = array("I") if counts else None
+    for where, raw in read_records(path, digest):
         item = parse_item(raw, where)
         try:
             validate(request_for(item, cfg, item.seed or 0), limits)
         except InvalidRequest as e:
             raise InputError(f"{where}: {e}") from e
-        total += cfg.num_samples if item.num_samples is None else item.num_samples
+        id_types.add(type(item.id))
+        n = cfg.num_samples if item.num_samples is None else item.num_samples
+        total += n
+        if per_prompt is not None:
+            per_prompt.append(n)
     if total == 0:
         raise InputError(f"{path}: no prompts found")
-    return total
+    return CheckedInput(total, digest.as_dict(), int in id_types and str not in id_types, per_prompt)

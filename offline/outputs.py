@@ -58,7 +58,10 @@ class DurableAppender:
     """Appends lines; flush + fsync every `sync_every` lines or `sync_seconds`, and on close."""
 
     def __init__(self, path: Path, sync_every: int = 1000, sync_seconds: float = 1.0):
-        self._f = open(path, "a", encoding="utf-8", newline="\n")
+        # A lone surrogate (no UTF-8 for it) can only sit inside a JSON-escaped string here, where
+        # backslashreplace's "\ud800" is the JSON escape of the same character: the line stays
+        # valid and reads back equal, instead of the write ending the run.
+        self._f = open(path, "a", encoding="utf-8", errors="backslashreplace", newline="\n")
         self.sync_every, self.sync_seconds = sync_every, sync_seconds
         self._unsynced, self._last_sync = 0, time.monotonic()
 
@@ -103,9 +106,11 @@ def parquet_schema(first: dict):
     ])
 
 
-def journal_to_parquet(journal: Path, out: Path, chunk: int = 16_384) -> None:
+def journal_to_parquet(journal: Path, out: Path, int_ids: bool = False, chunk: int = 16_384) -> None:
     """Converts the finished journal into the Parquet file (streaming, `chunk` rows at a time),
-    then removes the journal. Writes to a temporary name first: a kill here loses nothing."""
+    then removes the journal. Writes to a temporary name first: a kill here loses nothing.
+    `int_ids`: every id of the input is an integer (an int64 column); else ids are strings, an
+    integer one as its decimal text (one column holds one type, whatever the first row has)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -114,9 +119,11 @@ def journal_to_parquet(journal: Path, out: Path, chunk: int = 16_384) -> None:
     try:
         for rows in _journal_rows(journal, chunk):
             if writer is None:
-                schema = parquet_schema(rows[0])
+                schema = parquet_schema({"id": 0} if int_ids else {})
                 writer = pq.ParquetWriter(tmp, schema)
             for r in rows:
+                if not int_ids and isinstance(r.get("id"), int):
+                    r["id"] = str(r["id"])
                 if "logprobs" in r:
                     r["logprobs"] = json.dumps(r["logprobs"])
             writer.write_table(pa.Table.from_pylist(rows, schema=schema))

@@ -18,7 +18,7 @@ import json
 from dataclasses import asdict
 
 from lstmgen.offline.jobs import SampleConfig, jobs_for
-from lstmgen.offline.prompts import InputError, parse_item
+from lstmgen.offline.prompts import decode_json, parse_item
 from lstmgen.offline.runner import LoopThread, offline_limits
 
 
@@ -50,10 +50,7 @@ class _Sampler:
             return parse_item(row, where)
         if self.rows == "text":
             return parse_item({"prompt": row["text"]}, where)
-        try:
-            return parse_item(json.loads(row["text"]), where)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{where}: not valid JSON: {e}") from e
+        return parse_item(decode_json(row["text"], where), where)
 
     def __call__(self, batch):
         import pyarrow as pa

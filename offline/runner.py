@@ -67,6 +67,9 @@ async def run_one(scheduler: Scheduler, job: Job) -> Result:
     except GenerationError as e:
         row["error"] = str(e)
         return Result(job, row, 0, retry=True)
+    except Exception as e:  # anything else this one record raised: its line says so, the run goes on
+        row["error"] = f"failed while sampling this record: {type(e).__name__}: {e}"
+        return Result(job, row, 0)
     row.update(text="".join(parts), finish_reason=fin.reason.value, prompt_tokens=fin.prompt_tokens,
                generated_tokens=fin.generated_tokens)
     if fin.stop_sequence:

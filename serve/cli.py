@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-message-interval-ms", type=float, default=s.min_message_interval_s * 1e3,
                    help="least time between one stream's messages after its first token (0: no floor)")
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight streams get on SIGTERM")
+    p.add_argument("--frame-idle-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="frame models: end a stream whose client has neither sent a frame nor read an output for "
+                        "this long, with DEADLINE_EXCEEDED, freeing its slot (0: never)")
     d = Limits()
     p.add_argument("--max-prompt-chars", type=int, default=d.max_prompt_chars, help="longest prompt accepted")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="largest max_new_tokens accepted")
@@ -43,6 +46,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-request-bytes", type=int, default=None,
                    help="largest request message in bytes; bigger ones get RESOURCE_EXHAUSTED before they "
                         "are parsed (unset: 4 bytes per --max-prompt-chars + 64 KiB + the model's largest state)")
+    p.add_argument("--max-request-output", type=int, default=d.max_request_output,
+                   help="output entries (tokens, logprobs and each alternative) an HTTP completion that is not "
+                        "streamed may make the server hold: choices x max_tokens x (2 + logprobs); more: 400")
+    p.add_argument("--max-unread-output", type=int, default=d.max_unread_output,
+                   help="entries a stream may hold unread; past it its generation pauses until the client reads "
+                        "(backpressure)")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens primed per call per request")
     p.add_argument("--prefix-cache-mb", type=float, default=SchedulerConfig.prefix_cache_mb,
                    help="memory for states after prompt prefixes, so a prompt that begins like an earlier one "
@@ -67,6 +76,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "playground page (/) on this port, sharing the model and batch; TLS and token as for gRPC "
                         "(0: any free port; unset: off)")
     p.add_argument("--http-host", default=None, help="address for the HTTP port (unset: --host's)")
+    p.add_argument("--http-read-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="an HTTP request's head and body must arrive within this, from connecting or from the "
+                        "previous response; slower: 408 and the connection is closed")
+    p.add_argument("--http-max-connections", type=int, default=1024, metavar="N",
+                   help="open HTTP connections; past it the longest-idle one is closed, or the new one gets 503 "
+                        "(fewer when the descriptor limit, less a reserve for gRPC and metrics, leaves less room)")
     p.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING, ERROR)")
     p.add_argument("--quiet", "-q", action="store_true",
                    help="log warnings and errors only (as --log-level WARNING); the 'serving on' line stays")
@@ -88,8 +103,10 @@ def config_from_args(args: argparse.Namespace):
                     default_new_tokens=min(args.default_new_tokens, args.max_new_tokens),
                     max_stop_sequences=d.max_stop_sequences, max_stop_sequence_chars=d.max_stop_sequence_chars,
                     max_concurrent_streams=args.max_concurrent, max_queued_streams=args.max_queued,
-                    max_request_bytes=args.max_request_bytes or 0)
+                    max_request_bytes=args.max_request_bytes or 0, max_request_output=args.max_request_output,
+                    max_unread_output=args.max_unread_output)
     return ServerConfig(bundle=args.bundle, host=args.host, port=args.port, grace_s=args.grace,
+                        frame_idle_timeout_s=args.frame_idle_timeout,
                         engine=EngineConfig(device=args.device, intra_op_threads=args.threads,
                                             spin=args.spin),
                         service=ServiceConfig(message_budget_per_s=args.message_budget,
@@ -102,6 +119,7 @@ def config_from_args(args: argparse.Namespace):
                         state_key_file=args.state_key,
                         metrics_port=args.metrics_port, metrics_host=args.metrics_host,
                         http_port=args.http_port, http_host=args.http_host,
+                        http_read_timeout_s=args.http_read_timeout, http_max_connections=args.http_max_connections,
                         inject_step_failure_every=args.inject_step_failure_every,
                         inject_worker_crash_at_step=args.inject_worker_crash_at_step)
 
@@ -114,7 +132,8 @@ def describe(cfg) -> str:
              f"limits: prompt {lim.max_prompt_chars:,} chars, new tokens {lim.max_new_tokens:,} "
              f"(default {lim.default_new_tokens:,}), {lim.max_concurrent_streams} concurrent, "
              f"{lim.max_queued_streams} queued, request "
-             + (f"{lim.max_request_bytes:,} bytes" if lim.max_request_bytes else "bytes: prompt and state limits"),
+             + (f"{lim.max_request_bytes:,} bytes" if lim.max_request_bytes else "bytes: prompt and state limits")
+             + f", output {lim.max_request_output:,} entries a request, {lim.max_unread_output:,} unread a stream",
              f"prefill chunk {cfg.scheduler.prefill_chunk}, a new prompt waits up to "
              f"{cfg.scheduler.prime_wait_steps} decode steps for company",
              "prefix cache " + (f"{cfg.scheduler.prefix_cache_mb:g} MiB, every {cfg.scheduler.prefix_cache_every} tokens"
@@ -124,7 +143,8 @@ def describe(cfg) -> str:
              "token auth " + ("on" if cfg.auth_token_file else "off"),
              "state signing " + ("on" if cfg.state_key_file else "off"),
              "metrics " + ("off" if cfg.metrics_port is None else f"{cfg.metrics_host or cfg.host}:{cfg.metrics_port}"),
-             "http " + ("off" if cfg.http_port is None else f"{cfg.http_host or cfg.host}:{cfg.http_port}")]
+             "http " + ("off" if cfg.http_port is None else f"{cfg.http_host or cfg.host}:{cfg.http_port} "
+                        f"(read timeout {cfg.http_read_timeout_s:g}s, at most {cfg.http_max_connections} connections)")]
     hooks = [f"{name} {getattr(cfg, name)}" for name in ("inject_step_failure_every", "inject_worker_crash_at_step")
              if getattr(cfg, name)]
     if hooks:
@@ -160,8 +180,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"lstmgen serve: --prefix-cache-mb must be >= 0 (got {args.prefix_cache_mb:g}) and "
               f"--prefix-cache-every >= 1 (got {args.prefix_cache_every})", file=sys.stderr)
         return 2
+    for flag, value in (("--max-request-output", args.max_request_output),
+                        ("--max-unread-output", args.max_unread_output)):
+        if value < 1:
+            print(f"lstmgen serve: {flag} must be >= 1 (got {value})", file=sys.stderr)
+            return 2
     if args.prime_wait_steps < 0:
         print(f"lstmgen serve: --prime-wait-steps must be >= 0 (got {args.prime_wait_steps})", file=sys.stderr)
+        return 2
+    if not args.frame_idle_timeout >= 0:  # also NaN
+        print(f"lstmgen serve: --frame-idle-timeout must be >= 0 seconds, 0 for never "
+              f"(got {args.frame_idle_timeout:g})", file=sys.stderr)
+        return 2
+    if not 0 < args.http_read_timeout < float("inf") or args.http_max_connections < 1:
+        print(f"lstmgen serve: --http-read-timeout must be a positive number of seconds (got "
+              f"{args.http_read_timeout:g}) and --http-max-connections >= 1 (got {args.http_max_connections})",
+              file=sys.stderr)
         return 2
     setup_logging("WARNING" if args.quiet else args.log_level, args.log_format)
     from lstmgen.serve.server import run_until_signal

@@ -11,7 +11,7 @@ import grpc
 
 from lstmgen.serve.errors import GenerationError, InvalidRequest, WrongModel
 from lstmgen.serve.frames import FrameOutput, FrameScheduler, FrameStream
-from lstmgen.serve.service import _abort_gone, _lenient, _not_a_message, request_id, status_for
+from lstmgen.serve.service import REQUEST_ID_KEY, _abort_gone, _lenient, _not_a_message, request_id, status_for
 from lstmgen.serve.state_blob import StateCodec
 from lstmgen_client.v1 import generator_pb2 as pb
 
@@ -32,6 +32,43 @@ def frame_model_info(engine, frame_limits, limits, codec: StateCodec) -> pb.Mode
         state_bytes=codec.state_bytes, state_signed=codec.key is not None,
         limits=pb.Limits(max_concurrent_streams=frame_limits.max_streams, max_request_bytes=limits.max_request_bytes,
                          max_frames_per_message=frame_limits.max_frames_per_message, max_state_bytes=codec.max_bytes))
+
+
+class IdleWatch:
+    """Ends the calling task's stream once its client has neither sent a message nor read an output
+    for `timeout` seconds (0: never). One timer handle on the event loop per stream, no thread: it
+    is re-armed when it fires, not on each message, so a busy stream costs a clock read per message."""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self.expired = False
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._last = self._loop.time()
+        self._timer = self._loop.call_later(timeout, self._check) if timeout > 0 else None
+
+    @property
+    def message(self) -> str:
+        return (f"the client neither sent a frame nor read an output for {self.timeout:g}s, the server's "
+                f"--frame-idle-timeout; a paused source keeps its stream open by sending an empty FramesRequest")
+
+    def touch(self) -> None:
+        """The client sent a message or took an output."""
+        self._last = self._loop.time()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        left = self._last + self.timeout - self._loop.time()
+        if left > 0:
+            self._timer = self._loop.call_later(left, self._check)
+            return
+        self._timer = None
+        self.expired = True
+        self._task.cancel()  # wherever the handler waits (a read, the worker, a write the client holds)
 
 
 def output_to_pb(out: FrameOutput, classify: bool) -> pb.FramesResponse:
@@ -82,42 +119,60 @@ class FrameService:
         reader: asyncio.Task | None = None
         status, frames = "CANCELLED", 0
         classify = self.scheduler.spec.task == "classification"
+        idle = IdleWatch(self.scheduler.limits.idle_timeout_s)
         try:
-            it = aiter(requests)
-            first = await anext(it, _END)
-            if first is _END:  # the client closed without a message: nothing to do
-                await context.write(pb.FramesResponse(finished=True))
-                status = "OK"
-                return
-            if not isinstance(first, pb.FramesRequest):
-                raise _not_a_message(pb.FramesRequest)
-            opts = first.options
-            state = self.codec.decode_frames(opts.state) if opts.state else None
-            stream = self.scheduler.open(final_only=opts.final_only, state=state)
-            reader = asyncio.create_task(self._read(first, it, stream))
-            while True:
-                out = stream.next_output()
-                if out is None:
-                    if stream.cancelled:  # the client's side broke: nobody to answer
+            try:
+                it = aiter(requests)
+                first = await anext(it, _END)
+                idle.touch()
+                if first is _END:  # the client closed without a message: nothing to do
+                    await context.write(pb.FramesResponse(finished=True))
+                    status = "OK"
+                    return
+                if not isinstance(first, pb.FramesRequest):
+                    raise _not_a_message(pb.FramesRequest)
+                opts = first.options
+                state = self.codec.decode_frames(opts.state) if opts.state else None
+                stream = self.scheduler.open(final_only=opts.final_only, state=state)
+                # Headers now, not with the first output: a status must not wait for a write that
+                # the client holds (gRPC refuses the status while the headers ride on that write)
+                await context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
+                reader = asyncio.create_task(self._read(first, it, stream, idle))
+                while True:
+                    out = self.scheduler.read(stream)
+                    if out is None:
+                        if stream.cancelled:  # the client's side broke: nobody to answer
+                            break
+                        await stream.wait_ready()
+                        continue
+                    frames = out.frames_total
+                    if len(out.values) or out.finished:
+                        resp = output_to_pb(out, classify)
+                        if out.finished and opts.return_state:  # drained: the worker is done with its state
+                            resp.state = self.codec.encode_frames(stream.state, out.frames_total)
+                        await context.write(resp)  # waits while the client does not read (flow control)
+                        idle.touch()
+                    if out.finished:
                         break
-                    await stream.wait_ready()
-                    continue
-                frames = out.frames_total
-                if len(out.values) or out.finished:
-                    resp = output_to_pb(out, classify)
-                    if out.finished and opts.return_state:  # drained: the worker is done with its state
-                        resp.state = self.codec.encode_frames(stream.state, out.frames_total)
-                    await context.write(resp)
-                if out.finished:
-                    break
-            status = "OK"
+                status = "OK"
+            finally:
+                idle.stop()  # the endings below may wait; nothing cancels them
+        except asyncio.CancelledError:
+            if not idle.expired:
+                raise  # the client cancelled: grpc.aio's own path
+            task = asyncio.current_task()
+            if hasattr(task, "uncancel"):  # Python 3.11+: that cancel was ours, and it is handled
+                task.uncancel()
+            # Returned, not aborted: grpc.aio sends the status once the handler is done, so the row
+            # goes now even if the status waits behind outputs the client never read.
+            status = "DEADLINE_EXCEEDED"
+            context.set_code(grpc.StatusCode.DEADLINE_EXCEEDED)
+            context.set_details(idle.message)
         except grpc.aio.InternalError:
             await _abort_gone(context, grpc.StatusCode.CANCELLED, "the client went away")
         except GenerationError as e:
             status = status_for(e).name
             await _abort_gone(context, status_for(e), str(e))
-        except asyncio.CancelledError:
-            raise  # the client cancelled: grpc.aio's own path
         except Exception as e:  # a bug: INTERNAL, one log line with the traceback, the server goes on
             log.exception("unexpected error request_id=%s", rid, extra={"request_id": rid})
             status = "INTERNAL"
@@ -133,7 +188,7 @@ class FrameService:
             log.info("frame stream end request_id=%s status=%s frames=%d duration_ms=%.1f", rid, status, frames,
                      (time.perf_counter() - t0) * 1e3, extra={"request_id": rid})
 
-    async def _read(self, first: pb.FramesRequest, requests, stream: FrameStream) -> None:
+    async def _read(self, first: pb.FramesRequest, requests, stream: FrameStream, idle: IdleWatch) -> None:
         """Feed the client's frames to the scheduler; a bad message fails the stream."""
         try:
             msg, seen = first, 0
@@ -143,9 +198,12 @@ class FrameService:
                 x = self.scheduler.check_frames(msg.values, seen)
                 seen += len(x)
                 if len(x):
-                    await stream.wait_room()  # the model is behind: stop reading (gRPC flow control)
+                    # the model is behind, or the client does not read its outputs: stop reading
+                    # (gRPC flow control holds the client)
+                    await stream.wait_room()
                     self.scheduler.feed(stream, x)
                 msg = await anext(requests, _END)
+                idle.touch()
                 if msg is _END:
                     break
             self.scheduler.end_input(stream)

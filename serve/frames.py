@@ -31,7 +31,12 @@ class FrameLimits:
     max_streams: int = 512  # streams open at once; more get RESOURCE_EXHAUSTED
     max_frames_per_message: int = 1024
     max_pending_frames: int = 4096  # per stream: past this the edge stops reading (gRPC flow control)
+    # Per stream: outputs the client has not read yet. At this many the row is not stepped, so its
+    # frames pile up to max_pending_frames and the edge stops reading its input: a client that sends
+    # and never reads holds both buffers, no more.
+    max_pending_outputs: int = 4096
     frames_per_step: int = 64  # most frames of one stream in one model call
+    idle_timeout_s: float = 300.0  # a stream whose client neither sends nor reads this long ends; 0: never
 
 
 @dataclass(frozen=True)
@@ -56,15 +61,18 @@ class FrameStream:
     """One client's sequence. The edge feeds frames (event loop); the worker runs them; the edge
     reads the outputs as they come."""
 
-    def __init__(self, state: tuple[np.ndarray, ...], final_only: bool, frames_before: int = 0):
+    def __init__(self, state: tuple[np.ndarray, ...], final_only: bool, frames_before: int = 0,
+                 max_outputs: int = FrameLimits.max_pending_outputs):
         self.state = state  # the worker's while frames run; the edge's once the stream is drained
         self.final_only = final_only
+        self.max_outputs = max_outputs
         self._lock = threading.Lock()
         self._pending: deque[np.ndarray] = deque()  # chunks of frames [n, D_in] not run yet; guarded by _lock
         self._n_pending = 0  # frames in _pending
         self._running = 0  # frames taken by the worker whose output is not in yet; guarded by _lock
         self._input_done = False  # the client half-closed; guarded by _lock
-        self._outputs: list[np.ndarray] = []  # output chunks [n, D_out] not read yet; guarded by _lock
+        self._outputs: deque[np.ndarray] = deque()  # output chunks [n, D_out] not read yet; guarded by _lock
+        self._n_outputs = 0  # rows in _outputs
         self._last: np.ndarray | None = None  # final_only: the newest output row
         self._error: GenerationError | None = None
         self._total = frames_before  # frames read, those before a continued state included
@@ -76,21 +84,17 @@ class FrameStream:
 
     # -- worker thread --------------------------------------------------------------------------
     def take_frames(self, most: int) -> np.ndarray | None:
-        """Up to `most` of the oldest pending frames [n, D_in], or None."""
+        """Up to `most` of the oldest pending frames [n, D_in] (fewer if the unread outputs would
+        pass their cap), or None."""
         with self._lock:
-            if not self._pending:
+            most = min(most, self._output_room())
+            if not self._pending or most <= 0:
                 return None
-            taken, n = [], 0
-            while self._pending and n < most:
-                chunk = self._pending.popleft()
-                if n + len(chunk) > most:  # split: the rest stays first in line
-                    self._pending.appendleft(chunk[most - n:])
-                    chunk = chunk[: most - n]
-                taken.append(chunk)
-                n += len(chunk)
+            taken = _take(self._pending, most)
+            n = len(taken)
             self._n_pending -= n
             self._running += n
-            return taken[0] if len(taken) == 1 else np.concatenate(taken)
+            return taken
 
     def add_outputs(self, rows: np.ndarray) -> None:
         """The outputs [n, D_out] of the n frames taken last, in order."""
@@ -101,6 +105,7 @@ class FrameStream:
                 self._last = rows[-1]
             else:
                 self._outputs.append(rows)
+                self._n_outputs += len(rows)
 
     @property
     def drained(self) -> bool:
@@ -115,10 +120,19 @@ class FrameStream:
             self._n_pending = self._running = 0
 
     def runnable(self) -> bool:
-        """Frames to run, or an end to announce (worker thread, under the scheduler's lock)."""
+        """Frames to run and room for their outputs, or an end to announce (worker thread, under
+        the scheduler's lock)."""
         if self.cancelled or self._error is not None:
             return False
-        return bool(self._pending) or (self._input_done and not self._ended)
+        if self._pending:
+            return self._output_room() > 0
+        return self._input_done and not self._ended
+
+    def _output_room(self) -> int:
+        """Outputs the worker may still add before the client reads (under _lock)."""
+        if self.final_only:  # keeps only its newest output row
+            return self.max_outputs
+        return self.max_outputs - self._n_outputs - self._running
 
     # -- event loop -----------------------------------------------------------------------------
     def pending(self) -> int:
@@ -138,21 +152,24 @@ class FrameStream:
         """Event loop: make the reader look again (an error or a broken input was recorded)."""
         self._ready.set()
 
-    def next_output(self) -> FrameOutput | None:
-        """Everything computed since the last read (raises the stream's error); None: nothing yet."""
+    def next_output(self, most: int) -> tuple[FrameOutput | None, bool]:
+        """Up to `most` of the outputs computed since the last read (raises the stream's error), or
+        None: nothing yet; and whether the read gave room to a row held back by its unread outputs."""
         with self._lock:
             if self._error is not None:
                 raise self._error
-            done = self._input_done and not self._pending and not self._running
-            chunks = self._outputs
+            held = bool(self._pending) and self._output_room() <= 0
+            values = _take(self._outputs, most) if self._outputs else None
+            n = 0 if values is None else len(values)
+            self._n_outputs -= n
+            done = self._input_done and not self._pending and not self._running and not self._outputs
             if self.final_only and done and self._last is not None:
-                chunks = [self._last[None]]
-            if not chunks and not done:
-                return None
-            self._outputs = []
-            values = (chunks[0] if len(chunks) == 1 else np.concatenate(chunks)) if chunks \
-                else np.zeros((0, 0), np.float32)
-            return FrameOutput(values, self._total, done)
+                values = self._last[None]
+            if values is None and not done:
+                return None, False
+            if values is None:
+                values = np.zeros((0, 0), np.float32)
+            return FrameOutput(values, self._total - self._n_outputs, done), held and n > 0
 
 
 class FrameScheduler:
@@ -209,7 +226,7 @@ class FrameScheduler:
             raise InvalidRequest("options.final_only", "is only for classification models; this one does "
                                                        f"{self.spec.task}")
         tensors, before = state if state is not None else (self.engine.zeros_row(), 0)
-        stream = FrameStream(tensors, final_only, before)
+        stream = FrameStream(tensors, final_only, before, self.limits.max_pending_outputs)
         with self._cv:
             if not self._accepting:
                 raise Unavailable("server is shutting down; not accepting new streams")
@@ -252,6 +269,15 @@ class FrameScheduler:
             stream._input_done = True
         with self._cv:
             self._cv.notify()
+
+    def read(self, stream: FrameStream) -> FrameOutput | None:
+        """The stream's next outputs, at most a message's worth; a row held back by its unread
+        outputs is stepped again once the client reads them."""
+        out, freed = stream.next_output(self.limits.max_frames_per_message)
+        if freed:
+            with self._cv:
+                self._cv.notify()
+        return out
 
     def release(self, stream: FrameStream) -> None:
         """The edge is done with the stream (ended, failed or cancelled): its row goes."""
@@ -313,7 +339,8 @@ class FrameScheduler:
         for i, f in enumerate(frames):
             x[i, : len(f)] = f
         y, new = self.engine.run(x, lengths, state)  # [B, T, D_out]
-        outs = [y[i, :n] for i, n in enumerate(lengths.tolist())]
+        # copies: a view would keep the whole batch's y alive while one stream's outputs wait unread
+        outs = [y[i, :n].copy() for i, n in enumerate(lengths.tolist())]
         if not all(np.isfinite(o).all() for o in outs):
             raise FloatingPointError("the model produced non-finite outputs")
         self.steps += 1
@@ -337,6 +364,20 @@ class FrameScheduler:
         for s in streams:
             s.fail(error)
         self._wake(streams)
+
+
+def _take(chunks: deque[np.ndarray], most: int) -> np.ndarray:
+    """Up to `most` rows from the front of a non-empty queue of chunks [n, D]; a chunk split in
+    two leaves its rest first in line."""
+    taken, n = [], 0
+    while chunks and n < most:
+        chunk = chunks.popleft()
+        if n + len(chunk) > most:
+            chunks.appendleft(chunk[most - n:])
+            chunk = chunk[: most - n]
+        taken.append(chunk)
+        n += len(chunk)
+    return taken[0] if len(taken) == 1 else np.concatenate(taken)
 
 
 def _set_all(events: list[asyncio.Event]) -> None:

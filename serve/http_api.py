@@ -20,24 +20,21 @@ import asyncio
 import hmac
 import json
 import logging
-import socket
 import time
 from pathlib import Path
 from typing import AsyncIterator
 
 import anyio
-import uvicorn
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from lstmgen.errors import UserError
 from lstmgen.serve.errors import GenerationError, InvalidRequest, Overloaded, Unauthenticated
 from lstmgen.serve.metrics import Metrics
 from lstmgen.serve.openai_compat import (FINISH_REASON, CompletionRequest, error_json, logprobs_json,
                                          param_name, parse_completion, usage_json)
-from lstmgen.serve.params import MIN_TEMPERATURE, request_bytes_for
+from lstmgen.serve.params import MIN_TEMPERATURE, output_entries, request_bytes_for, validate
 from lstmgen.serve.scheduler import Chunk, Scheduler, Stream
 from lstmgen.serve.service import (REQUEST_ID_KEY, ServiceConfig, pace, rejection_reason, request_id,
                                    status_for)
@@ -47,10 +44,6 @@ PLAYGROUND = Path(__file__).parent / "playground" / "index.html"
 # gRPC status name (the metrics' label) -> HTTP status and OpenAI error type
 _HTTP = {"INVALID_ARGUMENT": (400, "invalid_request_error"), "RESOURCE_EXHAUSTED": (429, "rate_limit_error"),
          "UNAVAILABLE": (503, "service_unavailable_error"), "UNAUTHENTICATED": (401, "authentication_error")}
-
-
-class HttpBindError(UserError, OSError):
-    """The HTTP address cannot be listened on."""
 
 
 class _Call:
@@ -77,6 +70,8 @@ class _Call:
         elif not self.streams and rejection_reason(e) and not isinstance(e, _TooLarge):
             self.api.metrics.rejected(rejection_reason(e))
         http, kind = _HTTP.get(code, (500, "server_error"))
+        if isinstance(e, _TooLarge):  # not a rate limit: the SDKs would wait and send it again
+            kind = "invalid_request_error"
         http = next((v for cls, v in _HTTP_SPECIAL.items() if isinstance(e, cls)), http)
         param = getattr(e, "field", None)
         return http, error_json(self.error, kind, param, code.lower())
@@ -129,7 +124,8 @@ class HttpApi:
             "model_sha256": m.model_sha256, "limits": {
                 "max_prompt_chars": lim.max_prompt_chars, "max_tokens": lim.max_new_tokens,
                 "default_max_tokens": lim.default_new_tokens, "max_stop_sequences": lim.max_stop_sequences,
-                "max_logprobs": lim.max_top_logprobs, "min_temperature": MIN_TEMPERATURE}}}
+                "max_logprobs": lim.max_top_logprobs, "min_temperature": MIN_TEMPERATURE,
+                "max_request_output": lim.max_request_output, "max_unread_output": lim.max_unread_output}}}
 
     def _refuse(self, request: Request) -> Response | None:
         """401 unless the request carries exactly the server's `Authorization: Bearer` token."""
@@ -152,15 +148,27 @@ class HttpApi:
         refused = self._refuse(request)
         if refused is not None:
             return refused
-        call = _Call(self, request_id(((REQUEST_ID_KEY, request.headers.get(REQUEST_ID_KEY)),)))
+        rid = request_id(((REQUEST_ID_KEY, request.headers.get(REQUEST_ID_KEY)),))
+        try:  # not a stream (nor in open_streams) until its body is read
+            body = await self._json(request)
+        except ClientDisconnect:  # the client left mid-body: a cancel, not a server error
+            self.metrics.stream_ended("CANCELLED")
+            log.info("completion cancelled request_id=%s: the client disconnected before its body was read", rid,
+                     extra={"request_id": rid})
+            return Response(status_code=499)  # nobody reads it
+        except GenerationError as e:
+            body = e
+        call = _Call(self, rid)
         headers = {REQUEST_ID_KEY: call.rid}
         try:
-            creq = parse_completion(await self._json(request), call.rid)
+            if isinstance(body, Exception):
+                raise body
+            creq = parse_completion(body, call.rid)
             self._submit(call, creq)
         except Exception as e:
             status, body = call.failed(e)
             call.end()
-            return JSONResponse(body, status_code=status, headers=headers)
+            return _json_response(body, status, headers)
         if creq.stream:
             return _EventStream(self._events(call, creq), headers)
         try:
@@ -171,12 +179,15 @@ class HttpApi:
         except Exception as e:
             status, body = call.failed(e)
             call.end()
-            return JSONResponse(body, status_code=status, headers=headers)
+            return _json_response(body, status, headers)
         call.status = "OK"
         call.end()
-        return JSONResponse(body, headers=headers)
+        return _json_response(body, 200, headers)
 
     async def _json(self, request: Request) -> object:
+        if "content-length" in request.headers and "transfer-encoding" in request.headers:
+            raise InvalidRequest("body", "framed twice: a request may not carry both Content-Length and "
+                                         "Transfer-Encoding (RFC 9112, 6.1)")
         limit = self.scheduler.limits.max_request_bytes or request_bytes_for(self.scheduler.limits.max_prompt_chars)
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
@@ -188,14 +199,18 @@ class HttpApi:
                 raise _TooLarge(len(data), limit)
         try:
             return json.loads(data)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError) as e:  # a 5,000-digit integer is a ValueError too
             raise InvalidRequest("body", f"is not valid JSON ({e})") from None
+        except RecursionError:
+            raise InvalidRequest("body", "nests arrays or objects too deeply to be a completion request") from None
 
     def _submit(self, call: _Call, creq: CompletionRequest) -> None:
         """Admit every choice or none: a refusal cancels the ones already admitted."""
         if creq.model not in (None, self.model_name):
             raise _ModelNotFound(creq.model, self.model_name)
         prompts = len(creq.choices) // creq.n
+        if not creq.stream:
+            self._check_output(creq, prompts)
         for i, req in enumerate(creq.choices):
             try:
                 call.streams.append(self.scheduler.submit(req))
@@ -207,20 +222,40 @@ class HttpApi:
                     raise InvalidRequest(param_name(e, i, prompts, creq.n), str(e).partition(": ")[2]) from None
                 raise
 
+    def _check_output(self, creq: CompletionRequest, prompts: int) -> None:
+        """A completion that is not streamed is held whole until its end: refuse one whose choices
+        could make more than max_request_output entries (tokens, logprobs and alternatives)."""
+        limits = self.scheduler.limits
+        entries = 0
+        for i, req in enumerate(creq.choices):
+            try:
+                n_new = validate(req, limits)
+            except InvalidRequest as e:  # named as the client wrote it
+                raise InvalidRequest(param_name(e, i, prompts, creq.n), str(e).partition(": ")[2]) from None
+            entries += output_entries(n_new, req.top_logprobs, req.logprobs)
+        if entries > limits.max_request_output:
+            lp = f" x (2 + logprobs {creq.logprobs})" if creq.logprobs is not None else ""
+            raise InvalidRequest("max_tokens", f"{len(creq.choices)} choice(s) x max_tokens{lp} = {entries:,} output "
+                                               f"entries; a request that is not streamed may make at most "
+                                               f"{limits.max_request_output:,} (GET /v1/models: "
+                                               "lstmgen.limits.max_request_output): stream it, or lower n, "
+                                               "max_tokens or logprobs")
+
     async def _merged(self, call: _Call) -> AsyncIterator[tuple[int, Chunk]]:
         """(choice index, chunk) from every choice's stream as they come; each stream is paced as a
-        gRPC stream is (ServiceConfig), so tokens made meanwhile ride in one event."""
-        queue: asyncio.Queue = asyncio.Queue()
+        gRPC stream is (ServiceConfig), so tokens made meanwhile ride in one event. The queue is
+        bounded: a client that stops reading stops the pumps, so its streams' rows park (Stream)."""
+        queue: asyncio.Queue = asyncio.Queue(maxsize=2 * len(call.streams))
 
         async def pump(i: int, stream: Stream) -> None:
             try:
                 async for chunk in stream:
-                    queue.put_nowait((i, chunk, None))
+                    await queue.put((i, chunk, None))
                     if chunk.finished is None:
                         await pace(self.scheduler, self.cfg, stream)
-                queue.put_nowait((i, None, None))
+                await queue.put((i, None, None))
             except Exception as e:  # the stream's error: the whole completion ends with it
-                queue.put_nowait((i, None, e))
+                await queue.put((i, None, e))
 
         tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(call.streams)]
         try:
@@ -286,8 +321,21 @@ class HttpApi:
             call.end()
 
 
+def _dumps(obj: dict) -> bytes:
+    """UTF-8 JSON; escaped (ASCII) when a string holds a lone surrogate (an unknown key "\\ud800"
+    quoted in an error message), which UTF-8 cannot carry."""
+    try:
+        return json.dumps(obj, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return json.dumps(obj).encode()
+
+
+def _json_response(body: dict, status: int, headers: dict[str, str]) -> Response:
+    return Response(_dumps(body), status_code=status, headers=headers, media_type="application/json")
+
+
 def _sse(obj: dict) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+    return b"data: " + _dumps(obj) + b"\n\n"
 
 
 class _TooLarge(Overloaded):
@@ -356,39 +404,3 @@ class _EventStream:
                 tg.cancel_scope.cancel()
         finally:
             await self.events.aclose()  # runs the source's finally: streams cancelled, call counted
-
-
-class HttpServer:
-    """uvicorn on the running event loop, on a socket bound here (so a busy port fails at start,
-    and port 0 reports the port it got). Signals stay with run_until_signal."""
-
-    def __init__(self, app, host: str, port: int, tls_cert: str | None = None, tls_key: str | None = None,
-                 grace_s: float = 2.0):
-        self.host, self.port = host, port
-        self._config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
-                                      ssl_certfile=tls_cert, ssl_keyfile=tls_key,
-                                      timeout_graceful_shutdown=max(grace_s, 0.1))
-        self._server = uvicorn.Server(self._config)
-        self._sock: socket.socket | None = None
-        self._ticker: asyncio.Task | None = None
-
-    async def start(self) -> int:
-        try:
-            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-            self._sock = socket.create_server((self.host, self.port), family=family)
-        except OSError as e:
-            raise HttpBindError(f"cannot listen on {self.host}:{self.port} for HTTP (--http-port): {e.strerror}; "
-                                "in use (another server?) or not an address of this machine") from None
-        self._config.load()
-        self._server.lifespan = self._config.lifespan_class(self._config)  # "off": a no-op (as uvicorn's _serve)
-        await self._server.startup(sockets=[self._sock])
-        self._ticker = asyncio.create_task(self._server.main_loop())  # the Date header, once a second
-        self.port = self._sock.getsockname()[1]
-        return self.port
-
-    async def stop(self) -> None:
-        self._server.should_exit = True
-        if self._ticker is not None:
-            await self._ticker
-        await self._server.shutdown(sockets=[self._sock] if self._sock else None)
-

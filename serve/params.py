@@ -34,7 +34,7 @@ class Limits:
     max_request_output: int = 262_144
     # Entries a stream may hold unread; past it the row leaves the batch (its state kept) until its
     # reader catches up: a client that stops reading stops its generation instead of buffering it.
-    max_unread_output: int = 2_048
+    max_unread_output: int = 1_024
 
 
 def request_bytes_for(max_prompt_chars: int, max_state_bytes: int = 0) -> int:

@@ -43,6 +43,7 @@ class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 50051  # 0: any free port (the bound one is logged and printed)
     grace_s: float = 10.0  # in-flight streams get this long to finish on SIGTERM
+    frame_idle_timeout_s: float = 300.0  # a frame stream whose client neither sends nor reads this long ends; 0: never
     # ORT threads spin inside a step only: spinning between steps too steals the cores the event
     # loop, gRPC and the clients need (measured in docs/benchmark.md).
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(spin="run"))
@@ -57,6 +58,8 @@ class ServerConfig:
     metrics_host: str | None = None  # None: the same address as the gRPC port
     http_port: int | None = None  # OpenAI-compatible HTTP API + playground (serve/http_api.py); None: off
     http_host: str | None = None  # None: the same address as the gRPC port
+    http_read_timeout_s: float = 30.0  # a request's head and body must arrive within this (serve/http_server.py)
+    http_max_connections: int = 1024  # open HTTP connections; fewer if the descriptor limit leaves less room
     inject_step_failure_every: int = 0  # TEST HOOK (serve/faults.py): every Nth decode step fails
     inject_worker_crash_at_step: int = 0  # TEST HOOK (serve/faults.py): the Nth decode step kills the worker
     # The scheduler thread's Python/numpy work keeps the GIL for up to this long while the event loop
@@ -97,16 +100,22 @@ class Server:
             # gRPC sets SO_REUSEPORT by default: a second server on the same port would then start
             # fine and silently take half the new connections. Off, its bind fails at start.
             ("grpc.so_reuseport", 0),
+            # Frame models: a stream's input the server has not read stays in gRPC's 64 KiB window.
+            # Grown by BDP probing, the window held ~4 MB per stream that sends and never reads (the
+            # scheduler caps the rest); upload speed on loopback is the same (docs/frames.md).
+            *([("grpc.http2.bdp_probe", 0)] if self.engine.manifest.kind == "frames" else []),
         ])
         self.port = 0
         self.metrics_port = 0
         self.http_port = 0
         self.http = None  # serve/http_api.py, only with --http-port: starlette and uvicorn load only then
         if cfg.http_port is not None:
-            from lstmgen.serve.http_api import HttpApi, HttpServer
+            from lstmgen.serve.http_api import HttpApi
+            from lstmgen.serve.http_server import ConnectionLimits, HttpServer
             self.http_api = HttpApi(self.scheduler, Path(cfg.bundle).resolve().name, self.metrics, cfg.service, token)
             self.http = HttpServer(self.http_api.app, cfg.http_host or cfg.host, cfg.http_port, cfg.tls_cert,
-                                   cfg.tls_key)
+                                   cfg.tls_key, limits=ConnectionLimits(cfg.http_read_timeout_s,
+                                                                        cfg.http_max_connections))
 
     def _text(self, cfg: ServerConfig, sched_cfg: SchedulerConfig) -> Limits:
         """A language model: the continuous-batching scheduler and the Generator service."""
@@ -138,7 +147,8 @@ class Server:
             limits = replace(limits, max_request_bytes=4 * FrameLimits.max_frames_per_message
                              * self.engine.manifest.frames.input_size + 64 * 1024 + codec.max_bytes)
         self.scheduler = FrameScheduler(self.engine, self.engine.spec_view(),
-                                        FrameLimits(max_streams=limits.max_concurrent_streams),
+                                        FrameLimits(max_streams=limits.max_concurrent_streams,
+                                                    idle_timeout_s=cfg.frame_idle_timeout_s),
                                         on_fatal=self._worker_failed)
         self.service = FrameService(self.scheduler, frame_model_info(self.engine, self.scheduler.limits, limits, codec),
                                     codec, self.metrics)

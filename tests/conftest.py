@@ -89,13 +89,14 @@ class ServerProc:
         return self.proc.wait(timeout)
 
 
-def start_server(bundle: Path, log: Path, *extra: str, timeout: float = 60.0) -> ServerProc:
-    """`lstmgen serve` in its own process on a free loopback port; waits for its ready line."""
+def start_server(bundle: Path, log: Path, *extra: str, timeout: float = 60.0, preexec_fn=None) -> ServerProc:
+    """`lstmgen serve` in its own process on a free loopback port; waits for its ready line
+    (`preexec_fn` runs in the child before the server starts: a resource limit, say)."""
     cmd = [sys.executable, "-m", "lstmgen.cli", "serve", str(bundle), "--host", "127.0.0.1", "--port", "0",
            "--device", "cpu", "--threads", "1", *extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     errf = open(log, "w")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf, text=True, env=env, preexec_fn=preexec_fn)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         line = proc.stdout.readline()

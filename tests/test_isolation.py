@@ -12,19 +12,12 @@ from lstmgen.serve.engine import Engine, EngineConfig
 from lstmgen.serve.errors import InvalidRequest, StepFailed
 from lstmgen.serve.params import GenerationRequest, Limits, SamplingParams, validate
 from lstmgen.serve.scheduler import Scheduler
+from test_scheduler import collect
 
 
 def req(prompt, n=30, seed=1, **kw):
     sampling = {k: kw.pop(k) for k in list(kw) if k in SamplingParams.__dataclass_fields__}
     return GenerationRequest(prompt, n, SamplingParams(seed=seed, **sampling), seed_given=True, **kw)
-
-
-async def collect(stream):
-    parts, fin = [], None
-    async for chunk in stream:
-        parts.append(chunk.text)
-        fin = chunk.finished or fin
-    return "".join(parts), fin
 
 
 @pytest.fixture(scope="module")
