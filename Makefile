@@ -42,7 +42,7 @@ test-fast: $(STAMP)
 # The command of docs/benchmark.md, writing into $(BENCH_OUT) rather than over the published figures
 bench: $(STAMP)
 	mkdir -p $(BENCH_OUT)
-	$(BIN)/lstmgen bench --seconds $(BENCH_SECONDS) --json $(BENCH_OUT)/bench.json --plot $(BENCH_OUT)/bench.png
+	$(BIN)/lstmgen bench --seconds $(BENCH_SECONDS) --json $(BENCH_OUT)/bench.json --plot $(BENCH_OUT)/bench.png --overwrite
 
 # The descriptor keeps the repository's file name (lstmgen/v1/generator.proto): see tools/gen_proto.py
 proto: $(STAMP)

@@ -135,15 +135,20 @@ class Generator:
 
 
 def train(data: str | None, out: str | os.PathLike, config: "TrainConfig | str" = "tiny", *,
-          resume: bool = False, progress: bool | None = None) -> Path:
+          resume: bool = False, overwrite: bool = False, progress: bool | None = None) -> Path:
     """Train on `data` (a path, URL or corpus name such as "tinyshakespeare") into the run folder
     `out`; `config` is a TrainConfig or a preset name. Returns the best checkpoint's path. The same
-    code path as `lstmgen train` (needs torch)."""
+    code path as `lstmgen train` (needs torch).
+
+    A folder that already holds a run: `resume=True` continues it (data may then be None: the run's
+    own), `overwrite=True` starts it over; without either, a TrainError says so. Ctrl-C saves the
+    run's last.pt and raises KeyboardInterrupt; `resume=True` continues from there."""
     from lstmgen.train.config import PRESETS
     from lstmgen.train.trainer import train as run_training
 
     cfg = PRESETS[config] if isinstance(config, str) else config
-    return run_training(cfg, data, out, resume=resume, progress_bar=progress if progress is not None else True)
+    return run_training(cfg, data, out, resume=resume, overwrite=overwrite,
+                        progress_bar=progress if progress is not None else True)
 
 
 def export(checkpoint: str | os.PathLike, out: str | os.PathLike, config: "ExportConfig | None" = None) -> Path:

@@ -493,10 +493,10 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     served = RawStep(bundle, EngineConfig(device="cpu", intra_op_threads=cfg.threads, spin="run"))
     ort, steps = ort_steps(raw_step, batches, modes=cfg.sampling, served=served)
     del served  # its session's memory
-    log("3. ORT step: " + ", ".join(f"B={b}: {v:,.0f} tok/s ({v / ceiling:.0%})" for b, v in ort.items()))
+    log("3. ORT step: " + ", ".join(f"B={b}: {v:,.0f} tok/s ({share(v, ceiling, CEILING)})" for b, v in ort.items()))
     for b, d in steps.items():
         log(f"   B={b}: step {d['step_ms']:.3f} ms; sampling " + ", ".join(
-            f"{m} {ms:.3f} ms ({ms / d['step_ms']:.0%})" for m, ms in d["sampling_ms"].items()))
+            f"{m} {ms:.3f} ms ({ms / d['step_ms']:.0%} of the step)" for m, ms in d["sampling_ms"].items()))
     worst_b = max(batches)
     worst = uniform_worst_case(mc.vocab_size, worst_b, cfg.sampling)
     log(f"   uniform worst case (not targeted), B={worst_b}: " + ", ".join(
@@ -524,7 +524,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                     if n == alone_at and str(n) in ort:  # the scheduler alone, beside
                         alone, raw = raw_step.around(n, lambda: scheduler_alone(
                             bundle, n, cfg.seconds, "The ", cfg.max_new_tokens, mode, cfg.threads))
-                        s["scheduler_alone"] = {"tokens_per_s": alone, "vs_ort": alone / raw}
+                        s["scheduler_alone"] = {"tokens_per_s": alone, "raw_ort_tokens_per_s": raw,
+                                                "vs_ort": alone / raw}
                     runs.setdefault((mode, n), []).append(s)
         for mode in cfg.sampling:
             points = by_mode[mode] = {}
@@ -532,25 +533,33 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                 tries = sorted(runs[(mode, n)], key=lambda x: x["tokens_per_s"])
                 s = points[str(n)] = dict(tries[len(tries) // 2])  # the median run
                 s["tokens_per_s_runs"] = [t["tokens_per_s"] for t in runs[(mode, n)]]
-                pairs = [t["tokens_per_s"] / t["raw_ort_tokens_per_s"] for t in runs[(mode, n)]
+                pairs = [(t["tokens_per_s"], t["raw_ort_tokens_per_s"]) for t in runs[(mode, n)]
                          if t["raw_ort_tokens_per_s"]]
-                s["vs_ort_runs"] = pairs
-                s["vs_ort_same_batch"] = _median(pairs) if pairs else None  # median pair
-                alone = [t["scheduler_alone"]["vs_ort"] for t in runs[(mode, n)] if "scheduler_alone" in t]
+                s["vs_ort_runs"] = [v / r for v, r in pairs]
+                pair = median_pair(pairs)  # (server, raw) of the median ratio, or None
+                s["vs_ort_pair"] = list(pair) if pair else None
+                s["vs_ort_same_batch"] = bounded(pair[0] / pair[1]) if pair else None  # None: disturbed
+                s["vs_ceiling"] = bounded(s["tokens_per_s"] / ceiling)
+                s["disturbed"] = [what for what, ok in ((f"raw ORT at B={n}", not pair or pair[0] <= pair[1]),
+                                                        (CEILING, s["tokens_per_s"] <= ceiling)) if not ok]
+                alone = [(t["scheduler_alone"]["tokens_per_s"], t["scheduler_alone"]["raw_ort_tokens_per_s"])
+                         for t in runs[(mode, n)] if "scheduler_alone" in t]
                 if alone:
-                    s["scheduler_alone_vs_ort_runs"] = alone
-                    s["scheduler_alone_vs_ort"] = _median(alone)
+                    a = median_pair(alone)
+                    s["scheduler_alone_vs_ort_runs"] = [v / r for v, r in alone]
+                    s["scheduler_alone_vs_ort"] = bounded(a[0] / a[1])
+                beside = f"raw ORT at B={n} measured beside it"
                 log(f"4. server [{mode}], {n} streams: {s['tokens_per_s']:,.0f} tok/s ("
-                    + (f"{s['vs_ort_same_batch']:.0%} of raw ORT at B={n}, " if pairs else "")
-                    + f"{s['tokens_per_s'] / ceiling:.0%} of ceiling), ITL p50 {s['p50_ms']} ms p99 {s['p99_ms']} ms, "
+                    + (f"{f'the median pair {pair[0]:,.0f} tok/s: ' if len(pairs) > 1 else ''}{share(*pair, beside)}; "
+                       if pair else "")
+                    + f"{share(s['tokens_per_s'], ceiling, CEILING)}), ITL p50 {s['p50_ms']} ms p99 {s['p99_ms']} ms, "
                     f"TTFT {s['ttft_ms']} ms, {s['tokens_per_message']} tok/msg, failed {s['failed']}"
                     + (f"; runs {', '.join(f'{x:,.0f}' for x in s['tokens_per_s_runs'])}" if cfg.repeats > 1 else "")
-                    + (f" ({', '.join(f'{x:.0%}' for x in pairs)} of raw)" if cfg.repeats > 1 and pairs else "")
+                    + (f" (against raw: {pair_runs(pairs)})" if cfg.repeats > 1 and pairs else "")
                     + (f"; in the server: {where_it_went(i)}" if (i := s["inside_server"]) else ""))
-                if "scheduler_alone_vs_ort" in s:
+                if alone:
                     log(f"   the scheduler alone (no gRPC, no client process), {n} streams: "
-                        f"{s['scheduler_alone_vs_ort']:.0%} of raw ORT at B={n} (runs "
-                        + ", ".join(f"{x:.0%}" for x in s["scheduler_alone_vs_ort_runs"]) + ")")
+                        f"{a[0]:,.0f} tok/s, {share(*a, beside)} (runs {pair_runs(alone)})")
         prefix = prefix_ttft(target, ckpt.vocab, cfg.prompt_chars, cfg.prompt_chars * 95 // 100)
         ttft_prompt = prefix["cold_ms"]
         log(f"5. TTFT with a {cfg.prompt_chars}-char prompt: cold {prefix['cold_ms']:.1f} ms; sharing its first "
@@ -570,7 +579,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                 med = _median(runs_)
                 state_cost[k] = {"tokens_per_s": med, "vs_none": med / base, "runs": runs_}
             log(f"6. state hand-off [{mode}], {n} streams: " + ", ".join(
-                f"{k} {v['tokens_per_s']:,.0f} tok/s ({v['vs_none']:.0%})" for k, v in state_cost.items()))
+                f"{k} {v['tokens_per_s']:,.0f} tok/s ({v['vs_none']:.0%} of none's {base:,.0f})"
+                for k, v in state_cost.items()))
     finally:
         proc.terminate()
         proc.wait(30)
@@ -587,10 +597,9 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         "prefix_cache_ttft": prefix,
         "state_cost_64_streams": state_cost,
         "logit_entropy_nats": entropy,
-        "ratios": {
-            "server_64_vs_ceiling": server.get("64", {}).get("tokens_per_s", 0) / ceiling,
-            "server_1_vs_ort_batch_1": (server.get("1", {}).get("vs_ort_same_batch")
-                                        or server.get("1", {}).get("tokens_per_s", 0) / ort.get("1", 1)),
+        "ratios": {  # None where the figure went over its ceiling (disturbed by other load) or was not measured
+            "server_64_vs_ceiling": server.get("64", {}).get("vs_ceiling"),
+            "server_1_vs_ort_batch_1": server.get("1", {}).get("vs_ort_same_batch"),
             "server_64_vs_torch_eager": server.get("64", {}).get("tokens_per_s", 0) / eager,
             "by_sampling": {m: {"server_64_vs_ort_batch_64": pts.get("64", {}).get("vs_ort_same_batch"),
                                 "scheduler_alone_64_vs_ort_batch_64": pts.get("64", {}).get("scheduler_alone_vs_ort"),
@@ -620,6 +629,71 @@ def _share(inside: dict | None) -> float | None:
     return inside["sampling_ms"] / inside["step_ms"] if inside else None
 
 
+# -- ratios to ceilings, and what a figure above one means ------------------------------------------
+CEILING = "the fp32 matmul ceiling"
+DISTURBED = "disturbed by other load, not reported"
+
+
+def bounded(ratio: float | None) -> float | None:
+    """A ratio to a ceiling as reported: None above 1. Nothing runs faster than its ceiling (the
+    matmul rate, or the bare ORT step at the same batch); a figure above it means one side of the
+    ratio was measured while something else took the machine's cores."""
+    return None if ratio is None or ratio > 1.0 else ratio
+
+
+def share(value: float, ceiling: float, what: str) -> str:
+    """`value` as a share of `ceiling`, printed with the figure it was divided by, e.g. "74% of
+    2,494 tok/s, raw ORT at B=1 measured beside it"; above 100% flagged instead of reported."""
+    if bounded(value / ceiling) is None:
+        return f"over 100% of {ceiling:,.0f} tok/s, {what}: {DISTURBED}"
+    return f"{value / ceiling:.0%} of {ceiling:,.0f} tok/s, {what}"
+
+
+def median_pair(pairs: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """The (value, ceiling) pair whose ratio is the median (_median's choice), or None."""
+    return sorted(pairs, key=lambda p: p[0] / p[1])[len(pairs) // 2] if pairs else None
+
+
+def pair_runs(pairs: list[tuple[float, float]]) -> str:
+    """Every run's pair, e.g. "1,846/2,494 tok/s 74%, 2,010/1,900 tok/s over 100%"."""
+    return ", ".join(f"{v:,.0f}/{r:,.0f} tok/s " + (f"{v / r:.0%}" if bounded(v / r) is not None else "over 100%")
+                     for v, r in pairs)
+
+
+def plot_series(result: dict) -> dict[str, tuple[list[int], list[float]]]:
+    """The plot's points: the server's and the raw step's, each split into the figures drawn as
+    data and those over a ceiling (disturbed), which are drawn at the ceiling as marks instead."""
+    ceiling = result["ceiling_tokens_per_s"]
+    series: dict[str, tuple[list[int], list[float]]] = {k: ([], []) for k in
+                                                        ("server", "server_disturbed", "ort", "ort_disturbed")}
+    for x in sorted(int(k) for k in result["server"]):
+        point = result["server"][str(x)]
+        v = point["tokens_per_s"]
+        pair = point.get("vs_ort_pair")
+        over = v > ceiling or bool(point.get("disturbed")) or bool(pair and pair[0] > pair[1])
+        xs, ys = series["server_disturbed" if over else "server"]
+        xs.append(x)
+        ys.append(min(v, ceiling))
+    for b in sorted(int(k) for k in result["ort_step_tokens_per_s"]):
+        v = result["ort_step_tokens_per_s"][str(b)]
+        xs, ys = series["ort_disturbed" if v > ceiling else "ort"]
+        xs.append(b)
+        ys.append(min(v, ceiling))
+    return series
+
+
+def refuse_overwrite(paths: list[str | None], work_dir: str, overwrite: bool) -> str | None:
+    """Why the run must not start, or None: an existing --json/--plot file (the published reports
+    in docs/, copied from a command) is replaced only with --overwrite; bench's own work dir is its
+    scratch space (`make bench` writes there run after run)."""
+    work = Path(work_dir).resolve()
+    taken = [p for p in paths if p and Path(p).exists() and not Path(p).resolve().is_relative_to(work)]
+    if not taken or overwrite:
+        return None
+    return (f"{', '.join(taken)} already exist{'s' if len(taken) == 1 else ''}; write the figures elsewhere "
+            f"(e.g. {work_dir}/) or pass --overwrite to replace {'it' if len(taken) == 1 else 'them'}")
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -635,11 +709,14 @@ def plot(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs = sorted(int(k) for k in result["server"])
+    series = plot_series(result)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    ax.plot(xs, [result["server"][str(x)]["tokens_per_s"] for x in xs], "o-", label="gRPC server (aggregate)")
-    ob = sorted(int(k) for k in result["ort_step_tokens_per_s"])
-    ax.plot(ob, [result["ort_step_tokens_per_s"][str(b)] for b in ob], "s--", label="raw ORT step at batch B")
+    ax.plot(*series["server"], "o-", label="gRPC server (aggregate)")
+    ax.plot(*series["ort"], "s--", label="raw ORT step at batch B")
+    xs = series["server_disturbed"][0] + series["ort_disturbed"][0]
+    if xs:  # marked on the ceiling, never drawn above it as data
+        ax.plot(xs, series["server_disturbed"][1] + series["ort_disturbed"][1], "x", color="red", ms=9, ls="none",
+                label="over 100% of a ceiling: disturbed by other load, not reported")
     ax.axhline(result["ceiling_tokens_per_s"], color="red", label="fp32 matmul ceiling")
     ax.axhline(result["torch_eager_tokens_per_s"], color="gray", ls=":", label="PyTorch eager, 1 request")
     ax.set_xscale("log", base=2)
@@ -681,8 +758,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(0: ORT's default, one per core)")
     p.add_argument("--state-every", type=int, default=0, metavar="N",
                    help="also measure the cost of return_state and of a state every N tokens at 64 streams")
-    p.add_argument("--json", default=None, help="write the results here")
-    p.add_argument("--plot", default=None, help="draw tokens/s against concurrency into this PNG")
+    p.add_argument("--json", default=None, help="write the results here (an existing file only with --overwrite)")
+    p.add_argument("--plot", default=None,
+                   help="draw tokens/s against concurrency into this PNG (an existing file only with --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing --json/--plot files (outside --work-dir they are refused without it: "
+                        "docs/ holds the published reports)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -691,6 +772,10 @@ def run(args: argparse.Namespace) -> int:
     if bad or not modes:
         print(f"lstmgen bench: --sampling: unknown mode(s) {bad}; choose from {', '.join(SAMPLING_MODES)}",
               file=sys.stderr)
+        return 2
+    refused = refuse_overwrite([args.json, args.plot], args.work_dir, args.overwrite)
+    if refused:  # before the minute of measuring, not after it
+        print(f"lstmgen bench: error: {refused}", file=sys.stderr)
         return 2
     cfg = BenchConfig(preset=args.preset, checkpoint=args.checkpoint, work_dir=args.work_dir,
                       vocab_size=args.vocab_size, sampling=modes, entropy=args.entropy, repeats=args.repeats,

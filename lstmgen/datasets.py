@@ -14,6 +14,7 @@ import os
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from glob import escape as glob_escape
 from pathlib import Path
 
 from lstmgen.errors import UserError
@@ -48,6 +49,11 @@ class Corpus:
     def data_path(self, root: Path) -> Path:
         """What `lstmgen train --data` reads: the one file, or the folder of splits."""
         return self.folder(root) / self.files[0].name if len(self.files) == 1 else self.folder(root)
+
+    @property
+    def has_test_split(self) -> bool:
+        """False for one file (Tiny Shakespeare): eval then reads the tail training held out."""
+        return self.eval_file != self.files[0].name
 
 
 CORPORA: dict[str, Corpus] = {c.name: c for c in (
@@ -85,6 +91,18 @@ def cache_root(folder: str | os.PathLike | None = None) -> Path:
     return Path(xdg) / "lstmgen" / "data"
 
 
+def held_out_start(text: str, level: str, valid_fraction: float) -> int:
+    """Where the validation tail of a one-file corpus starts (the trainer's cut, and the one `lstmgen
+    eval` scores); word level moves it to a line start so no word is cut."""
+    cut = int(len(text) * (1.0 - valid_fraction))
+    if level == "word":
+        nl = text.find("\n", cut)
+        cut = nl + 1 if 0 <= nl < len(text) - 1 else cut
+        while 0 < cut < len(text) and not text[cut - 1].isspace():
+            cut += 1  # no newline left: at least do not split a word
+    return cut
+
+
 def sha256_of(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -94,8 +112,15 @@ def sha256_of(path: Path) -> str:
 
 
 def fetch_file(f: File, dest: Path, log=print) -> Path:
-    """`f` into `dest` (resuming `dest.part`), checked against its sha256; a cached file is reused."""
+    """`f` into `dest` (resuming `dest.part`), checked against its sha256; a cached file (or one
+    placed there by hand) is checked once (`checked_mark`) and reused."""
     if dest.is_file():
+        if not _checked(dest, f):
+            got = sha256_of(dest)
+            if got != f.sha256:
+                raise DatasetError(f"{dest}: sha256 {got}, expected {f.sha256}: not the pinned file; delete it "
+                                   f"(the next fetch downloads it) or put the right one in its place")
+            checked_mark(dest).write_text(f.sha256)
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -115,7 +140,22 @@ def fetch_file(f: File, dest: Path, log=print) -> Path:
         raise DatasetError(f"{f.url}: checksum mismatch: sha256 {got}, expected {f.sha256}; the partial file "
                            "was removed, run the command again (a proxy or a changed upstream file can cause this)")
     os.replace(part, dest)
+    checked_mark(dest).write_text(f.sha256)
     return dest
+
+
+def checked_mark(dest: Path) -> Path:
+    """Written beside a file once its sha256 matched: later uses skip hashing it again."""
+    return dest.with_name(dest.name + ".sha256")
+
+
+def _checked(dest: Path, f: File) -> bool:
+    """The file matched `f` when it was marked and has not been replaced since."""
+    mark = checked_mark(dest)
+    try:
+        return mark.read_text().strip() == f.sha256 and dest.stat().st_mtime <= mark.stat().st_mtime
+    except OSError:
+        return False
 
 
 def _download(url: str, part: Path, have: int, log) -> None:
@@ -129,7 +169,12 @@ def _download(url: str, part: Path, have: int, log) -> None:
                     out.write(block)
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # the .part stays: the next run resumes it
         reason = e if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", None) or e
-        raise DatasetError(f"{url}: download failed: {reason}; run the command again to resume") from e
+        kept = part.stat().st_size if part.is_file() else 0
+        if kept:
+            raise DatasetError(f"{url}: download failed: {reason}; {kept:,} bytes kept in {part}: run the "
+                               "command again to resume") from e
+        part.unlink(missing_ok=True)
+        raise DatasetError(f"{url}: download failed: {reason}; nothing was downloaded") from e
 
 
 def fetch(name: str, folder: str | os.PathLike | None = None, log=print) -> Path:
@@ -138,15 +183,39 @@ def fetch(name: str, folder: str | os.PathLike | None = None, log=print) -> Path
     if corpus is None:
         raise DatasetError(f"unknown corpus {name!r}; known: {', '.join(CORPORA)}")
     root = cache_root(folder)
+    made = [d for d in (root, corpus.folder(root)) if not d.exists()]
     for f in corpus.files:
-        fetch_file(f, corpus.folder(root) / f.name, log)
+        dest = corpus.folder(root) / f.name
+        try:
+            fetch_file(f, dest, log)
+        except DatasetError as e:
+            for d in reversed(made):  # a failed first fetch leaves no empty folder behind
+                try:
+                    d.rmdir()
+                except OSError:
+                    break  # not empty: it holds a partial download (resumed next time) or other files
+            rest = [g for g in corpus.files if g is not f and not (corpus.folder(root) / g.name).is_file()]
+            raise DatasetError(f"{e}. {manual_hint(root, dest, f, rest)}") from e
     return corpus.data_path(root)
+
+
+def manual_hint(root: Path, dest: Path, f: File, rest: list[File] = ()) -> str:
+    """How to fetch without this command: where the cache is and where each missing file goes."""
+    others = "".join(f"; likewise {g.url} as {dest.parent / g.name} (sha256 {g.sha256})" for g in rest)
+    return (f"The cache folder is {root} (--dir, else $LSTMGEN_DATA, else ~/.cache/lstmgen/data). Offline or "
+            f"behind a proxy, download {f.url} yourself and place it at {dest} (file name {f.name!r}, "
+            f"{f.size:,} bytes); its sha256 must be {f.sha256}: it is checked before the file is used{others}")
 
 
 def resolve(data: str, folder: str | os.PathLike | None = None, *, for_eval: bool = False, log=print) -> str:
     """`--data` as given: a corpus name (and no such path here) becomes its cached path, fetched
     if needed; anything else is returned unchanged."""
     if data not in CORPORA or Path(data).exists():
+        p = Path(data)
+        if (data and p.name == data and not set(".:") & set(data) and not p.exists()
+                and not any(p.parent.glob(glob_escape(data) + ".*"))):  # a bare word: a misspelt name?
+            raise DatasetError(f"{data}: file not found, and not a corpus name either; known corpora: {', '.join(CORPORA)} "
+                               "(`lstmgen data list`)")
         return data
     path = fetch(data, folder, log)
     corpus = CORPORA[data]
@@ -171,6 +240,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.action == "list":
         root = cache_root(args.dir)
+        print(f"cache folder: {root} (--dir, else $LSTMGEN_DATA, else ~/.cache/lstmgen/data)")
         for c in CORPORA.values():
             cached = all((c.folder(root) / f.name).is_file() for f in c.files)
             size = sum(f.size for f in c.files) / 1e6

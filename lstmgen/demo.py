@@ -7,15 +7,26 @@ the end-of-text symbol so the model learns where a file ends.
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import re
 import shlex
 import subprocess
 import sys
 import sysconfig
 import time
+from collections import Counter
 from pathlib import Path
 
+from lstmgen.train import runlog
+
 EOT = "\x03"
+# Below this share of the unigram loss (what knowing only the characters' frequencies gets) a char
+# model's text starts to look like its corpus: on the stdlib corpus (unigram 3.14 nats/char) samples
+# at 0.75 of it (2.4 nats, ~150 updates of `tiny`) are letter soup, at 0.55 (1.7) pseudo-Python with
+# real keywords and names, at 0.5 (1.55, one epoch) plausible code. Without the text to measure, an
+# update count stands in.
+READABLE_SHARE, READABLE_STEPS = 0.6, 500
 
 
 def stdlib_corpus(out: Path, max_bytes: int = 2_000_000) -> Path:
@@ -34,6 +45,42 @@ def stdlib_corpus(out: Path, max_bytes: int = 2_000_000) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(parts), encoding="utf-8")
     return out
+
+
+def unigram_loss(path: str) -> float | None:
+    """Nats per char of the text's own character frequencies; None unless `path` is a local file."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    text = p.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
+    counts, n = Counter(text), len(text)
+    return -sum(c / n * math.log(c / n) for c in counts.values()) if n else None
+
+
+def training_note(val_loss: float, unigram_loss: float | None, steps: int) -> str | None:
+    """A plain word when the model trained too briefly for its text to look like anything; None otherwise."""
+    if unigram_loss is not None:
+        share = val_loss / unigram_loss
+        if share <= READABLE_SHARE:
+            return None
+        why = (f"its validation loss, {val_loss:.2f} nats/char, is still {share:.0%} of the {unigram_loss:.2f} "
+               f"that knowing only how often each character occurs gives (below about {READABLE_SHARE:.0%} "
+               "the text starts to look like the corpus)")
+    else:
+        if steps >= READABLE_STEPS:
+            return None
+        why = f"it made {steps} updates (a char model needs several hundred before words appear)"
+    return (f"the model trained too briefly for its text to look like anything: {why}. Expect letter soup; "
+            "train longer with `make demo DEMO_SECONDS=300` (or --seconds 300).")
+
+
+def run_note(run: Path) -> str | None:
+    """training_note for a run directory, from its metrics.csv and the text named in config.json."""
+    rows = runlog.read_csv(run / runlog.METRICS_CSV)
+    if not rows:
+        return None
+    data = json.loads((run / "config.json").read_text()).get("data", {})
+    return training_note(float(rows[-1]["val_loss"]), unigram_loss(data.get("path", "")), int(rows[-1]["step"]))
 
 
 def lstmgen(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -55,9 +102,12 @@ def main() -> int:
     data = args.data or str(stdlib_corpus(work / "stdlib.txt"))
     prompt = args.prompt or ("import os\n\ndef " if not args.data else "The ")
     t0 = time.monotonic()
-    lstmgen("train", "--data", data, "--preset", "tiny", "--out", str(work / "run"), "--epochs", "100",
+    # --max-seconds alone: as many epochs as fit (the tiny preset's one epoch no longer applies)
+    lstmgen("train", "--data", data, "--preset", "tiny", "--out", str(work / "run"), "--overwrite",
             "--max-seconds", str(args.seconds))
-    print(f"[demo] training took {time.monotonic() - t0:.0f}s", flush=True)
+    print(f"[demo] training took {time.monotonic() - t0:.0f}s (with starting Python and reading the text)",
+          flush=True)
+    note = run_note(work / "run")
     lstmgen("export", str(work / "run"), "--out", str(work / "bundle"))
     server = subprocess.Popen([sys.executable, "-m", "lstmgen.cli", "serve", str(work / "bundle"),
                                "--host", "127.0.0.1", "--port", "0", "--log-level", "WARNING"],
@@ -75,6 +125,8 @@ def main() -> int:
     finally:
         server.terminate()
         server.wait(timeout=30)
+    if note:
+        print(f"\n[demo] note: {note}", flush=True)
     print(f"\n[demo] done: run in {work / 'run'}, bundle in {work / 'bundle'}; "
           f"serve it yourself with `.venv/bin/lstmgen serve {work / 'bundle'}`")
     return 0

@@ -6,13 +6,17 @@ one, unknown chars an error unless skipped), cut into `batch_size` contiguous st
 through the single-step graph with (h, c) carried over the whole file. That is what the trainer's
 `evaluate` computes with the same batch size: its bptt chunks carry the state too, so they change
 only the float rounding.
+
+Never the text the model was trained on: the bundle's provenance names its training file (path and
+sha256). That file, or a corpus name without a test split (Tiny Shakespeare), is scored only on the
+tail training held out for validation, at the trainer's own cut; any other file is scored whole.
+The result says which part was scored (`part_to_score`).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,6 +58,8 @@ class EvalResult:
     unk_mapped: int  # word level: out-of-vocabulary words counted as <unk>
     batch_size: int
     skipped: int = 0  # with skip_unknown: symbols dropped from the text
+    scored: str = ""  # which part of the file was scored, for people (Scored.what)
+    span: tuple[int, int] | None = None  # chars [start, end) of the file's text that were scored
 
     @property
     def tokens_per_s(self) -> float:
@@ -73,7 +79,8 @@ class EvalResult:
                else f"{self.figures()['bpc']:.4f} bpc")
         unk = f" ({self.unk_mapped:,} OOV words as <unk>)" if self.unk_mapped else ""
         unk += f" ({self.skipped:,} unknown symbols skipped)" if self.skipped else ""
-        return (f"{self.data}: {self.tokens:,} tokens{unk} | loss {self.loss:.4f} nats/token | {fig} | "
+        part = f" scored {self.scored} |" if self.scored else ""
+        return (f"{self.data}:{part} {self.tokens:,} tokens{unk} | loss {self.loss:.4f} nats/token | {fig} | "
                 f"{self.tokens_per_s:,.0f} tokens/s ({self.seconds:.1f}s, {self.batch_size} streams)")
 
 
@@ -90,6 +97,67 @@ def read_text(path: str | Path) -> str:
     if not text.strip():
         raise EvalError(f"{p}: file is empty")
     return text
+
+
+@dataclass(frozen=True)
+class Scored:
+    """The part of a file that is scored: chars [start, end) of its text, and in words which."""
+    start: int
+    end: int
+    what: str
+
+
+def part_to_score(path: Path, text: str, level: str, provenance: dict, named=None) -> Scored:
+    """Which part of `text` (the file at `path`) to score so that no training text is: the file
+    the provenance names as the training text -> the validation tail training carved off it (the
+    trainer's own cut, `held_out_start`), or an error when training held none of it out; a corpus
+    name without a test split (`named`, a datasets.Corpus) -> that tail even when the provenance
+    names no file; any other file -> all of it. Raises EvalError."""
+    from lstmgen.datasets import held_out_start
+
+    corpus = provenance.get("corpus") or {}
+    files = {s: f for s, f in (corpus.get("files") or {}).items() if isinstance(f, dict)}
+    split = _split_of(path, files)
+    name = path.name
+    if split in ("valid", "test"):
+        which = "validation" if split == "valid" else "test"
+        return Scored(0, len(text), f"the whole of {name}, the {which} split training read beside its training text")
+    if split is None and named is not None and named.has_test_split:
+        return Scored(0, len(text), f"the whole of {name}, the test split of {named.name}")
+    fraction = corpus.get("valid_fraction")
+    if split == "train":
+        if fraction is None:  # a layout with its own validation file: the training file is all training text
+            held = ", ".join(f"{s} {files[s].get('path')}" for s in ("valid", "test") if s in files)
+            raise EvalError(f"{path}: the text this bundle was trained on (its sha256 is the training file's in "
+                            f"the bundle's provenance) and training held none of it out; score its held-out "
+                            f"split{'s: ' + held if held else ' instead'}")
+        how = "as training held it out"
+    elif named is not None and not files:  # the provenance cannot tell: assume the model saw this corpus
+        fraction = (provenance.get("train_config") or {}).get("valid_fraction", 0.1)
+        how = ("as training holds it out (the bundle's provenance does not name its training text, and "
+               f"{named.name} has no test split)")
+    elif files.get("train"):
+        return Scored(0, len(text), f"the whole of {name}, which is not the bundle's training text "
+                                    "(its sha256 differs from the training file's in the bundle's provenance)")
+    else:
+        return Scored(0, len(text), f"the whole of {name} (the bundle's provenance does not name its training "
+                                    "text, so whether the model was trained on it cannot be checked)")
+    start = held_out_start(text, level, fraction)
+    return Scored(start, len(text), f"the validation tail of {name}, chars {start:,}..{len(text):,} "
+                                    f"({fraction:.0%}), {how}")
+
+
+def _split_of(path: Path, files: dict[str, dict]) -> str | None:
+    """The split of the training corpus that `path` is ("train", "valid", "test"), by path, else
+    by sha256; None when the provenance names none of them."""
+    from lstmgen.datasets import sha256_of
+
+    real = str(path.resolve())
+    for split, f in files.items():
+        if f.get("path") == real:
+            return split
+    shas = {f.get("sha256"): split for split, f in files.items() if f.get("sha256")}
+    return shas.get(sha256_of(path)) if shas else None
 
 
 def encode_text(vocab: Vocab, text: str, source: str, skip_unknown: bool = False) -> tuple[np.ndarray, int, int]:
@@ -146,8 +214,11 @@ def nll_sum(logits: np.ndarray, targets: np.ndarray) -> float:
 
 def evaluate_bundle(bundle: str | Path, data: str | Path, cfg: EvalConfig = EvalConfig(),
                     display: Console | None = None) -> EvalResult:
-    """Loss of the bundle's model on the text file `data`. Raises a UserError (EvalError, BundleError, ...).
-    `display` shows the progress (default: a bar on a terminal, plain lines elsewhere)."""
+    """Loss of the bundle's model on the text file `data`, or on corpus `data` by name (its test split,
+    else the tail training held out), never on its training text (`part_to_score`). Raises a
+    UserError (EvalError, BundleError, DatasetError, ...). `display` shows the progress (default: a
+    bar on a terminal, plain lines elsewhere)."""
+    from lstmgen.datasets import CORPORA, resolve
     from lstmgen.serve.engine import Engine, EngineConfig
 
     display = display or Console(progress=cfg.progress)
@@ -157,8 +228,14 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, cfg: EvalConfig = Eval
     if cfg.batch_size < 1 or cfg.bptt < 1:
         raise EvalError(f"batch_size and bptt must be >= 1 (got {cfg.batch_size}, {cfg.bptt})")
     engine = Engine(bundle, EngineConfig(device=cfg.device, intra_op_threads=cfg.threads))
-    ids, mapped, skipped = encode_text(engine.manifest.vocab, read_text(data), str(data), cfg.skip_unknown)
-    source = batchify(ids, cfg.batch_size, str(data))  # [N, B]
+    named = CORPORA.get(str(data)) if not Path(data).exists() else None
+    data = resolve(str(data), for_eval=True, log=lambda msg: print(msg, file=display.err))
+    text = read_text(data)
+    part = part_to_score(Path(data), text, engine.manifest.level, engine.manifest.provenance, named)
+    display.event(f"{data}: scoring {part.what}", scored=part.what, span=[part.start, part.end])
+    where = f"{data} ({part.what})" if part.start else str(data)
+    ids, mapped, skipped = encode_text(engine.manifest.vocab, text[part.start:part.end], where, cfg.skip_unknown)
+    source = batchify(ids, cfg.batch_size, where)  # [N, B]
     n_steps = source.shape[0] - 1
     state = engine.zeros(cfg.batch_size)  # each [L, B, H]
     total = 0.0
@@ -182,7 +259,7 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, cfg: EvalConfig = Eval
     seconds = time.perf_counter() - t0
     tokens = n_steps * cfg.batch_size
     return EvalResult(str(bundle), str(data), engine.manifest.level, tokens, total / tokens, seconds,
-                      mapped, cfg.batch_size, skipped)
+                      mapped, cfg.batch_size, skipped, part.what, (part.start, part.end))
 
 
 # -- the subcommand --------------------------------------------------------------------------------
@@ -194,7 +271,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "matches `lstmgen train`'s validation/test figure at the same batch size.")
     parser.add_argument("bundle", metavar="BUNDLE_DIR", help="a bundle folder made by `lstmgen export`")
     parser.add_argument("--data", required=True, metavar="FILE", default=argparse.SUPPRESS,
-                        help="text file, e.g. ptb.test.txt, or a corpus name (`lstmgen data list`): its test split")
+                        help="text file, e.g. ptb.test.txt, or a corpus name (`lstmgen data list`): its test split, "
+                             "or for a corpus of one file (tinyshakespeare) the tail training held out. The file "
+                             "the bundle was trained on (its provenance: path or sha256) is scored only on that "
+                             "held-out tail; the result says which part was scored")
     parser.add_argument("--batch-size", type=int, default=10, help="contiguous streams (the trainer's eval batch)")
     parser.add_argument("--bptt", type=int, default=35,
                         help="steps per chunk of loss computation; the state is carried, so the figure does not depend on it")
@@ -212,9 +292,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = EvalConfig(args.batch_size, args.bptt, args.device, args.threads, not args.no_progress, args.skip_unknown)
     display = console.from_args(args)
-    from lstmgen.datasets import resolve
-    data = resolve(args.data, for_eval=True, log=lambda msg: print(msg, file=sys.stderr))  # a corpus name: its test split
-    result = evaluate_bundle(args.bundle, data, cfg, display)  # a UserError exits 2 in lstmgen.cli
+    result = evaluate_bundle(args.bundle, args.data, cfg, display)  # a UserError exits 2 in lstmgen.cli
     display.result(result.line(), **result.to_dict())
     if getattr(args, "json", None):
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")

@@ -15,6 +15,8 @@ from lstmgen import console
 from lstmgen.train.config import PRESETS, TrainConfig
 
 DEFAULT_PRESET = "tiny"
+# --sample-every when stdout is a terminal and the flag is not given (elsewhere: no samples)
+TERMINAL_SAMPLE_EVERY = 500
 # Without --preset a frame task starts from its seed's configuration: the tiny text preset's wider,
 # deeper stack at lr 3e-3 never leaves MSE 0.5 on builtin:sin-cos (nor does a plain torch loop).
 TASK_PRESETS = {"regression": "sin-cos", "classification": "row-digits"}
@@ -24,9 +26,11 @@ _OVERRIDES: dict[str, str] = {
     "task": "lm: a language model on text; regression or classification: a frame model on float "
             "sequences (--data builtin:sin-cos, builtin:digits, mnist:DIR, FILE.npz or FILE.npy)",
     "cell": "the recurrent cell: lstm or gru (torch's nn.LSTM / nn.GRU)",
-    "epochs": "number of passes over the training text",
+    "epochs": "number of passes over the training text (0: no limit; --max-steps or --max-seconds ends the run)",
     "max_steps": "stop after this many updates in all (0: no limit); still validates and saves",
-    "max_seconds": "stop after this much training wall time in this session (0: no limit)",
+    "max_seconds": "train this long: this session's wall time, the closing validation and saves included "
+                   "(not loading the corpus); without --epochs the preset's epoch count no longer applies "
+                   "(0: no limit)",
     "batch_size": "B: contiguous streams trained side by side",
     "bptt": "T: steps of truncated backpropagation through time per update",
     "eval_batch_size": "streams for the validation/test pass",
@@ -115,8 +119,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="frame tasks with .npy inputs: the per-frame targets (regression) or labels "
                              "(classification)")
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in RUN_DIR from its last.pt (model, optimizer, epoch, step, RNG)")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run in RUN_DIR from its last.pt (model, optimizer, epoch, step, RNG); "
+                            "Ctrl-C or SIGTERM writes last.pt at the update under way")
+    again.add_argument("--overwrite", action="store_true",
+                       help="start over in a RUN_DIR that already holds a run (its checkpoints and logs are "
+                            "replaced; its cache/ is kept)")
+    parser.add_argument("--sample-every", type=int, metavar="N",
+                        help="print a short generated sample every N updates (0: never; default: every "
+                             f"{TERMINAL_SAMPLE_EVERY} when stdout is a terminal, else never)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     console.add_arguments(parser, quiet_help="only the best checkpoint's path and warnings: no progress, "
                                              "no log lines")
@@ -135,30 +147,64 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
-    """Preset (or, resuming without --preset, the run's saved config) plus the flags given."""
+    """Preset (or, resuming without --preset, the run's saved config) plus the flags given. A time
+    limit given without --epochs is the only limit on a preset: its epoch count is dropped."""
     from lstmgen.train.trainer import saved_config
 
+    given = {k: getattr(args, k) for k in _OVERRIDES if hasattr(args, k)}
     if args.preset is None and args.resume:
-        base = saved_config(args.out)
-    else:
-        base = PRESETS[args.preset or TASK_PRESETS.get(getattr(args, "task", "lm"), DEFAULT_PRESET)]
-    return replace(base, **{k: getattr(args, k) for k in _OVERRIDES if hasattr(args, k)})
+        return replace(saved_config(args.out), **given)  # the run's own plan, epochs included
+    base = PRESETS[args.preset or TASK_PRESETS.get(getattr(args, "task", "lm"), DEFAULT_PRESET)]
+    if given.get("max_seconds", 0) > 0 and "epochs" not in given:
+        given["epochs"] = 0
+    return replace(base, **given)
+
+
+def sample_every(args: argparse.Namespace, stdout=None) -> int:
+    """--sample-every as given; unset: on at a terminal (plain text, not --quiet), off elsewhere."""
+    if args.sample_every is not None:
+        return args.sample_every
+    stdout = stdout or sys.stdout
+    at_terminal = hasattr(stdout, "isatty") and stdout.isatty()
+    return TERMINAL_SAMPLE_EVERY if at_terminal and not args.quiet and args.log_format == "text" else 0
+
+
+def interrupted_message(e: KeyboardInterrupt, out: Path, task: str = "lm") -> str:
+    """What an interrupted `lstmgen train` says: where it saved, or why nothing was kept."""
+    sig = getattr(e, "signal_name", "SIGINT")
+    saved = getattr(e, "checkpoint", None)
+    if saved is not None:
+        return (f"lstmgen train: interrupted ({sig}) at step {e.step}; saved {saved} - continue with "
+                f"`lstmgen train --out {out} --resume`")
+    last = out / "last.pt"
+    if last.is_file():
+        return (f"lstmgen train: interrupted ({sig}); {last} holds the last save"
+                + (" - continue with --resume" if task == "lm" else ""))
+    return (f"lstmgen train: interrupted ({sig}) before the first update finished: there was nothing to "
+            "save, so nothing was kept")
 
 
 def run(args: argparse.Namespace) -> int:
-    from lstmgen.train.trainer import TrainError, train
+    from lstmgen.train.interrupt import EXIT_CODES
+    from lstmgen.train.trainer import RunExistsError, TrainError, train
 
     display = console.from_args(args)
+    if args.sample_every is not None and args.sample_every < 0:
+        raise TrainError(f"--sample-every must be >= 0 (got {args.sample_every})")
+    task = getattr(args, "task", "lm")
     try:
         if args.data is None and not args.resume:
             raise TrainError("--data is required (a file, directory, split prefix, http(s) URL or corpus name)")
         cfg = resolve_config(args)
-        best = train(cfg, args.data, args.out, resume=args.resume, console=display, targets=args.targets)
-    except KeyboardInterrupt:  # a UserError or OSError (RUN_DIR not writable, disk full) exits 2 in lstmgen.cli
-        last = Path(args.out) / "last.pt"
-        print(f"lstmgen train: interrupted; {last} holds the last save - continue with --resume" if last.is_file()
-              else "lstmgen train: interrupted before the first save; nothing was kept", file=sys.stderr)
-        return 130
+        task = cfg.task
+        best = train(cfg, args.data, args.out, resume=args.resume, overwrite=args.overwrite, console=display,
+                     targets=args.targets, sample_every=sample_every(args))
+    except RunExistsError as e:  # worded for the command: its flags, not the Python keywords
+        raise RunExistsError(e.out, resumable=e.resumable, flags=True) from None
+    except KeyboardInterrupt as e:  # a UserError or OSError (RUN_DIR not writable, disk full) exits 2 in lstmgen.cli
+        if os.environ.get("RANK", "0") == "0":
+            print(interrupted_message(e, Path(args.out), task), file=sys.stderr)
+        return EXIT_CODES.get(getattr(e, "signal_name", "SIGINT"), 130)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
         display.result(f"best checkpoint: {best}", best_checkpoint=str(best))
     return 0

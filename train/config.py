@@ -34,9 +34,11 @@ class TrainConfig:
     # truncated BPTT over `batch_size` contiguous streams, `bptt` steps per update
     batch_size: int = 20
     bptt: int = 35
-    epochs: int = 10
+    epochs: int = 10  # 0: no epoch limit (max_steps or max_seconds ends the run)
     max_steps: int = 0  # > 0: stop after this many updates (demo/tests)
-    max_seconds: float = 0.0  # > 0: stop after this much wall time (demo)
+    # > 0: this session's wall time, the closing validation and saves included (budget.py); the CLI
+    # sets epochs=0 when --max-seconds comes without --epochs, so the time alone says how long
+    max_seconds: float = 0.0
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = 1.0
     # Zaremba decay: lr *= lr_decay every epoch once epoch > decay_after (epochs counted from 1)

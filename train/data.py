@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from lstmgen.bundle import sha256_file
+from lstmgen.datasets import held_out_start
 from lstmgen.errors import UserError
 from lstmgen.vocab import EOS, Level, Vocab
 
@@ -166,17 +167,6 @@ def encode_split(vocab: Vocab, text: str, split: str) -> list[int]:
     return ids
 
 
-def _cut(text: str, level: Level, valid_fraction: float) -> int:
-    """Where the validation tail starts; word level moves it to a line start so no word is cut."""
-    cut = int(len(text) * (1.0 - valid_fraction))
-    if level == "word":
-        nl = text.find("\n", cut)
-        cut = nl + 1 if 0 <= nl < len(text) - 1 else cut
-        while 0 < cut < len(text) and not text[cut - 1].isspace():
-            cut += 1  # no newline left: at least do not split a word
-    return cut
-
-
 def load_corpus(data: str, level: Level, valid_fraction: float = 0.1,
                 cache_dir: str | os.PathLike | None = None, *, min_count: int = 1, max_vocab: int = 0) -> Corpus:
     """Read, split and encode a corpus from a path, a split prefix or an http(s) URL. Word level:
@@ -200,7 +190,7 @@ def load_corpus(data: str, level: Level, valid_fraction: float = 0.1,
         if not 0.0 < valid_fraction < 1.0:
             raise DataError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
         whole = texts["train"]
-        cut = _cut(whole, level, valid_fraction)
+        cut = held_out_start(whole, level, valid_fraction)  # the tail `lstmgen eval` scores too
         texts["train"], texts["valid"] = whole[:cut], whole[cut:]
         source["valid_fraction"] = valid_fraction
         if not texts["train"].strip() or not texts["valid"].strip():

@@ -14,6 +14,7 @@ process and do not resume (they are minutes long); both are refused with a messa
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -33,7 +34,8 @@ from lstmgen.train.config import TrainConfig
 from lstmgen.train.frame_model import FrameModel, FrameModelConfig, classification_loss, regression_loss
 from lstmgen.train.frames import FrameData, Sequences, load_frames, to_streams
 from lstmgen.train.runlog import METRICS_CSV, STEPS_CSV
-from lstmgen.train.trainer import CONFIG_JSON, Log, TrainError, check_config, lr_at, make_optimizer, resolve_device
+from lstmgen.train.trainer import (CONFIG_JSON, Log, RunExistsError, TrainError, check_config, clear_run, holds_run,
+                                   lr_at, make_optimizer, resolve_device)
 
 
 def _tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -133,7 +135,8 @@ class _FrameRun:
         cfg = self.cfg
         bar = self.console.progress_bar(total=self.train_split.n_batches, unit="batch")
         try:
-            for epoch in range(1, cfg.epochs + 1):
+            # epochs 0: no epoch limit (max_seconds or max_steps ends the run)
+            for epoch in range(1, cfg.epochs + 1) if cfg.epochs else itertools.count(1):
                 bar.reset(total=self.train_split.n_batches)
                 bar.set_description(f"epoch {epoch}")
                 row, stop = self._epoch(epoch, bar)
@@ -242,8 +245,8 @@ class _FrameRun:
 
 
 def train_frames(cfg: TrainConfig, data: str | None, out_dir: str | os.PathLike, *, resume: bool = False,
-                 log: Log | None = None, progress_bar: bool = True, console: Console | None = None,
-                 targets: str | None = None) -> Path:
+                 overwrite: bool = False, log: Log | None = None, progress_bar: bool = True,
+                 console: Console | None = None, targets: str | None = None) -> Path:
     """Train a frame model on `data` (frames.py) into `out_dir`; returns best.pt's path.
     Raises TrainError, FrameDataError (and the file readers' errors) with a message for the user."""
     if resume:
@@ -255,8 +258,8 @@ def train_frames(cfg: TrainConfig, data: str | None, out_dir: str | os.PathLike,
     log = log or console.event
     check_config(cfg)
     out = Path(out_dir)
-    if (out / LAST).exists() or (out / BEST).exists():
-        raise TrainError(f"{out}: already holds a run; choose another output directory")
+    if holds_run(out) and not overwrite:
+        raise RunExistsError(out, resumable=False)
     if not data:
         raise TrainError("no training data given")
     device = resolve_device(cfg.device)
@@ -267,6 +270,8 @@ def train_frames(cfg: TrainConfig, data: str | None, out_dir: str | os.PathLike,
                              standardize=cfg.standardize, stream=cfg.stream)
         cfg = replace(cfg, stream=frames.stream)  # builtin:sin-cos streams whatever the flag said
         out.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            clear_run(out)
         run = _FrameRun(cfg, frames, out, device, log, console)
         resolved = {"train": asdict(cfg), "model": asdict(run.model.cfg), "device": str(device),
                     "data": frames.source}
