@@ -2,7 +2,9 @@
 
 Calls must carry exactly one `authorization: Bearer <token>` metadata entry, else they end with
 UNAUTHENTICATED before the handler runs (two entries are refused: which one a proxy or server reads
-is not defined). Health checks stay open: load balancers probe without credentials.
+is not defined). Health checks stay open: load balancers probe without credentials. So does
+reflection: it tells only the schema (the .proto files, public in the repository), and tools such as
+grpcurl must read it before they can send a token-carrying call or even find grpc.health.v1.Health.
 Use it with TLS: over plain TCP the token travels in clear text.
 """
 from __future__ import annotations
@@ -19,7 +21,9 @@ from lstmgen.serve.errors import Unauthenticated
 from lstmgen.serve.service import REQUEST_ID_KEY, request_id, status_for
 
 log = logging.getLogger("lstmgen.auth")
-OPEN_METHODS = ("/grpc.health.v1.Health/",)  # prefixes of methods that need no token
+# Prefixes of the methods that need no token: health, and reflection under both of its names
+OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.v1.ServerReflection/",
+                "/grpc.reflection.v1alpha.ServerReflection/")
 
 
 def read_token(path: str | Path) -> str:

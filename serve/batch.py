@@ -36,6 +36,7 @@ class Sequence:
     # row joins the decode batch directly, as if it had never left it.
     rejoin: tuple[int, tuple[np.ndarray, ...]] | None = None
     want_state: bool = False  # return_state or state_every: outputs may carry the state
+    bias: tuple[np.ndarray, np.ndarray] | None = None  # logit_bias as (ids int64 [K], values float32 [K])
 
     @property
     def prompt_tokens(self) -> int:
@@ -62,6 +63,8 @@ class Batch:
     # per batch, not per step: the rows that report logprobs, and each row's penalty history
     logprob_rows: list[int] = field(default_factory=list, repr=False)
     histories: list[TokenHistory | None] = field(default_factory=list, repr=False)
+    # rows with a logit_bias: (row, token ids int64 [K], values float32 [K])
+    biases: list[tuple[int, np.ndarray, np.ndarray]] = field(default_factory=list, repr=False)
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -69,7 +72,8 @@ class Batch:
     @classmethod
     def create(cls, seqs: list[Sequence], tokens: np.ndarray, state: tuple) -> "Batch":
         return cls(seqs, tokens, state, BatchSampling.from_params([s.request.sampling for s in seqs]),
-                   [i for i, s in enumerate(seqs) if s.request.logprobs], [s.history for s in seqs])
+                   [i for i, s in enumerate(seqs) if s.request.logprobs], [s.history for s in seqs],
+                   [(i, *s.bias) for i, s in enumerate(seqs) if s.bias is not None])
 
     def filter(self, keep: list[int]) -> "Batch | None":
         """The rows at `keep`, in that order; None when nothing is kept."""

@@ -6,7 +6,9 @@ import asyncio
 import json
 import logging
 import sys
+from pathlib import Path
 
+from lstmgen.errors import UserError
 from lstmgen.serve.params import Limits
 
 
@@ -76,6 +78,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "playground page (/) on this port, sharing the model and batch; TLS and token as for gRPC "
                         "(0: any free port; unset: off)")
     p.add_argument("--http-host", default=None, help="address for the HTTP port (unset: --host's)")
+    p.add_argument("--served-model-name", metavar="NAME", default=None,
+                   help="the model's name on the HTTP API (\"model\" in requests, GET /v1/models; unset: the bundle "
+                        "folder's name)")
+    p.add_argument("--chat-template", metavar="FILE", default=None,
+                   help="JSON {\"message\", \"assistant\", \"stop\"} writing a /v1/chat/completions conversation as "
+                        "the prompt (docs/http.md; unset: role-tagged lines, 'user: ...')")
     p.add_argument("--http-read-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="an HTTP request's head and body must arrive within this, from connecting or from the "
                         "previous response; slower: 408 and the connection is closed")
@@ -119,17 +127,43 @@ def config_from_args(args: argparse.Namespace):
                         state_key_file=args.state_key,
                         metrics_port=args.metrics_port, metrics_host=args.metrics_host,
                         http_port=args.http_port, http_host=args.http_host,
+                        served_model_name=args.served_model_name, chat_template=args.chat_template,
                         http_read_timeout_s=args.http_read_timeout, http_max_connections=args.http_max_connections,
                         inject_step_failure_every=args.inject_step_failure_every,
                         inject_worker_crash_at_step=args.inject_worker_crash_at_step)
 
 
-def describe(cfg) -> str:
-    """The resolved configuration as people read it; test hooks only when one is set."""
-    e, lim, s = cfg.engine, cfg.limits, cfg.service
+def describe(cfg, kind: str = "text") -> str:
+    """The resolved configuration as people read it, only what applies to the bundle's kind (`text` or
+    `frames`: no prompts, prefix cache or HTTP for a frame model); test hooks only when one is set."""
+    e, lim = cfg.engine, cfg.limits
     parts = [f"bundle {cfg.bundle}", f"grpc {cfg.host}:{cfg.port}",
-             f"device {e.device} (threads {e.intra_op_threads or 'default'}, spin {e.spin})",
-             f"limits: prompt {lim.max_prompt_chars:,} chars, new tokens {lim.max_new_tokens:,} "
+             f"device {e.device} (threads {e.intra_op_threads or 'default'}, spin {e.spin})"]
+    if kind == "frames":
+        request = f"{lim.max_request_bytes:,} bytes" if lim.max_request_bytes else "bytes: frames and state limits"
+        idle = f"after {cfg.frame_idle_timeout_s:g}s" if cfg.frame_idle_timeout_s else "never"
+        parts += [f"limits: {lim.max_concurrent_streams} concurrent streams, request {request}",
+                  f"idle streams end {idle}"]
+    else:
+        parts.append(_describe_text(cfg))
+    metrics = "off" if cfg.metrics_port is None else f"{cfg.metrics_host or cfg.host}:{cfg.metrics_port}"
+    parts += [f"grace {cfg.grace_s:g}s", "tls " + ("on" if cfg.tls_cert else "off"),
+              "token auth " + ("on" if cfg.auth_token_file else "off"),
+              "state signing " + ("on" if cfg.state_key_file else "off"), f"metrics {metrics}"]
+    if kind != "frames":
+        parts.append("http " + ("off" if cfg.http_port is None else f"{cfg.http_host or cfg.host}:{cfg.http_port} "
+                     f"(read timeout {cfg.http_read_timeout_s:g}s, at most {cfg.http_max_connections} connections)"))
+    hooks = [f"{name} {getattr(cfg, name)}" for name in ("inject_step_failure_every", "inject_worker_crash_at_step")
+             if getattr(cfg, name)]
+    if hooks:
+        parts.append("TEST HOOKS " + ", ".join(hooks))
+    return "; ".join(parts)
+
+
+def _describe_text(cfg) -> str:
+    """A language model's limits, prompt reading, prefix cache and message pacing."""
+    lim, s = cfg.limits, cfg.service
+    parts = [f"limits: prompt {lim.max_prompt_chars:,} chars, new tokens {lim.max_new_tokens:,} "
              f"(default {lim.default_new_tokens:,}), {lim.max_concurrent_streams} concurrent, "
              f"{lim.max_queued_streams} queued, request "
              + (f"{lim.max_request_bytes:,} bytes" if lim.max_request_bytes else "bytes: prompt and state limits")
@@ -138,18 +172,22 @@ def describe(cfg) -> str:
              f"{cfg.scheduler.prime_wait_steps} decode steps for company",
              "prefix cache " + (f"{cfg.scheduler.prefix_cache_mb:g} MiB, every {cfg.scheduler.prefix_cache_every} tokens"
                                 if cfg.scheduler.prefix_cache_mb > 0 else "off"),
-             f"messages {s.message_budget_per_s:g}/s, at least {s.min_message_interval_s * 1e3:g} ms apart",
-             f"grace {cfg.grace_s:g}s", "tls " + ("on" if cfg.tls_cert else "off"),
-             "token auth " + ("on" if cfg.auth_token_file else "off"),
-             "state signing " + ("on" if cfg.state_key_file else "off"),
-             "metrics " + ("off" if cfg.metrics_port is None else f"{cfg.metrics_host or cfg.host}:{cfg.metrics_port}"),
-             "http " + ("off" if cfg.http_port is None else f"{cfg.http_host or cfg.host}:{cfg.http_port} "
-                        f"(read timeout {cfg.http_read_timeout_s:g}s, at most {cfg.http_max_connections} connections)")]
-    hooks = [f"{name} {getattr(cfg, name)}" for name in ("inject_step_failure_every", "inject_worker_crash_at_step")
-             if getattr(cfg, name)]
-    if hooks:
-        parts.append("TEST HOOKS " + ", ".join(hooks))
+             f"messages {s.message_budget_per_s:g}/s, at least {s.min_message_interval_s * 1e3:g} ms apart"]
     return "; ".join(parts)
+
+
+def bundle_kind(path: str) -> str:
+    """The manifest's `kind`, read before anything is logged, so that a wrong folder is one line: a
+    training run or a checkpoint is named as such, with the export that makes a bundle of it."""
+    from lstmgen.bundle import MANIFEST, load_manifest
+
+    p = Path(path)
+    run_files = [f for f in ("best.pt", "last.pt", "config.json") if (p / f).is_file()]
+    if (p.is_file() and p.suffix == ".pt") or (p.is_dir() and not (p / MANIFEST).exists() and run_files):
+        what = "a checkpoint" if p.is_file() else f"a training run ({', '.join(run_files)})"
+        raise UserError(f"{p} is {what}, not a bundle: make one with `lstmgen export {p} --out BUNDLE_DIR`, "
+                        "then `lstmgen serve BUNDLE_DIR`")
+    return load_manifest(p, verify_checksums=False).kind
 
 
 class JsonFormatter(logging.Formatter):
@@ -197,11 +235,12 @@ def run(args: argparse.Namespace) -> int:
               f"{args.http_read_timeout:g}) and --http-max-connections >= 1 (got {args.http_max_connections})",
               file=sys.stderr)
         return 2
+    kind = bundle_kind(args.bundle)
     setup_logging("WARNING" if args.quiet else args.log_level, args.log_format)
     from lstmgen.serve.server import run_until_signal
 
     cfg = config_from_args(args)
-    logging.getLogger("lstmgen.server").info("config: %s", describe(cfg))
+    logging.getLogger("lstmgen.server").info("config: %s", describe(cfg, kind))
 
     def ready(server) -> None:  # tests and scripts wait for this line
         metrics = (f" (metrics on http://{cfg.metrics_host or cfg.host}:{server.metrics_port}/metrics)"

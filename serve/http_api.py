@@ -32,8 +32,9 @@ from starlette.routing import Route
 
 from lstmgen.serve.errors import GenerationError, InvalidRequest, Overloaded, Unauthenticated
 from lstmgen.serve.metrics import Metrics
-from lstmgen.serve.openai_compat import (FINISH_REASON, CompletionRequest, error_json, logprobs_json,
-                                         param_name, parse_completion, usage_json)
+from lstmgen.serve.openai_chat import ChatFormat, ChatTemplate, chat_to_completion
+from lstmgen.serve.openai_compat import (CompletionFormat, CompletionRequest, error_json, param_name,
+                                         parse_completion, usage_json)
 from lstmgen.serve.params import MIN_TEMPERATURE, output_entries, request_bytes_for, validate
 from lstmgen.serve.scheduler import Chunk, Scheduler, Stream
 from lstmgen.serve.service import (REQUEST_ID_KEY, ServiceConfig, pace, rejection_reason, request_id,
@@ -60,8 +61,9 @@ class _Call:
             self.api.metrics.ttft.observe(time.perf_counter() - self.t0)
         self.tokens += chunk.token_count
 
-    def failed(self, e: Exception) -> tuple[int, dict]:
-        """Status, metrics and the OpenAI error body for an exception."""
+    def failed(self, e: Exception, param_of=lambda name: name) -> tuple[int, dict]:
+        """Status, metrics and the OpenAI error body for an exception (`param_of`: the parameter
+        as the client's API names it)."""
         code = status_for(e).name
         self.status, self.error = code, str(e)
         if not isinstance(e, GenerationError):
@@ -74,6 +76,9 @@ class _Call:
             kind = "invalid_request_error"
         http = next((v for cls, v in _HTTP_SPECIAL.items() if isinstance(e, cls)), http)
         param = getattr(e, "field", None)
+        if param is not None:
+            param = param_of(param)
+            self.error = f"{param}: {self.error.partition(': ')[2]}" if isinstance(e, InvalidRequest) else self.error
         return http, error_json(self.error, kind, param, code.lower())
 
     def end(self) -> None:
@@ -90,15 +95,19 @@ class _Call:
 
 class HttpApi:
     def __init__(self, scheduler: Scheduler, model_name: str, metrics: Metrics | None = None,
-                 cfg: ServiceConfig = ServiceConfig(), token: str | None = None):
+                 cfg: ServiceConfig = ServiceConfig(), token: str | None = None,
+                 chat_template: ChatTemplate = ChatTemplate()):
         self.scheduler, self.model_name, self.cfg = scheduler, model_name, cfg
+        self.chat_template = chat_template
         self.metrics = metrics or Metrics()
         self._token = token.encode() if token else None
         self.stopping = False  # /health answers 503 once set
-        self.app = Starlette(routes=[
-            Route("/", self.playground), Route("/health", self.health),
-            Route("/v1/models", self.models), Route("/v1/completions", self.completions, methods=["POST"]),
-        ])
+        routes = [Route("/", self.playground), Route("/health", self.health), Route("/v1/models", self.models),
+                  Route("/v1/models/{model_id:path}", self.model), Route("/v1/completions", self.completions,
+                                                                         methods=["POST"]),
+                  Route("/v1/chat/completions", self.chat, methods=["POST"])]
+        self.routes = [f"{m} {r.path}".replace(":path}", "}") for r in routes for m in sorted(r.methods - {"HEAD"})]
+        self.app = Starlette(routes=routes, exception_handlers={404: self._no_route, 405: self._no_route})
 
     # -- the small routes ------------------------------------------------------------------------
     async def playground(self, request: Request) -> Response:
@@ -115,13 +124,32 @@ class HttpApi:
             return refused
         return JSONResponse({"object": "list", "data": [self.model_card()]})
 
+    async def model(self, request: Request) -> Response:
+        refused = self._refuse(request)
+        if refused is not None:
+            return refused
+        asked = request.path_params["model_id"]
+        if asked != self.model_name:
+            return _json_response(error_json(f"model {asked!r} is not served here; this server serves "
+                                             f"{self.model_name!r}", "invalid_request_error", "model",
+                                             "model_not_found"), 404, {})
+        return JSONResponse(self.model_card())
+
+    async def _no_route(self, request: Request, exc: Exception) -> Response:
+        """An unknown route or method: OpenAI's error body (the SDKs show its message), naming the routes."""
+        status = getattr(exc, "status_code", 404)
+        what = "method not allowed on" if status == 405 else "no route"
+        body = error_json(f"{what} {request.method} {request.url.path}; this server has: " + ", ".join(self.routes),
+                          "invalid_request_error", None, "unknown_url" if status == 404 else "method_not_allowed")
+        return _json_response(body, status, {})
+
     def model_card(self) -> dict:
         s = self.scheduler
         m, lim = s.engine.manifest, s.limits
         return {"id": self.model_name, "object": "model", "created": 0, "owned_by": "lstmgen", "lstmgen": {
             "level": m.level, "vocab_size": m.vocab_size, "num_layers": m.num_layers,
             "hidden_size": m.hidden_size, "quantization": m.quantization, "execution_provider": s.engine.provider,
-            "model_sha256": m.model_sha256, "limits": {
+            "model_sha256": m.model_sha256, "example_prompt": example_prompt(m.vocab), "limits": {
                 "max_prompt_chars": lim.max_prompt_chars, "max_tokens": lim.max_new_tokens,
                 "default_max_tokens": lim.default_new_tokens, "max_stop_sequences": lim.max_stop_sequences,
                 "max_logprobs": lim.max_top_logprobs, "min_temperature": MIN_TEMPERATURE,
@@ -145,6 +173,15 @@ class HttpApi:
 
     # -- completions -----------------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
+        return await self._complete(request, CompletionFormat, lambda body, rid: parse_completion(body, rid))
+
+    async def chat(self, request: Request) -> Response:
+        def parse(body: object, rid: str) -> CompletionRequest:
+            return parse_completion(chat_to_completion(body, self.chat_template), rid)
+        return await self._complete(request, ChatFormat, parse)
+
+    async def _complete(self, request: Request, fmt: type, parse) -> Response:
+        """One completion (or chat completion: `fmt` writes the bodies, `parse` reads the request)."""
         refused = self._refuse(request)
         if refused is not None:
             return refused
@@ -163,16 +200,16 @@ class HttpApi:
         try:
             if isinstance(body, Exception):
                 raise body
-            creq = parse_completion(body, call.rid)
+            creq = parse(body, call.rid)
             self._submit(call, creq)
         except Exception as e:
-            status, body = call.failed(e)
+            status, body = call.failed(e, fmt.param)
             call.end()
             return _json_response(body, status, headers)
         if creq.stream:
-            return _EventStream(self._events(call, creq), headers)
+            return _EventStream(self._events(call, creq, fmt), headers)
         try:
-            body = await _unless_disconnected(request, self._collect(call, creq))
+            body = await _unless_disconnected(request, self._collect(call, creq, fmt))
         except _Disconnected:
             call.end()  # status stays CANCELLED
             return Response(status_code=499)  # nobody reads it
@@ -273,7 +310,7 @@ class HttpApi:
             for t in tasks:
                 t.cancel()
 
-    async def _collect(self, call: _Call, creq: CompletionRequest) -> dict:
+    async def _collect(self, call: _Call, creq: CompletionRequest, fmt) -> dict:
         k = len(call.streams)
         texts, lps, finished = [[] for _ in range(k)], [[] for _ in range(k)], [None] * k
         merged = self._merged(call)
@@ -284,17 +321,15 @@ class HttpApi:
                 finished[i] = chunk.finished or finished[i]
         finally:
             await merged.aclose()
-        choices = [{"index": i, "text": "".join(texts[i]),
-                    "logprobs": logprobs_json(lps[i], 0) if creq.logprobs is not None else None,
-                    "finish_reason": FINISH_REASON[finished[i].reason] if finished[i] else None}
+        choices = [fmt.choice(i, "".join(texts[i]), lps[i] if creq.logprobs is not None else None, finished[i])
                    for i in range(k)]
-        return {**self._head(call, "text_completion"), "choices": choices, "usage": usage_json(finished, creq.n)}
+        return {**self._head(call, fmt, fmt.whole), "choices": choices, "usage": usage_json(finished, creq.n)}
 
-    def _head(self, call: _Call, kind: str) -> dict:
-        return {"id": f"cmpl-{call.rid}", "object": kind, "created": int(time.time()), "model": self.model_name,
-                "system_fingerprint": None}
+    def _head(self, call: _Call, fmt, kind: str) -> dict:
+        return {"id": f"{fmt.id_prefix}-{call.rid}", "object": kind, "created": int(time.time()),
+                "model": self.model_name, "system_fingerprint": None}
 
-    async def _events(self, call: _Call, creq: CompletionRequest) -> AsyncIterator[bytes]:
+    async def _events(self, call: _Call, creq: CompletionRequest, fmt) -> AsyncIterator[bytes]:
         """Server-sent events: one per chunk, then the usage (when asked) and `[DONE]`. An error
         after the stream started arrives as an event holding the error body."""
         finished: list = [None] * len(call.streams)
@@ -303,22 +338,33 @@ class HttpApi:
         try:
             async for i, chunk in merged:
                 finished[i] = chunk.finished
-                lp = logprobs_json(list(chunk.logprobs), offsets[i]) if creq.logprobs is not None else None
+                lps = list(chunk.logprobs) if creq.logprobs is not None else None
+                choice = fmt.delta(i, chunk.text, lps, offsets[i], chunk.finished)
                 offsets[i] += len(chunk.text)
-                yield _sse({**self._head(call, "text_completion"), "choices": [{
-                    "index": i, "text": chunk.text, "logprobs": lp,
-                    "finish_reason": FINISH_REASON[chunk.finished.reason] if chunk.finished else None}]})
+                yield _sse({**self._head(call, fmt, fmt.chunk), "choices": [choice]})
             if creq.include_usage:
-                yield _sse({**self._head(call, "text_completion"), "choices": [],
-                            "usage": usage_json(finished, creq.n)})
+                yield _sse({**self._head(call, fmt, fmt.chunk), "choices": [], "usage": usage_json(finished, creq.n)})
             yield b"data: [DONE]\n\n"
             call.status = "OK"
         except Exception as e:
-            _status, body = call.failed(e)
+            _status, body = call.failed(e, fmt.param)
             yield _sse(body)
         finally:
             await merged.aclose()
             call.end()
+
+
+def example_prompt(vocab) -> str:
+    """A prompt the playground can start with that this model can read: a speaker's name for a
+    Shakespeare char model, a common word for a word model, else the vocabulary's first symbols."""
+    for text in ("ROMEO:", "First Citizen:", "The ", "the", "\n"):
+        try:
+            if vocab.encode(text, on_unknown="error"):
+                return text
+        except ValueError:
+            continue
+    pieces = [vocab.piece(i) for i in range(min(len(vocab), 8))]
+    return next((p for p in pieces if p.strip()), pieces[0] if pieces else "")
 
 
 def _dumps(obj: dict) -> bytes:

@@ -97,14 +97,12 @@ def parse_completion(body: object, request_id: str) -> CompletionRequest:
         raise InvalidRequest("n", f"is {n}; allowed 1..{MAX_CHOICES}")
     if len(prompts) * n > MAX_CHOICES:
         raise InvalidRequest("n", f"{len(prompts)} prompt(s) x n={n} choices; allowed at most {MAX_CHOICES}")
-    # Unsupported options: their "off" value (false, null, "", {}, best_of == n) is accepted, as
+    # Unsupported options: their "off" value (false, null, "", best_of == n) is accepted, as
     # clients send it by default; anything else, of any type, is refused naming the option.
     if _flag(body, "echo"):
         raise InvalidRequest("echo", "is not supported: the response holds the generated text only")
     if body.get("suffix") not in (None, ""):
         raise InvalidRequest("suffix", "is not supported (no insertion mode)")
-    if body.get("logit_bias") not in (None, {}):
-        raise InvalidRequest("logit_bias", "is not supported")
     best_of = _integer(body, "best_of", None)
     if best_of is not None and best_of != n:
         raise InvalidRequest("best_of", f"is {best_of}; only best_of == n ({n}) is supported")
@@ -125,7 +123,8 @@ def parse_completion(body: object, request_id: str) -> CompletionRequest:
     f = {name: _number(body, name, default) for name, default in _FLOATS.items()}
     base = SamplingParams(top_k=_integer(body, "top_k", 0), **f)
     common = dict(max_new_tokens=_integer(body, "max_tokens", None), stop=tuple(_strings(body, "stop", True)),
-                  skip_unknown=skip, logprobs=logprobs is not None, top_logprobs=logprobs or 0)
+                  skip_unknown=skip, logprobs=logprobs is not None, top_logprobs=logprobs or 0,
+                  logit_bias=logit_bias(body.get("logit_bias")))
     choices = []
     for i, prompt in enumerate(prompts):
         for j in range(n):
@@ -137,6 +136,23 @@ def parse_completion(body: object, request_id: str) -> CompletionRequest:
     if model is not None and not isinstance(model, str):
         raise InvalidRequest("model", f"is {model!r}; expected a string")
     return CompletionRequest(tuple(choices), n, stream, bool(options.get("include_usage")), logprobs, model)
+
+
+def logit_bias(v: object) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} (ids as JSON object keys, so strings) -> sorted (id, bias) pairs;
+    ranges are checked by params.validate, ids against the vocabulary at submit."""
+    if v is None:
+        return ()
+    if not isinstance(v, dict):
+        raise InvalidRequest("logit_bias", "expected an object mapping token ids to numbers, e.g. {\"42\": -100}")
+    pairs = []
+    for key, value in v.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10):
+            raise InvalidRequest("logit_bias", f"key {shown_value(key)} is not a token id (a decimal integer)")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidRequest("logit_bias", f"value for {key} is {shown_value(value)}; expected a number in [-100, 100]")
+        pairs.append((int(key), value))
+    return tuple(sorted(pairs))
 
 
 def param_name(error: InvalidRequest, choice: int, prompts: int, n: int) -> str:
@@ -168,3 +184,23 @@ def usage_json(finished: list[Finished | None], n: int) -> dict:
 
 def error_json(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class CompletionFormat:
+    """Response bodies of /v1/completions (the edge's `Format`; openai_chat.ChatFormat is the other)."""
+
+    id_prefix, whole, chunk = "cmpl", "text_completion", "text_completion"
+
+    @staticmethod
+    def param(name: str) -> str:
+        return name
+
+    @staticmethod
+    def choice(i: int, text: str, lps: list[TokenLogprob] | None, fin: Finished | None) -> dict:
+        return {"index": i, "text": text, "logprobs": logprobs_json(lps, 0) if lps is not None else None,
+                "finish_reason": FINISH_REASON[fin.reason] if fin else None, **({"seed": fin.seed} if fin else {})}
+
+    @staticmethod
+    def delta(i: int, text: str, lps: list[TokenLogprob] | None, offset: int, fin: Finished | None) -> dict:
+        return {"index": i, "text": text, "logprobs": logprobs_json(lps, offset) if lps is not None else None,
+                "finish_reason": FINISH_REASON[fin.reason] if fin else None, **({"seed": fin.seed} if fin else {})}

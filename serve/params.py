@@ -5,12 +5,15 @@ Every check names the field and the allowed range.
 """
 from __future__ import annotations
 
+import logging
 import math
 import struct
 from dataclasses import dataclass, field
 
 from lstmgen.serve.errors import InvalidRequest
 from lstmgen.vocab import UnknownTokensError, Vocab
+
+log = logging.getLogger("lstmgen.params")
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,8 @@ MAX_REPETITION_PENALTY = 100.0
 # As float32, the type the proto carries it in, so that 0.01 sent is 0.01 allowed.
 MIN_REPETITION_PENALTY = struct.unpack("f", struct.pack("f", 1.0 / MAX_REPETITION_PENALTY))[0]
 MAX_OPENAI_PENALTY = 2.0  # |frequency_penalty|, |presence_penalty| (OpenAI's range)
+MAX_LOGIT_BIAS = 100.0  # |value| (OpenAI's range)
+MAX_LOGIT_BIAS_ENTRIES = 300  # as OpenAI
 INT32_MAX = 2**31 - 1  # the proto's int32 fields; the kernels take int64, JSON and Python any size
 
 
@@ -91,6 +96,8 @@ class GenerationRequest:
     state: bytes = b""  # continue from this state blob (serve/state_blob.py); the prompt may be empty
     return_state: bool = False  # the last output carries the state after it
     state_every: int = 0  # and every this many tokens (0: never), for resumable streams
+    # OpenAI's logit_bias: (token id, value in [-100, 100]) pairs added to the logits before sampling
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
 
 def _integer(name: str, v: object, lo: int, hi: int, note: str = "") -> int:
@@ -154,12 +161,32 @@ def validate(req: GenerationRequest, limits: Limits) -> int:
     if req.top_logprobs and not req.logprobs:
         raise InvalidRequest("top_logprobs", "needs logprobs to be set")
     _integer("seed", s.seed, 0, 2**64 - 1)
+    _check_logit_bias(req.logit_bias)
     if len(req.stop) > limits.max_stop_sequences:
         raise InvalidRequest("stop", f"holds {len(req.stop)} sequences; allowed 0..{limits.max_stop_sequences}")
     for i, seq in enumerate(req.stop):
         if not isinstance(seq, str) or not 1 <= len(seq) <= limits.max_stop_sequence_chars:
             raise InvalidRequest(f"stop[{i}]", f"must be a string of 1..{limits.max_stop_sequence_chars} characters")
     return n
+
+
+def _check_logit_bias(bias: tuple[tuple[int, float], ...]) -> None:
+    """Types and ranges; the ids against the vocabulary in check_bias_ids (validate has no vocabulary)."""
+    if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+        raise InvalidRequest("logit_bias", f"holds {len(bias)} entries; allowed at most {MAX_LOGIT_BIAS_ENTRIES}")
+    for token, value in bias:
+        _integer("logit_bias", token, 0, INT32_MAX, " (a token id)")
+        v = _real(f"logit_bias[{token}]", value)
+        if math.isnan(v) or not -MAX_LOGIT_BIAS <= v <= MAX_LOGIT_BIAS:
+            raise InvalidRequest(f"logit_bias[{token}]", f"is {shown_value(value)}; allowed [-{MAX_LOGIT_BIAS:g}, "
+                                                         f"{MAX_LOGIT_BIAS:g}]")
+
+
+def check_bias_ids(req: GenerationRequest, vocab_size: int) -> None:
+    for token, _ in req.logit_bias:
+        if token >= vocab_size:
+            raise InvalidRequest("logit_bias", f"token id {token} is not in the vocabulary (ids 0..{vocab_size - 1}; "
+                                               "ModelInfo.vocabulary / GET /v1/models list them)")
 
 
 def output_entries(max_new_tokens: int, top_logprobs: int, logprobs: bool) -> int:
@@ -182,6 +209,13 @@ def encode_prompt(req: GenerationRequest, vocab: Vocab) -> list[int]:
         kind = "characters" if vocab.level == "char" else "words"
         raise InvalidRequest("prompt", f"{e}; the model's vocabulary has {len(vocab)} {kind}; "
                                        "skip_unknown drops them (--skip-unknown on the command line)") from e
+    if policy == "unk" and vocab.unk_id in ids:  # said once per request: the reply has no field for it
+        unknown = [w for w in vocab.split(req.prompt) if w not in vocab.stoi]
+        if unknown:  # not only `<unk>` typed as such
+            shown = ", ".join(shown_value(w) for w in list(dict.fromkeys(unknown))[:5])
+            log.info("prompt request_id=%s: %d unknown word(s) read as <unk>: %s%s", req.request_id or "-",
+                     len(unknown), shown, ", ..." if len(set(unknown)) > 5 else "",
+                     extra={"request_id": req.request_id})
     if not ids and not req.state:
         raise InvalidRequest("prompt", "encodes to no tokens (every symbol was unknown and skipped)")
     return ids

@@ -27,7 +27,7 @@ import numpy as np
 from lstmgen.serve.batch import Batch, Sequence, host
 from lstmgen.serve.engine import Engine
 from lstmgen.serve.errors import GenerationError, Overloaded, StepFailed, Unavailable
-from lstmgen.serve.params import GenerationRequest, Limits, encode_prompt, validate
+from lstmgen.serve.params import GenerationRequest, Limits, check_bias_ids, encode_prompt, validate
 from lstmgen.serve.penalties import TokenHistory
 from lstmgen.serve.prefix_cache import PrefixCache
 from lstmgen.serve.sampling import choose_checked, token_logprobs, warm_up
@@ -155,8 +155,9 @@ class Stream:
     take the cores ONNX Runtime needs.
 
     A state pushed with the output (state_every) cuts the pile there: the reader's chunk ends at
-    the newest state and carries it, and what came after waits for the next read. So a chunk with
-    a state holds exactly the text up to that state, which is what a resuming client needs.
+    the newest state and carries it, and what came after waits for the next read (the stream's end
+    included). So a chunk with a state holds exactly the text up to that state, which is what a
+    resuming client needs, and every chunk that spans a state_every boundary carries one.
 
     Backpressure: past `max_unread` entries unread (a token, a logprob and each alternative
     count one), `push` says so and the worker parks the row (its state kept, out of the batch);
@@ -241,8 +242,10 @@ class Stream:
     def _chunk(self) -> Chunk:
         """Under _lock: everything piled up, or up to the newest state (see the class docstring)."""
         cut, self._cut = self._cut, None
-        if self._finished is not None or cut is None:
-            at_end = cut is not None and cut[:3] == (len(self._text), self._tokens, len(self._logprobs))
+        at_end = cut is not None and cut[:3] == (len(self._text), self._tokens, len(self._logprobs))
+        # an ended stream's pile is cut too (its end comes in the next chunk): a reader that fell
+        # behind must still get the latest state (only `whole` readers take everything at once)
+        if cut is None or at_end or (self._finished is not None and self.whole):
             chunk = Chunk("".join(self._text), self._tokens, self._finished, tuple(self._logprobs),
                           cut[3] if at_end else None)
             self._text, self._tokens, self._logprobs, self._unread = [], 0, [], 0
@@ -414,6 +417,7 @@ class Scheduler:
         """Validate and enqueue; raises InvalidRequest, Overloaded or Unavailable at once. With
         `whole`, the stream yields one chunk holding everything once generation ends (Stream)."""
         max_new = validate(req, self.limits)
+        check_bias_ids(req, len(self.vocab))
         state = self.codec.decode(req.state) if req.state else None
         prompt_ids = encode_prompt(req, self.vocab)
         if state is not None and (not req.seed_given or req.sampling.seed == state.seed):
@@ -437,7 +441,7 @@ class Scheduler:
         stream = Stream(on_close=self._stream_closed, whole=whole, max_unread=self.limits.max_unread_output,
                         on_room=self._room)
         seq = Sequence(req, prompt_ids, rng, stopper, stream, history=history,
-                       want_state=req.return_state or req.state_every > 0)
+                       want_state=req.return_state or req.state_every > 0, bias=_bias_arrays(req))
         if state is not None:
             if prompt_ids:  # read the state's last token, then the new text, from the state
                 seq.prompt_ids, seq.carried, seq.partial = [state.token, *prompt_ids], 1, state.tensors
@@ -707,6 +711,8 @@ class Scheduler:
         uniforms = np.array([s.rng.random() for s in batch.seqs])  # [B], one draw per row
         lp_rows = batch.logprob_rows
         raw = logits[lp_rows] if lp_rows else None  # [R, V] copies: the penalties overwrite
+        for i, ids, values in batch.biases:  # after the raw copy: logprobs stay the model's own
+            logits[i, ids] += values
         # finite: False for a row with a NaN, a +inf or nothing but -inf (-inf logits alone are
         # just impossible tokens): it has no distribution and fails below
         t0 = time.perf_counter()
@@ -807,6 +813,13 @@ class Scheduler:
                 self._over.append(o.sink.seq)
         if woken and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(_wake_all, woken)
+
+
+def _bias_arrays(req: GenerationRequest) -> tuple[np.ndarray, np.ndarray] | None:
+    if not req.logit_bias:
+        return None
+    ids, values = zip(*req.logit_bias)
+    return np.array(ids, dtype=np.int64), np.array(values, dtype=np.float32)  # [K], [K]
 
 
 def _wake_all(streams: list[Stream]) -> None:

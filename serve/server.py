@@ -3,8 +3,10 @@ optional TLS, bearer-token auth and a Prometheus /metrics port."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
+import socket
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -60,6 +62,8 @@ class ServerConfig:
     http_host: str | None = None  # None: the same address as the gRPC port
     http_read_timeout_s: float = 30.0  # a request's head and body must arrive within this (serve/http_server.py)
     http_max_connections: int = 1024  # open HTTP connections; fewer if the descriptor limit leaves less room
+    served_model_name: str | None = None  # the model's name on the HTTP API; None: the bundle folder's name
+    chat_template: str | None = None  # JSON file for /v1/chat/completions (serve/openai_chat.py); None: the default
     inject_step_failure_every: int = 0  # TEST HOOK (serve/faults.py): every Nth decode step fails
     inject_worker_crash_at_step: int = 0  # TEST HOOK (serve/faults.py): the Nth decode step kills the worker
     # The scheduler thread's Python/numpy work keeps the GIL for up to this long while the event loop
@@ -112,7 +116,10 @@ class Server:
         if cfg.http_port is not None:
             from lstmgen.serve.http_api import HttpApi
             from lstmgen.serve.http_server import ConnectionLimits, HttpServer
-            self.http_api = HttpApi(self.scheduler, Path(cfg.bundle).resolve().name, self.metrics, cfg.service, token)
+            from lstmgen.serve.openai_chat import ChatTemplate, load_chat_template
+            template = load_chat_template(cfg.chat_template) if cfg.chat_template else ChatTemplate()
+            self.http_api = HttpApi(self.scheduler, cfg.served_model_name or Path(cfg.bundle).resolve().name,
+                                    self.metrics, cfg.service, token, template)
             self.http = HttpServer(self.http_api.app, cfg.http_host or cfg.host, cfg.http_port, cfg.tls_cert,
                                    cfg.tls_key, limits=ConnectionLimits(cfg.http_read_timeout_s,
                                                                         cfg.http_max_connections))
@@ -188,14 +195,18 @@ class Server:
         return self.port
 
     def _bind(self, address: str) -> int:
+        problem = bind_problem(self.cfg.host, self.cfg.port)
+        if problem:
+            raise BindError(f"cannot listen on {address}: {problem}")
         try:  # grpcio raises RuntimeError("Failed to bind ..."); older versions returned port 0
             port = (self.grpc.add_secure_port(address, self._tls) if self._tls
                     else self.grpc.add_insecure_port(address))
         except RuntimeError:
             port = 0
         if port == 0:
-            raise BindError(f"cannot listen on {address}: port {self.cfg.port} is in use (another server?) "
-                            "or the address is not one of this machine's")
+            raise BindError(f"cannot listen on {address}: "
+                            + (f"port {self.cfg.port} is in use (another server?) or " if self.cfg.port else "")
+                            + "the address is not one of this machine's")
         return port
 
     def _worker_failed(self, error: BaseException) -> None:
@@ -227,6 +238,48 @@ class Server:
             await self.http.stop()
         self.metrics.close()
         log.info("stopped")
+
+
+def bind_problem(host: str, port: int) -> str | None:
+    """Why gRPC could not listen on host:port, found with a plain socket bound as gRPC binds it
+    (SO_REUSEADDR; a wildcard as dual-stack `[::]`, else 0.0.0.0), or None. Asked first because gRPC's
+    C core writes its own failure (`E1207 ... add_port.cc:83] Failed to add port ...`) to stderr.
+    Port 0 checks the address alone."""
+    host = host.strip("[]")
+    wildcard = host in ("", "0.0.0.0", "::")
+    if wildcard:
+        addresses = [(socket.AF_INET6, ("::", port)), (socket.AF_INET, ("0.0.0.0", port))]
+    else:
+        try:
+            addresses = [(a[0], a[4]) for a in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                                  flags=socket.AI_PASSIVE)]
+        except socket.gaierror as e:
+            return f"{host} does not resolve to an address ({e.strerror})"
+        except UnicodeError:
+            return None  # gRPC resolves it, or says why not
+    failed: list[OSError] = []
+    for family, sockaddr in addresses:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if wildcard and family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                s.bind(sockaddr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:  # one address taken is enough: its clients would reach the other server
+                return f"port {port} is in use (another server?)"
+            failed.append(e)
+            continue
+        if wildcard:
+            return None  # gRPC keeps the first wildcard that binds
+    if len(failed) < len(addresses):
+        return None  # gRPC listens on the addresses that bind
+    e = failed[-1] if wildcard else failed[0]  # a wildcard: 0.0.0.0's error (`[::]` fails without IPv6)
+    if e.errno == errno.EADDRNOTAVAIL:
+        return f"{host} is not an address of this machine"
+    if e.errno == errno.EACCES:
+        return f"permission denied ({e.strerror}): ports below 1024 need privileges"
+    return e.strerror or str(e)
 
 
 def _shutdown_cancel(record: logging.LogRecord) -> bool:

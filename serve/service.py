@@ -130,7 +130,8 @@ def request_from_pb(msg: pb.GenerateRequest, request_id: str = "") -> Generation
                              sampling=sampling, seed_given=msg.HasField("seed"),
                              stop=tuple(msg.stop), skip_unknown=msg.skip_unknown, request_id=request_id,
                              logprobs=msg.logprobs, top_logprobs=msg.top_logprobs, state=msg.state,
-                             return_state=msg.return_state, state_every=msg.state_every)
+                             return_state=msg.return_state, state_every=msg.state_every,
+                             logit_bias=tuple(sorted(msg.logit_bias.items())))
 
 
 def chunk_to_pb(chunk: Chunk, codec: StateCodec) -> pb.GenerateResponse:
@@ -257,7 +258,9 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             embedding_size=m.embedding_size, quantization=m.quantization,
             execution_provider=s.engine.provider, model_sha256=m.model_sha256,
             has_prompt_graph=s.engine.prompt_session is not None,
-            state_bytes=s.codec.state_bytes, state_signed=s.codec.key is not None,
+            # an upper bound: the held-back text is shorter than the longest stop sequence allowed
+            state_bytes=s.codec.state_bytes_bound(max(lim.max_stop_sequence_chars - 1, 0)),
+            state_signed=s.codec.key is not None,
             provenance_json=json.dumps(m.provenance, sort_keys=True),
             vocabulary=list(m.vocab.tokens) if request.include_vocabulary else [],
             limits=pb.Limits(

@@ -72,7 +72,10 @@ def read_state_key(path: str | Path) -> bytes:
 
 def codec_for(manifest, key: bytes | None = None) -> "StateCodec":
     """The codec of a bundle's model, whose state tensors the manifest names."""
-    return StateCodec(manifest.model_sha256, state_layout(manifest), manifest.vocab_size, key)
+    vocab = manifest.vocab  # end of text ends a generation and is never held back: not its character
+    chars = "".join(vocab.piece(i) for i in range(len(vocab)) if i != vocab.eot_id) if vocab is not None else ""
+    return StateCodec(manifest.model_sha256, state_layout(manifest), manifest.vocab_size, key,
+                      frames=manifest.kind == "frames", text_chars=chars)
 
 
 def state_layout(manifest) -> tuple[tuple[str, tuple[int, int]], ...]:
@@ -85,21 +88,38 @@ class StateCodec:
     checked, and a failure names what was wrong."""
 
     def __init__(self, model_sha256: str, tensors: tuple[tuple[str, tuple[int, int]], ...], vocab_size: int,
-                 key: bytes | None = None):
+                 key: bytes | None = None, *, frames: bool = False, text_chars: str = ""):
+        """`frames`: a frame model's codec (state_bytes is then a frame stream's); `text_chars`: the
+        characters the model's tokens write, which bound what held-back text costs in the header."""
         self.model_sha256 = model_sha256
         self.tensors = tensors  # (name, one row's shape [L, H]) per state tensor, in the graph's order
         self.vocab_size = vocab_size
         self.key = key
+        self.frames = frames
         self._sizes = [int(np.prod(shape)) for _, shape in tensors]
         self._tensor_bytes = 4 * sum(self._sizes)
         # the header with a full penalty history (every token id and a count) still fits
         self.max_bytes = self._tensor_bytes + 64 * 1024 + 24 * vocab_size
+        # Held-back text in the header: the widest of the model's characters (JSON escapes and UTF-8),
+        # or of any character (a control character's \u00XX) when they are not known.
+        self._widest_char = max(set(text_chars) or {"\x00"}, key=lambda ch: len(_json(ch)))
 
     @property
     def state_bytes(self) -> int:
-        """Size of a blob without penalty history."""
-        dummy = GenerationState(tuple(np.zeros(shape, np.float32) for _, shape in self.tensors), 0, 0, (0, 1, 0, 0))
-        return len(self.encode(dummy))
+        """state_bytes_bound() with no held-back text (a frame model's codec: its frame streams' bound)."""
+        return self.state_bytes_bound()
+
+    def state_bytes_bound(self, held_chars: int = 0) -> int:
+        """The largest blob this codec writes without a penalty history (ModelInfo.state_bytes): every
+        header field at its widest, the held-back text `held_chars` of the widest character (a server's
+        longest stop sequence less one: the matcher never holds more). A frame model's codec: the largest
+        frame stream state (a frame count of 19 digits)."""
+        zeros = tuple(np.zeros(shape, np.float32) for _, shape in self.tensors)
+        if self.frames:
+            return len(self.encode_frames(zeros, 2**63 - 1))
+        rng = (2**128 - 1, 2**128 - 1, 1, 2**32 - 1)  # PCG64's state and increment are 128-bit
+        widest = GenerationState(zeros, max(self.vocab_size - 1, 0), 2**64 - 1, rng, self._widest_char * held_chars)
+        return len(self.encode(widest))
 
     # -- encoding --------------------------------------------------------------------------------
     def encode(self, st: GenerationState) -> bytes:
@@ -114,7 +134,7 @@ class StateCodec:
         return self._pack({"model": self.model_sha256, "tensors": self._described(), "frames": frames}, tensors)
 
     def _pack(self, header: dict, tensors) -> bytes:
-        head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        head = _json(header)
         body = b"".join([_PREFIX.pack(MAGIC, VERSION, _SIGNED if self.key else 0, len(head)), head,
                          *(np.ascontiguousarray(t, dtype="<f4").tobytes() for t in tensors)])
         return body + self._mac(body) if self.key else body
@@ -227,6 +247,10 @@ class StateCodec:
         if not ok:
             raise _bad("penalty history is malformed (distinct token ids of this model, counts >= 0)")
         return tuple(ids), tuple(float(c) for c in counts)
+
+
+def _json(value) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _no_constant(name: str):

@@ -120,3 +120,35 @@ def test_playground_streams_text(chromium, bundles, tmp_path):
     finally:
         browser.close()
         assert stop(proc) == 0
+
+
+def test_playground_fits_the_model_and_sends_what_was_typed(chromium, bundles, tmp_path):
+    """The default prompt is one the served model can read (a word model gets no 'ROMEO:'), a stop
+    string may hold a comma, a seed past 2^53 reaches the server exactly, and an error is shown
+    once, not with its parameter repeated."""
+    proc, _target, base, _metrics = start_http_server(bundles["word"], tmp_path / "server.log")
+    browser = DevTools(tmp_path / "profile")
+    try:
+        browser.open(base + "/")
+        prompt = browser.wait_for("document.getElementById('info').textContent.includes('LSTM') && "
+                                  "document.getElementById('prompt').value")
+        assert prompt == "the"
+        big = str(2**64 - 1)
+        browser.js("document.getElementById('max_tokens').value = '30';"
+                   f"document.getElementById('seed').value = '{big}';"
+                   "document.getElementById('stop_seq').value = 'cat, dog\\nmat';"
+                   "document.getElementById('go').click(); true")
+        status = browser.wait_for("document.getElementById('status').textContent.startsWith('done') && "
+                                  "document.getElementById('status').textContent")
+        assert status.endswith(f"seed {big}"), status
+        assert browser.js("JSON.stringify(request().stop)") == '["cat, dog","mat"]'
+        browser.js("document.getElementById('temperature').value = '-1';"
+                   "document.getElementById('go').click(); true")
+        error = browser.wait_for("document.getElementById('status').className === 'error' && "
+                                 "document.getElementById('status').textContent")
+        assert error.startswith("temperature: is -1") and error.count("temperature") == 1, error
+    finally:
+        browser.close()
+        assert stop(proc) == 0
+    requests = [line for line in (tmp_path / "server.log").read_text().splitlines() if "completion end" in line]
+    assert len(requests) == 2, requests

@@ -24,3 +24,29 @@ def test_the_readme_client_examples_run(char_server):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
         assert len(out.stdout) > 40, out.stdout
+
+
+def test_the_readme_openai_example_runs_against_the_readme_command(bundles, tmp_path):
+    """The README's serve command on a bundle at bundles/ts (as its API example makes), and its
+    OpenAI block, verbatim but for the port (8000 may be taken) and the prompt (the test model has
+    no 'ROMEO:')."""
+    import shutil
+
+    from conftest import start_server
+    from test_http_api import stop
+
+    text = (ROOT / "README.md").read_text()
+    part = text.split("<!-- tests/test_readme_clients.py runs this command and the block below -->", 1)[1]
+    command = re.search(r"```\n(lstmgen serve .*?)\n```", part).group(1).split()
+    block = re.search(r"```python\n(.*?)```", part, re.S).group(1)
+    assert command[:3] == ["lstmgen", "serve", "bundles/ts"] and command[3:] == ["--http-port", "8000"]
+    shutil.copytree(bundles["char"], tmp_path / "bundles" / "ts")
+    srv = start_server(tmp_path / command[2], tmp_path / "serve.log", "--http-port", "0")
+    try:
+        port = re.search(r"http on http://[\d.]+:(\d+)/", srv.ready_line).group(1)
+        code = block.replace("localhost:8000", f"127.0.0.1:{port}").replace("ROMEO:", "First Citizen:")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert len(out.stdout) > 100, out.stdout
+    finally:
+        assert stop(srv.proc) == 0

@@ -139,10 +139,17 @@ def test_unsigned_tensor_edit_is_accepted_but_header_edits_are_checked():
     assert c.decode(bytes(blob)).token == 7
 
 
-def test_state_bytes_is_the_size_without_history():
+def test_state_bytes_bounds_every_state_without_history():
+    """ModelInfo.state_bytes: every header field at its widest (the largest of each, not a sum of
+    guesses), held-back text included; the bound is reached, so it is tight."""
     c = codec()
-    assert c.state_bytes == len(c.encode(GenerationState((np.zeros((L, H), np.float32),) * 2, 0, 0, (0, 1, 0, 0))))
+    widest = GenerationState((np.zeros((L, H), np.float32),) * 2, V - 1, 2**64 - 1,
+                             (2**128 - 1, 2**128 - 1, 1, 2**32 - 1), "\x01" * 5)  # \u0001: 6 bytes each in JSON
+    assert c.state_bytes_bound(5) == len(c.encode(widest)) == c.state_bytes + 5 * 6
+    assert len(c.encode(state())) <= c.state_bytes_bound(2)  # pending "ab"
     assert c.state_bytes < 2 * L * H * 4 + 400
+    frames = StateCodec(SHA, (("h", (L, H)),), 0, frames=True)
+    assert frames.state_bytes == len(frames.encode_frames((np.zeros((L, H), np.float32),), 2**63 - 1))
 
 
 @pytest.mark.parametrize("header_text, words", [

@@ -23,13 +23,14 @@ def build_request(prompt: str, *, max_new_tokens: int | None = None, temperature
                   presence_penalty: float = 0.0, seed: int | None = None, greedy: bool = False,
                   stop: Iterable[str] = (), skip_unknown: bool = False, logprobs: bool = False,
                   top_logprobs: int = 0, state: bytes | None = None, return_state: bool = False,
-                  state_every: int = 0) -> pb.GenerateRequest:
-    """The request message; unset optional fields take the server's defaults (see the .proto)."""
+                  state_every: int = 0, logit_bias: dict[int, float] | None = None) -> pb.GenerateRequest:
+    """The request message; unset optional fields take the server's defaults (see the .proto).
+    `logit_bias`: token id (ModelInfo.vocabulary's order) -> a value in [-100, 100] added to its logit."""
     req = pb.GenerateRequest(prompt=prompt, top_k=top_k, greedy=greedy, stop=list(stop),
                              skip_unknown=skip_unknown, frequency_penalty=frequency_penalty,
                              presence_penalty=presence_penalty, logprobs=logprobs or top_logprobs > 0,
                              top_logprobs=top_logprobs, state=state or b"", return_state=return_state,
-                             state_every=state_every)
+                             state_every=state_every, logit_bias=logit_bias or {})
     for name, value in (("max_new_tokens", max_new_tokens), ("temperature", temperature), ("top_p", top_p),
                         ("min_p", min_p), ("repetition_penalty", repetition_penalty), ("seed", seed)):
         if value is not None:
@@ -88,9 +89,13 @@ def parse_model_info(msg: pb.ModelInfo) -> ModelInfo:
         output_size=msg.output_size, class_names=tuple(msg.class_names), standardize=msg.standardize)
 
 
-# Integer request fields and the range their protobuf type carries; the server checks its own limits.
-_WIRE_INTS = {"max_new_tokens": (-2**31, 2**31 - 1), "top_k": (-2**31, 2**31 - 1), "seed": (0, 2**64 - 1),
-              "top_logprobs": (0, 2**32 - 1), "state_every": (0, 2**32 - 1)}
+_INT32, _UINT32, _UINT64 = (-2**31, 2**31 - 1), (0, 2**32 - 1), (0, 2**64 - 1)
+# Integer request fields: the range their protobuf type carries (what the client refuses outside of),
+# and the part of it the field means, which the refusal names. A value the wire carries goes to the
+# server, whose own limits decide (ModelInfo.limits): max_new_tokens=0 is the server's to refuse.
+_WIRE_INTS = {"max_new_tokens": (_INT32, (1, 2**31 - 1), ""), "top_k": (_INT32, (0, 2**31 - 1), " (0 = off)"),
+              "seed": (_UINT64, _UINT64, ""), "top_logprobs": (_UINT32, _UINT32, ""),
+              "state_every": (_UINT32, (0, 2**31 - 1), " (0 = off)")}  # past max_new_tokens it means nothing
 
 
 def _invalid(message: str) -> InvalidArgumentError:
@@ -106,16 +111,25 @@ def check_params(prompt: str, params: dict) -> dict:
         raise _invalid(f"state: must be the bytes a server returned (result.state), got {type(state).__name__}")
     if not isinstance(prompt, str) or not (prompt or state):
         raise _invalid(f"prompt: must be a non-empty string (or empty with a state), got {prompt!r:.40}")
-    for name, (lo, hi) in _WIRE_INTS.items():
+    for name, ((lo, hi), (meant_lo, meant_hi), note) in _WIRE_INTS.items():
         v = params.get(name)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi):
-            raise _invalid(f"{name}: is {v!r:.40}; allowed: an integer in {lo}..{hi}")
+        if v is None:
+            continue
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise _invalid(f"{name}: {v!r:.40} is not an integer in {meant_lo}..{meant_hi}{note}")
+        if not lo <= v <= hi:
+            raise _invalid(f"{name}: {_shown(v)} is not in {meant_lo}..{meant_hi}{note}")
     stop = params.get("stop", ())
     if isinstance(stop, str):
         return {**params, "stop": (stop,)}
     if not all(isinstance(s, str) for s in stop):
         raise _invalid("stop: must be a string or a list of strings")
     return params
+
+
+def _shown(v: int) -> str:
+    """An integer for a message: in full up to 40 digits (str() of a 5,000-digit one raises)."""
+    return str(v) if v.bit_length() <= 128 else f"{'a negative' if v < 0 else 'an'} integer of {v.bit_length()} bits"
 
 
 def check_timeout(timeout: float | None, name: str = "timeout") -> float | None:

@@ -100,10 +100,12 @@ def run(args: argparse.Namespace) -> int:
                     out["logprobs"] = [asdict(lp) for lp in r.logprobs]
                 print(json.dumps(out, ensure_ascii=False))
                 return 0
-            if not args.no_echo:
-                sys.stdout.write(prompt)
+            echo = not args.no_echo
             finished = None
             for chunk in client.generate_stream(prompt, resume=args.resume, **params):
+                if echo:  # once the server answered: a refused call prints its error alone
+                    sys.stdout.write(prompt)
+                    echo = False
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
                 if chunk.finished is not None:

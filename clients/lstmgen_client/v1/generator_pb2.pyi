@@ -53,7 +53,14 @@ class FramesResponse(_message.Message):
     def __init__(self, values: _Optional[_Iterable[float]] = ..., frames: _Optional[int] = ..., classes: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ..., frames_total: _Optional[int] = ..., state: _Optional[bytes] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "greedy", "stop", "skip_unknown", "state", "return_state", "state_every", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "logprobs", "top_logprobs")
+    __slots__ = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "greedy", "stop", "skip_unknown", "state", "return_state", "state_every", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "logprobs", "top_logprobs", "logit_bias")
+    class LogitBiasEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +79,7 @@ class GenerateRequest(_message.Message):
     PRESENCE_PENALTY_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_BIAS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     max_new_tokens: int
     temperature: float
@@ -90,7 +98,8 @@ class GenerateRequest(_message.Message):
     presence_penalty: float
     logprobs: bool
     top_logprobs: int
-    def __init__(self, prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., greedy: _Optional[bool] = ..., stop: _Optional[_Iterable[str]] = ..., skip_unknown: _Optional[bool] = ..., state: _Optional[bytes] = ..., return_state: _Optional[bool] = ..., state_every: _Optional[int] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
+    logit_bias: _containers.ScalarMap[int, float]
+    def __init__(self, prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., greedy: _Optional[bool] = ..., stop: _Optional[_Iterable[str]] = ..., skip_unknown: _Optional[bool] = ..., state: _Optional[bytes] = ..., return_state: _Optional[bool] = ..., state_every: _Optional[int] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., logit_bias: _Optional[_Mapping[int, float]] = ...) -> None: ...
 
 class Finished(_message.Message):
     __slots__ = ("reason", "prompt_tokens", "generated_tokens", "seed", "stop_sequence", "held_text")
