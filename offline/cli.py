@@ -17,11 +17,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from lstmgen.offline.jobs import CheckedInput, SampleConfig, check_input, iter_jobs
+from lstmgen.offline.lock import OutputLock, lock_path
 from lstmgen.offline.outputs import DurableAppender, dump_line, journal_path, journal_to_parquet, output_format
 from lstmgen.offline.progress import Progress
 from lstmgen.offline.prompts import INT_RANGES, Fingerprint, InputError, read_items, shown, span
-from lstmgen.offline.resume import (ResumeError, check_same_run, extra_lines_warning, finished_keys, repair, run_file,
-                                    skip_finished, write_run_file)
+from lstmgen.offline.resume import (ResumeError, check_same_run, extra_lines_warning, finished_keys, max_tokens_of,
+                                    repair, run_file, skip_finished, write_run_file)
 from lstmgen.serve.params import Limits, SamplingParams
 
 
@@ -63,7 +64,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run on Ray Data: a new local instance, or the cluster at ADDRESS; --out becomes a folder")
     y.add_argument("--ray-actors", type=int, default=1, help="actors, each with one engine and scheduler")
     y.add_argument("--ray-cpus-per-actor", type=float, default=None,
-                   help="CPUs each actor reserves from Ray (default: its thread count)")
+                   help="CPUs each actor reserves from Ray (default: its thread count, or its share of the "
+                        "cluster's CPUs less 0.5 for the write tasks when that is smaller)")
+    y.add_argument("--verbose", action="store_true",
+                   help="show Ray's own progress bars and logs (default: they go to OUT.ray.log)")
 
 
 def sample_config(args: argparse.Namespace, seed: int) -> SampleConfig:
@@ -110,7 +114,7 @@ def _written_files(out: str) -> tuple[Path, ...]:
     """Every file a run into `out` writes, replaces or removes."""
     out_path, meta = Path(out), run_file(out)
     return (out_path, journal_path(out), meta, out_path.with_name(out_path.name + ".tmp"),
-            meta.with_name(meta.name + ".tmp"))
+            meta.with_name(meta.name + ".tmp"), lock_path(out))
 
 
 def _check_not_an_input(args: argparse.Namespace) -> None:
@@ -137,7 +141,6 @@ def _same_file(a: Path, b: Path) -> bool:
 def _prepare_output(args: argparse.Namespace, settings: dict) -> tuple[dict, bool]:
     """Checks --out against --resume/--overwrite, makes its folder; returns the run's settings
     (the first run's when resuming) and whether a Parquet output is already complete."""
-    _check_not_an_input(args)
     out, journal, meta = Path(args.out), journal_path(args.out), run_file(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.overwrite:
@@ -159,6 +162,14 @@ def _prepare_output(args: argparse.Namespace, settings: dict) -> tuple[dict, boo
 
 
 def _run_local(args: argparse.Namespace) -> int:
+    _check_not_an_input(args)  # before the lock file is written: it must not be an input either
+    # One writer per output, for the whole run: a second run into it (a wrapper killed while its
+    # child runs on) fails here at once instead of appending every sample again.
+    with OutputLock(args.out):
+        return _run_locked(args)
+
+
+def _run_locked(args: argparse.Namespace) -> int:
     from lstmgen.bundle import BundleError
     from lstmgen.offline.runner import offline_limits
     from lstmgen.serve.engine import Engine, EngineConfig
@@ -187,8 +198,9 @@ def _run_local(args: argparse.Namespace) -> int:
     jobs = iter_jobs(read_items(args.prompts, reread), cfg)
     if done is not None:
         jobs = skip_finished(jobs, done)
+    budget = checked.tokens - (0 if done is None else max_tokens_of(done, checked.max_tokens))
     progress = Progress(total, 0 if done is None else len(done), interval=args.progress_interval,
-                        enabled=not args.quiet)
+                        enabled=not args.quiet, budget=budget)
     appender = DurableAppender(journal)
     try:
         errors, retries = asyncio.run(_sample(engine, limits, jobs, window, args.ordered, appender, fmt, progress))
@@ -234,16 +246,22 @@ async def _sample(engine, limits: Limits, jobs, window: int, ordered: bool, appe
 
     scheduler = Scheduler(engine, limits)
     scheduler.start()
+    # A long sample finishes only at its end: the line is due on its interval all the same, with
+    # the tokens unfinished samples have made so far.
+    ticker = asyncio.create_task(progress.follow(lambda: scheduler.stats().tokens_generated))
     errors = retries = 0
     try:
         async for r in results(scheduler, jobs, window, ordered):
+            unused = r.job.request.max_new_tokens - r.tokens  # stopped early or failed: no longer ahead
             if r.retry:
                 retries += 1
+                progress.update(0, r.tokens, unused)
                 continue
             errors += "error" in r.row
             appender.write(dump_line(r.row, fmt))
-            progress.update(1, r.tokens)
+            progress.update(1, r.tokens, unused)
     finally:
+        ticker.cancel()
         await scheduler.close()
     return errors, retries
 
@@ -253,21 +271,39 @@ def _jsonable(d: dict) -> dict:
 
 
 def _run_ray(args: argparse.Namespace) -> int:
-    from lstmgen.offline.ray_data import run_on_ray
+    from lstmgen.offline.ray_data import RayResourceError, ray_log_path, run_on_ray
 
     if args.resume or output_format(args.out) == "tsv":
         return _fail("--ray writes a folder of .jsonl or .parquet files and has no --resume")
+    if args.ray_cpus_per_actor is not None and not 0 < args.ray_cpus_per_actor < float("inf"):
+        return _fail(f"--ray-cpus-per-actor is {args.ray_cpus_per_actor:g}; it must be a number of CPUs above 0 "
+                     "(fractions are fine)")
     from lstmgen.offline.runner import offline_limits
 
+    int_ids = False
     try:  # a local file: check every record first, as the local path does (a URI is checked by the actors)
-        if Path(args.prompts).exists():
-            check_input(args.prompts, sample_config(args, 0), offline_limits(args.batch_size, 1, args.max_new_tokens))
+        if "://" not in args.prompts:
+            checked = check_input(args.prompts, sample_config(args, 0),
+                                  offline_limits(args.batch_size, 1, args.max_new_tokens))
+            int_ids = checked.int_ids
     except InputError as e:
         return _fail(str(e))
     cfg = sample_config(args, args.seed if args.seed is not None else secrets.randbits(32))
-    threads = args.threads or 1
-    n = run_on_ray(args.ray or None, args.prompts, args.out, args.bundle, cfg, actors=args.ray_actors,
-                   threads_per_actor=threads, cpus_per_actor=args.ray_cpus_per_actor, batch_size=args.batch_size,
-                   device="cpu" if args.device == "auto" else args.device)
-    print(f"lstmgen sample: {n:,} samples written by Ray into {args.out} (base seed {cfg.seed})", file=sys.stderr)
+    log = ray_log_path(args.out)
+    if not args.verbose:
+        print(f"lstmgen sample: Ray's progress and logs go to {log} (--verbose shows them here)", file=sys.stderr)
+    try:
+        done = run_on_ray(args.ray or None, args.prompts, args.out, args.bundle, cfg, actors=args.ray_actors,
+                          threads_per_actor=args.threads or 1, cpus_per_actor=args.ray_cpus_per_actor,
+                          batch_size=args.batch_size, device="cpu" if args.device == "auto" else args.device,
+                          int_ids=int_ids, log=log, verbose=args.verbose)
+    except RayResourceError as e:
+        return _fail(str(e))
+    except Exception:
+        if not args.verbose:
+            print(f"lstmgen sample: the Ray job failed; Ray's own log: {log}", file=sys.stderr)
+        raise
+    n = "?" if done["rows"] is None else f"{done['rows']:,}"
+    print(f"lstmgen sample: {n} samples written by Ray into {args.out} ({args.ray_actors} actor(s) x "
+          f"{done['cpus']:g} CPU of {done['cluster_cpus']:g}; base seed {cfg.seed})", file=sys.stderr)
     return 0

@@ -78,25 +78,31 @@ class CheckedInput:
     identity: dict  # {"size", "sha256"} of the bytes read: --resume refuses an input that changed
     int_ids: bool = False  # every "id" given is an integer (a Parquet output's id column type)
     counts: array | None = None  # samples asked for per prompt, when wanted (4 bytes a prompt)
+    tokens: int = 0  # the max_new_tokens of all its samples: what the run may make (progress ETA)
+    max_tokens: array | None = None  # max_new_tokens per prompt, with `counts` (4 bytes a prompt)
 
 
 def check_input(path: str, cfg: SampleConfig, limits: Limits, counts: bool = False) -> CheckedInput:
     """Reads the whole input once (streaming) and checks every record's fields, types and ranges;
     raises InputError naming the file and line. `counts`: also keep each prompt's sample count
-    (what `--resume` needs to tell a foreign output line from a finished sample)."""
-    total, digest, id_types = 0, Fingerprint(), set()
-    per_prompt = array("I") if counts else None
+    (what `--resume` needs to tell a foreign output line from a finished sample) and max_new_tokens
+    (what the finished samples would have cost: the ETA counts only the rest)."""
+    total, tokens, digest, id_types = 0, 0, Fingerprint(), set()
+    per_prompt, max_tokens = (array("I"), array("I")) if counts else (None, None)
     for where, raw in read_records(path, digest):
         item = parse_item(raw, where)
         try:
-            validate(request_for(item, cfg, item.seed or 0), limits)
+            max_new = validate(request_for(item, cfg, item.seed or 0), limits)
         except InvalidRequest as e:
             raise InputError(f"{where}: {e}") from e
         id_types.add(type(item.id))
         n = cfg.num_samples if item.num_samples is None else item.num_samples
         total += n
+        tokens += n * max_new
         if per_prompt is not None:
             per_prompt.append(n)
+            max_tokens.append(max_new)
     if total == 0:
         raise InputError(f"{path}: no prompts found")
-    return CheckedInput(total, digest.as_dict(), int in id_types and str not in id_types, per_prompt)
+    return CheckedInput(total, digest.as_dict(), int in id_types and str not in id_types, per_prompt, tokens,
+                        max_tokens)

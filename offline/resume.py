@@ -113,6 +113,13 @@ def skip_finished(jobs: Iterable[Job], done: np.ndarray) -> Iterator[Job]:
         yield job
 
 
+def max_tokens_of(keys: np.ndarray, max_tokens: Sequence[int]) -> int:
+    """The max_new_tokens of the samples `keys` name (`max_tokens[i]`: prompt i's): what running
+    them would cost, which a resumed run does not pay."""
+    per_prompt = np.asarray(max_tokens, dtype=np.int64)
+    return int(per_prompt[keys >> SAMPLE_BITS].sum()) if len(keys) else 0
+
+
 def run_file(out: str) -> Path:
     return Path(out + ".run.json")
 

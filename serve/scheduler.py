@@ -27,6 +27,7 @@ import numpy as np
 from lstmgen.serve.batch import Batch, Sequence, host
 from lstmgen.serve.engine import Engine
 from lstmgen.serve.errors import GenerationError, Overloaded, StepFailed, Unavailable
+from lstmgen.serve.logprobs import TopLogprobs
 from lstmgen.serve.params import GenerationRequest, Limits, check_bias_ids, encode_prompt, validate
 from lstmgen.serve.penalties import TokenHistory
 from lstmgen.serve.prefix_cache import PrefixCache
@@ -73,7 +74,8 @@ class TokenLogprob:
     token_id: int
     text: str
     logprob: float
-    top: tuple[tuple[int, str, float], ...] = ()  # (token id, text, logprob), most likely first
+    # (token id, text, logprob), most likely first: a tuple, or packed (serve/logprobs.py)
+    top: tuple[tuple[int, str, float], ...] | TopLogprobs = ()
 
 
 @dataclass(frozen=True)
@@ -775,7 +777,7 @@ class Scheduler:
         pieces, out = self._pieces, {}
         for j, i in enumerate(rows):
             k = batch.seqs[i].request.top_logprobs
-            top = tuple((t, pieces[t], v) for t, v in zip(top_ids[j, :k].tolist(), top_lp[j, :k].tolist()))
+            top = TopLogprobs(top_ids[j, :k], top_lp[j, :k], pieces)
             tok = int(tokens[i])
             out[i] = TokenLogprob(tok, pieces[tok], float(lp[j]), top)
         return out

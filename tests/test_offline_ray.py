@@ -41,3 +41,46 @@ def test_ray_path_gives_the_local_texts(bundles, tmp_path, local_ray):
     for r in got:
         w = want[(r["index"], r["sample"])]
         assert (r["id"], r["seed"], r["text"], r["finish_reason"]) == (w["id"], w["seed"], w["text"], w["finish_reason"])
+
+
+def _records(paths) -> list[dict]:
+    return [json.loads(line) for p in paths for line in p.read_text().splitlines()]
+
+
+def _same_logprobs(a: list, b: list) -> bool:
+    """Equal token by token; the numbers up to float rounding (rows share a step with others)."""
+    def flat(xs: list) -> list:
+        return [(x["token_id"], x["text"], round(x["logprob"], 4), [(t, s, round(v, 4)) for t, s, v in x["top"]])
+                for x in xs]
+    return flat(a) == flat(b)
+
+
+def test_ray_records_carry_the_local_fields_and_values(bundles, tmp_path, local_ray):
+    """Key for key, value for value: ids of both types, stop sequences, logprobs; and the same
+    Parquet columns and rows."""
+    import pyarrow.parquet as pq
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": i if i % 2 else f"q{i}", "prompt": ["All", "Speak", "You"][i % 3],
+                                           **({"stop": ["e", "a"]} if i % 4 == 1 else {})}) + "\n"
+                               for i in range(12)))
+    args = ["sample", str(bundles["char"]), "--prompts", str(prompts), "--seed", "3", "--max-new-tokens", "10",
+            "--logprobs", "2", "--batch-size", "4", "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "local.jsonl"), "--ordered"]) == 0
+    ray_args = ["--ray", "--ray-actors", "2", "--ray-cpus-per-actor", "0.5"]  # sizing: test_offline_ray_sizing.py
+    assert main(args + ["--out", str(tmp_path / "ray_out"), *ray_args]) == 0
+    want = _records([tmp_path / "local.jsonl"])
+    got = _records(sorted((tmp_path / "ray_out").iterdir()))
+    assert [list(r) for r in got] == [list(r) for r in want]  # the same keys, in the same order
+    assert any("stop_sequence" in r for r in got) and {type(r["id"]) for r in got} == {int, str}
+    for g, w in zip(got, want):
+        assert _same_logprobs(g.pop("logprobs"), w.pop("logprobs"))
+        assert g == w
+
+    assert main(args + ["--out", str(tmp_path / "local.parquet"), "--ordered"]) == 0
+    assert main(args + ["--out", str(tmp_path / "ray.parquet"), *ray_args]) == 0
+    local = pq.read_table(tmp_path / "local.parquet")
+    ray_table = pq.read_table(sorted((tmp_path / "ray.parquet").iterdir()))
+    assert ray_table.schema == local.schema
+    keep = [c for c in local.column_names if c != "logprobs"]
+    assert ray_table.select(keep).to_pylist() == local.select(keep).to_pylist()
