@@ -89,10 +89,8 @@ def run(args: argparse.Namespace) -> int:
         return _fail("--batch-size, --num-samples and --ray-actors must be >= 1, --window >= 0")
     if (message := _flag_error(args)) is not None:
         return _fail(message)
-    if args.ray is not None:
-        return _run_ray(args)
     try:
-        return _run_local(args)
+        return _run_ray(args) if args.ray is not None else _run_local(args)
     except (InputError, ResumeError) as e:
         return _fail(str(e))
 
@@ -271,10 +269,32 @@ def _jsonable(d: dict) -> dict:
 
 
 def _run_ray(args: argparse.Namespace) -> int:
-    from lstmgen.offline.ray_data import RayResourceError, ray_log_path, run_on_ray
-
     if args.resume or output_format(args.out) == "tsv":
         return _fail("--ray writes a folder of .jsonl or .parquet files and has no --resume")
+    if "://" in args.out:  # a URI: the storage's own rules apply
+        return _run_ray_into(args)
+    _ray_folder(args)
+    with OutputLock(args.out):  # one writer per output, as the local path
+        return _run_ray_into(args)
+
+
+def _ray_folder(args: argparse.Namespace) -> None:
+    """Ray writes new files beside whatever the folder holds: refuse a folder with output in it
+    unless --overwrite, which removes that output (and nothing else)."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ResumeError(f"--out {out} is a file; --ray writes a folder of .jsonl or .parquet files")
+    old = [f for f in out.iterdir() if f.suffix in (".jsonl", ".parquet")] if out.is_dir() else []
+    if old and not args.overwrite:
+        raise ResumeError(f"{out} already holds {len(old)} output file(s) of an earlier run: pass --overwrite to "
+                          "replace them, or choose another --out")
+    for f in old:
+        f.unlink()
+
+
+def _run_ray_into(args: argparse.Namespace) -> int:
+    from lstmgen.offline.ray_data import RayResourceError, ray_log_path, run_on_ray
+
     if args.ray_cpus_per_actor is not None and not 0 < args.ray_cpus_per_actor < float("inf"):
         return _fail(f"--ray-cpus-per-actor is {args.ray_cpus_per_actor:g}; it must be a number of CPUs above 0 "
                      "(fractions are fine)")

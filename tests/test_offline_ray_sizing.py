@@ -55,6 +55,10 @@ def test_two_actors_with_no_cpu_flag_finish_on_two_cpus(bundles, tmp_path):
     local = tmp_path / "local.jsonl"
     assert main(args + ["--out", str(local), "--seed", seed, "--quiet"]) == 0
     assert got == [json.loads(line) for line in local.read_text().splitlines()]
+    # a second run into the same folder would add every sample again: refused before Ray starts
+    again = _lstmgen(*args, "--out", str(out), "--ray", "--ray-actors", "2", timeout=60)
+    assert again.returncode == 2 and "already holds" in again.stderr and "--overwrite" in again.stderr
+    assert not (tmp_path / "samples.lock").exists()
 
 
 def test_a_request_the_cluster_cannot_meet_fails_in_seconds(bundles, tmp_path):
