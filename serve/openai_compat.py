@@ -2,8 +2,9 @@
 
 No web framework here, so every rule is testable on its own. A body becomes one
 `GenerationRequest` per choice: each prompt (a string, or a list of strings) times `n`. With a
-`seed`, choice j of a prompt samples with `seed + j`, so the n choices differ and each can be
-replayed alone. Field errors raise `InvalidRequest` naming the OpenAI parameter (`max_tokens`,
+`seed`, the request's k-th choice (prompt i, sample j: k = i * n + j) samples with `seed + k`, the
+rule of every front end (the in-process Generator's prompt i, offline's sample j): the choices
+differ, and each replays alone with its own seed. Field errors raise `InvalidRequest` naming the OpenAI parameter (`max_tokens`,
 not our `max_new_tokens`), which the edge answers with HTTP 400 and `"param"` set.
 """
 from __future__ import annotations
@@ -128,7 +129,7 @@ def parse_completion(body: object, request_id: str) -> CompletionRequest:
     choices = []
     for i, prompt in enumerate(prompts):
         for j in range(n):
-            s = base if seed is None else replace(base, seed=(seed + j) % 2**64)
+            s = base if seed is None else replace(base, seed=(seed + i * n + j) % 2**64)
             rid = request_id if len(prompts) * n == 1 else f"{request_id}-{i * n + j}"
             choices.append(GenerationRequest(prompt=prompt, sampling=s, seed_given=seed is not None,
                                              request_id=rid, **common))
