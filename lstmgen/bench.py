@@ -405,7 +405,8 @@ def where_it_went(i: dict) -> str:
     sampling = f"sampling {i['sampling_ms']:.3f} ms ({i['sampling_ms'] / i['step_ms']:.0%} of the step)"
     if "iteration_ms" not in i:
         return f"step {i['step_ms']:.3f} ms, {sampling}"
-    raw = f" ({i['step_ms'] / i['raw_step_ms']:.2f}x the raw step)" if i.get("raw_step_ms") else ""
+    raw = (f" ({i['step_ms'] / i['raw_step_ms']:.2f}x the raw step, {i['raw_step_ms']:.3f} ms)"
+           if i.get("raw_step_ms") else "")
     cores = [f"{name} {i[key]:.2f}" for name, key in (("server", "server_cores"),
                                                         ("load generator", "load_generator_cores"))
              if i.get(key) is not None]

@@ -158,7 +158,7 @@ def test_bench_line_takes_the_iteration_apart_and_names_the_cores():
     assert i["iteration_ms"] == pytest.approx(10.0) and i["other_ms"] == pytest.approx(1.3)
     assert i["server_cores"] == pytest.approx(1.85)
     line = where_it_went({**i, "raw_step_ms": 6.4, "load_generator_cores": 0.106})
-    assert ("iteration 10.000 ms = step 8.000 ms (1.25x the raw step) + sampling 0.600 ms (8% of the step)"
+    assert ("iteration 10.000 ms = step 8.000 ms (1.25x the raw step, 6.400 ms) + sampling 0.600 ms (8% of the step)"
             " + prompts 0.100 ms + the rest 1.300 ms; 63.7 rows a step, 6,370 tok/s made") in line
     assert f"cores in use: server 1.85, load generator 0.11 (of {os.cpu_count()})" in line
     assert "cores" not in where_it_went(inside_server({k: v for k, v in deltas.items() if "cpu" not in k}, 1.0))
