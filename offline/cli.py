@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import secrets
 import sys
@@ -324,6 +325,24 @@ def _run_ray_into(args: argparse.Namespace) -> int:
             print(f"lstmgen sample: the Ray job failed; Ray's own log: {log}", file=sys.stderr)
         raise
     n = "?" if done["rows"] is None else f"{done['rows']:,}"
-    print(f"lstmgen sample: {n} samples written by Ray into {args.out} ({args.ray_actors} actor(s) x "
+    errors = _errors_in(Path(args.out)) if "://" not in args.out else None
+    said = "" if errors is None else f"{errors} with an error; "
+    print(f"lstmgen sample: {n} samples written by Ray into {args.out} ({said}{args.ray_actors} actor(s) x "
           f"{done['cpus']:g} CPU of {done['cluster_cpus']:g}; base seed {cfg.seed})", file=sys.stderr)
-    return 0
+    return 1 if errors else 0  # as the local path: a sample that failed is not a success
+
+
+def _errors_in(out: Path) -> int:
+    """Records of a Ray output folder that carry an "error" (one pass over what Ray wrote)."""
+    n = 0
+    for f in sorted(out.iterdir()):
+        if f.suffix == ".jsonl":
+            with open(f, encoding="utf-8") as lines:
+                n += sum('"error"' in line and "error" in json.loads(line) for line in lines)
+        elif f.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(f, columns=None)
+            if "error" in table.column_names:
+                n += len(table) - table.column("error").null_count
+    return n

@@ -93,3 +93,15 @@ def test_actor_cpus_leave_room_for_the_write_tasks():
     with pytest.raises(RayResourceError, match=r"--ray-actors 200 on the Ray cluster's 2 CPUs .* lower --ray-actors"):
         actor_cpus(2, 200, 1, None)
     assert ROOM == 0.5
+
+
+def test_a_record_that_fails_makes_the_ray_run_exit_1_as_the_local_one(bundles, tmp_path):
+    """A prompt the model cannot read gets an "error" record on both paths, and both exit 1."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "All"}) + "\n" + json.dumps({"prompt": "ROMEO"}) + "\n")
+    args = ["sample", str(bundles["char"]), "--prompts", str(prompts), "--max-new-tokens", "8"]
+    local = _lstmgen(*args, "--out", str(tmp_path / "local.jsonl"), timeout=120)
+    assert local.returncode == 1 and "1 with an error" in local.stderr, local.stderr
+    done = _lstmgen(*args, "--out", str(tmp_path / "ray_out"), "--ray", "--ray-actors", "1", timeout=300)
+    assert done.returncode == 1 and "2 samples written by Ray" in done.stderr and "1 with an error" in done.stderr, \
+        done.stderr
