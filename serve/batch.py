@@ -30,6 +30,7 @@ class Sequence:
     # State after `primed` tokens while a long prompt is primed in chunks: each state tensor [L, H]
     partial: tuple[np.ndarray, ...] | None = None
     cancelled: bool = False  # set by the consumer's thread; read by the scheduler between steps
+    released: bool = False  # its admission count was given back (Scheduler._release): once only
     history: TokenHistory | None = None  # seen tokens, for requests with a penalty
     carried: int = 0  # 1 when prompt_ids[0] is a continued state's last token (not the prompt's)
     # A pure continuation (a state and no prompt): its last token and state (each [L, H]); the

@@ -141,7 +141,7 @@ class HttpApi:
         what = "method not allowed on" if status == 405 else "no route"
         body = error_json(f"{what} {request.method} {request.url.path}; this server has: " + ", ".join(self.routes),
                           "invalid_request_error", None, "unknown_url" if status == 404 else "method_not_allowed")
-        return _json_response(body, status, {})
+        return _json_response(body, status, dict(getattr(exc, "headers", None) or {}))  # 405 keeps its Allow
 
     def model_card(self) -> dict:
         s = self.scheduler

@@ -107,7 +107,7 @@ def chat_to_completion(body: object, template: ChatTemplate) -> dict:
     user_stop = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
     if stop is not None and not isinstance(stop, (str, list)):
         raise InvalidRequest("stop", "expected a string or a list of strings")
-    out["stop"] = [*template.stop, *user_stop]
+    out["stop"] = [*user_stop, *template.stop]  # the user's first: an error names stop[i] as they wrote it
     logprobs, top = body.get("logprobs"), body.get("top_logprobs")
     if logprobs is not None and not isinstance(logprobs, bool):
         raise InvalidRequest("logprobs", f"is {shown_value(logprobs)}; expected true or false")

@@ -210,15 +210,15 @@ class Stream:
             if self.whole and not (self._finished or self._error):
                 return 0
             wake, self._reader_waiting = self._reader_waiting, False
-            if self._wake_on_end and (self._finished or self._error):
+            if self._wake_on_end and (self._finished or self._error or over):  # a full pile ends a rest too
                 wake, self._wake_on_end = True, False
         return int(wake) | over
 
     def park(self) -> bool:
         """Worker thread: the row leaves the batch until the reader takes; False (stay) when the
         reader took meanwhile."""
-        with self._lock:
-            self.parked = self._unread > self._max_unread // 2
+        with self._lock:  # a cancel sets its flag under this lock: a cancelled row is never parked
+            self.parked = self._unread > self._max_unread // 2 and not self.seq.cancelled
             return self.parked
 
     def _take(self) -> Chunk | None:
@@ -300,8 +300,8 @@ class Stream:
         """The consumer went away: the row leaves the batch at the next step (a parked row is
         handed back to the worker, which drops it)."""
         if self.seq is not None:
-            self.seq.cancelled = True
             with self._lock:
+                self.seq.cancelled = True
                 room, self.parked = self.parked, False
             if room:
                 self._on_room(self.seq)
@@ -521,36 +521,45 @@ class Scheduler:
         """Run one part of an iteration (model call, sampling, stop checks) and deliver its output.
         If anything in it raises, only `seqs` end (INTERNAL, one log line with their ids) and the
         loop goes on; a failure here that cannot be contained ends the worker (`_run`)."""
+        error = self._tried(part)
+        if error is not None:
+            self._end(seqs, what, error)
+
+    def _tried(self, part: Callable[[], list]) -> Exception | None:
         try:
             self._deliver(part())
         except Exception as e:
-            log.exception("%s failed for %d request(s) request_ids=%s; ending them", what, len(seqs), _ids(seqs))
-            ids = {id(s) for s in seqs}
-            if self._batch is not None:
-                self._batch = self._batch.filter([i for i, s in enumerate(self._batch.seqs) if id(s) not in ids])
-            self._last_step_end = None
-            out = self._fail(seqs, StepFailed(f"internal error in the {what}: {type(e).__name__}: {e}"))
-            with self._cv:  # the part may have released some of them already: count what is held
-                self._in_system = (len(self._incoming) + len(self._unparked) + len(self._waiting)
-                                   + len(self._priming) + len(self._parked)
-                                   + (len(self._batch) if self._batch is not None else 0))
-            self._deliver(out)
+            return e
+        return None
+
+    def _end(self, seqs: list[Sequence], what: str, error: Exception) -> None:
+        """`seqs` end with INTERNAL after `error` in a part of the iteration (one log line with their ids)."""
+        log.error("%s failed for %d request(s) request_ids=%s; ending them", what, len(seqs), _ids(seqs),
+                  exc_info=error)
+        ids = {id(s) for s in seqs}
+        if self._batch is not None:
+            self._batch = self._batch.filter([i for i, s in enumerate(self._batch.seqs) if id(s) not in ids])
+        self._last_step_end = None
+        self._deliver(self._fail(seqs, StepFailed(f"internal error in the {what}: {type(error).__name__}: {error}")))
 
     def _charged(self, rows: list[Sequence], what: str, part: Callable[[list[Sequence]], list]) -> None:
         """`_isolated` for a part that brings `rows` into a shared call (priming, joining the batch),
-        where one request's value can fail the call for all: on a failure the rows are retried in
-        halves, so it ends only the request that caused it. `part` changes nothing before it can
-        fail (it builds, then commits), so a retry starts from where the first try did."""
-        try:
-            self._deliver(part(rows))
-        except Exception:
-            if len(rows) == 1:
-                self._isolated(rows, what, lambda: part(rows))  # fails again: ends this row alone
-                return
-            log.warning("%s failed for %d request(s); retrying them in halves to find the cause", what, len(rows))
+        where one request's value can fail the call for all. On a failure the rows are tried in
+        halves and the failing half is split again, so the failure ends only the request that
+        caused it (about 2 log2(N) calls); when both halves fail the cause is shared (a model that
+        cannot run), and the group ends at once. `part` changes nothing before it can fail (it
+        builds, then commits), so a retry starts from where the first try did."""
+        error = self._tried(lambda: part(rows))
+        while error is not None and len(rows) > 1:
             half = len(rows) // 2
-            self._charged(rows[:half], what, part)
-            self._charged(rows[half:], what, part)
+            first, second = rows[:half], rows[half:]
+            e1 = self._tried(lambda: part(first))
+            e2 = self._tried(lambda: part(second))
+            if e1 is not None and e2 is not None:
+                break  # both halves: not one request's value
+            rows, error = (first, e1) if e1 is not None else (second, e2)
+        if error is not None:
+            self._end(rows, what, error)
 
     def _die(self, error: BaseException) -> None:
         """The worker cannot go on: refuse new streams, end every held one with UNAVAILABLE and
@@ -568,22 +577,26 @@ class Scheduler:
         # `cancelled` is set from the event-loop thread at any moment: read each flag ONCE, so a
         # row dropped is a row released and vice versa (reading it twice, a cancel landing in
         # between released a row that stayed in the batch, and released it again a step later).
-        n_gone = 0
+        gone: list[Sequence] = []
         if self._waiting or self._priming:
             waiting = [(s, s.cancelled) for s in self._waiting]
             priming = [(s, s.cancelled) for s in self._priming]
-            dropped = sum(c for _, c in waiting) + sum(c for _, c in priming)
+            dropped = [s for s, c in waiting + priming if c]
             if dropped:
                 self._waiting = deque(s for s, c in waiting if not c)
                 self._priming = [s for s, c in priming if not c]
-                n_gone += dropped
+                gone += dropped
+        if self._parked:  # Stream.cancel hands a parked row back; this is the guard behind it
+            parked = [(s, s.cancelled) for s in self._parked]
+            gone += [s for s, c in parked if c]
+            self._parked = [s for s, c in parked if not c]
         if self._batch is not None:
-            keep = [i for i, s in enumerate(self._batch.seqs) if not s.cancelled]
-            if len(keep) != len(self._batch):
-                n_gone += len(self._batch) - len(keep)
-                self._batch = self._batch.filter(keep)
-        if n_gone:
-            self._release(n_gone)
+            flags = [s.cancelled for s in self._batch.seqs]
+            if any(flags):
+                gone += [s for s, c in zip(self._batch.seqs, flags) if c]
+                self._batch = self._batch.filter([i for i, c in enumerate(flags) if not c])
+        if gone:
+            self._release(gone)
 
     def _park(self) -> None:
         """Rows whose reader is behind leave the batch with their next input token and state, as a
@@ -664,22 +677,34 @@ class Scheduler:
         done = [i for i, s in enumerate(rows) if s.prompt_left - int(lengths[i]) <= 1]
         idx = np.asarray(done, dtype=np.int64)
         joined = self._joined([rows[i] for i in done], tuple(x[:, idx] for x in state)) if done else None
-        # commit
-        n_tokens = int(lengths.sum())
-        self.observer.on_prime(len(rows), n_tokens, seconds)
-        self._prompt_tokens += n_tokens
-        cache = self.prefix_cache
+        joining = set(done)
+        partials = {i: tuple(x[:, i].copy() for x in state) for i in range(len(rows)) if i not in joining}
+        # commit: assignments only, nothing that can fail
         for i, s in enumerate(rows):
             s.primed += int(lengths[i])
-            if cache is not None and not s.carried and s.primed % cache.every == 0 and s.prompt_left:
-                cache.store(s.prompt_ids, s.primed, tuple(x[:, i] for x in state))
-            if s.prompt_left > 1:
-                s.partial = tuple(x[:, i].copy() for x in state)
+            s.partial = partials.get(i, s.partial)
+        n_tokens = int(lengths.sum())
+        self._prompt_tokens += n_tokens
+        self.observer.on_prime(len(rows), n_tokens, seconds)
+        self._keep_prefixes(rows, state)
         if done:
             finished = {id(rows[i]) for i in done}
             self._priming = [s for s in self._priming if id(s) not in finished]
             self._commit_join([rows[i] for i in done], joined)
         return []
+
+    def _keep_prefixes(self, rows: list[Sequence], state: tuple) -> None:
+        """The prefix cache takes the state of rows that stopped at one of its checkpoints; it is an
+        optimisation, so a failure here (memory) is logged and costs nothing else."""
+        cache = self.prefix_cache
+        if cache is None:
+            return
+        try:
+            for i, s in enumerate(rows):
+                if not s.carried and s.primed % cache.every == 0 and s.prompt_left:
+                    cache.store(s.prompt_ids, s.primed, tuple(x[:, i] for x in state))
+        except Exception:
+            log.warning("prefix cache: a prompt state was not kept", exc_info=True)
 
     def _chunk_len(self, s: Sequence) -> int:
         """Prompt tokens row `s` reads in the next priming call: a chunk, cut at the next prefix-cache
@@ -725,7 +750,7 @@ class Scheduler:
             keep = [j for j, i in enumerate(lp_rows) if finite[i]]
             lp_rows, raw = [lp_rows[j] for j in keep], raw[keep]
         logprobs = self._logprobs(batch, lp_rows, raw, next_tokens)
-        out, keep, failed = [], [], []
+        out, keep, failed, done = [], [], [], []
         pieces = self._pieces
         states = None  # the state tensors on the host, [L, B, H] each, once a row needs its state
         # Python lists: indexing numpy arrays one element at a time costs more than the loop body.
@@ -741,6 +766,7 @@ class Scheduler:
                 held = s.stopper.pending if s.request.return_state and reason is FinishReason.LENGTH else ""
                 fin = Finished(reason, s.prompt_tokens, s.stopper.generated, s.request.sampling.seed,
                                s.stopper.matched, held)
+                done.append(s)
             else:
                 keep.append(i)
             if s.want_state and (s.request.return_state if fin else
@@ -749,9 +775,8 @@ class Scheduler:
                 state = self._snapshot(s, tok, tuple(x[:, i] for x in states), fin)
             out.append(Output(s.sink, text, 1, fin, None, logprobs.get(i), state))
         self._tokens_generated += len(batch)
-        n_done = len(batch) - len(keep) - len(failed)
-        if n_done:
-            self._release(n_done)
+        if done:
+            self._release(done)
         if failed:
             log.error("non-finite logits for %d request(s) request_ids=%s; ending them", len(failed), _ids(failed))
             out += self._fail(failed, StepFailed("the model produced non-finite logits; generation stopped"))
@@ -785,7 +810,7 @@ class Scheduler:
     def _fail(self, seqs: list[Sequence], error: GenerationError) -> list:
         ids = {id(s) for s in seqs}
         self._priming = [s for s in self._priming if id(s) not in ids]
-        self._release(len(seqs))
+        self._release(seqs)
         return [Output(s.sink, "", 0, None, error) for s in seqs]
 
     def _abort_all(self, error: GenerationError) -> None:
@@ -800,9 +825,16 @@ class Scheduler:
         if seqs:
             self._deliver(self._fail(seqs, error))
 
-    def _release(self, n: int) -> None:
-        with self._cv:
-            self._in_system -= n
+    def _release(self, seqs: list[Sequence]) -> None:
+        """Give back the admission count of `seqs`, each once (a part that fails after finishing
+        some rows ends them again with the rest)."""
+        n = 0
+        for s in seqs:
+            n += not s.released
+            s.released = True
+        if n:
+            with self._cv:
+                self._in_system -= n
 
     def _deliver(self, out: list) -> None:
         """Hand output to the streams; one loop wake-up per step, and none when no reader waits."""

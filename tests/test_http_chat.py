@@ -97,6 +97,7 @@ def test_an_unknown_route_is_an_openai_error_naming_the_routes(client):
     with pytest.raises(openai.APIStatusError) as e:
         client.get("/completions", cast_to=object)
     assert e.value.status_code == 405 and "GET /v1/completions" in str(e.value)
+    assert e.value.response.headers["allow"] == "POST"
 
 
 def _vocab(base: str) -> list[str]:

@@ -38,7 +38,10 @@ def run(engine, requests, limits=Limits()):
         s.start()
         try:
             streams = [s.submit(r) for r in requests]  # all before the worker's next iteration
-            return await asyncio.gather(*(collect(x) for x in streams), return_exceptions=True)
+            results = await asyncio.gather(*(collect(x) for x in streams), return_exceptions=True)
+            await wait_until(lambda: s.in_system == 0)  # every row given back, once (never below 0)
+            assert s.in_system == 0 and s.open_streams == 0
+            return results
         finally:
             await s.close()
     return asyncio.run(main())
@@ -124,3 +127,39 @@ def test_cancelling_a_parked_stream_frees_its_row(engine):
 
     text, fin = asyncio.run(main())
     assert fin.generated_tokens == 10
+
+
+class _BrokenPrime:
+    """The engine with a prompt graph that always fails (a model that cannot run), counting calls."""
+
+    def __init__(self, engine):
+        self._engine, self.calls = engine, 0
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def prime(self, *args):
+        self.calls += 1
+        raise RuntimeError("the prompt graph cannot run")
+
+
+def test_a_failure_every_row_shares_ends_the_group_in_few_calls(engine, caplog):
+    """Bisecting is for one request's value; when both halves fail too the cause is shared, and
+    the 16 rows end after 3 calls with one log line (not 31 calls and 16 tracebacks)."""
+    broken = _BrokenPrime(engine)
+    results = run(broken, [req("First Citizen", n=5, seed=i) for i in range(16)])
+    assert all(isinstance(r, StepFailed) for r in results)
+    assert broken.calls == 3
+    assert len([r for r in caplog.records if "prompt step failed" in r.getMessage()]) == 1
+
+
+def test_a_cancelled_stream_is_never_parked(engine):
+    async def main():
+        s = Scheduler(engine, Limits(max_unread_output=4))
+        stream = s.submit(req("First", n=50))
+        stream.cancel()
+        flags = stream.push("abcdefgh", 8, None, None)
+        return flags & stream.OVER, stream.park()
+
+    over, parked = asyncio.run(main())
+    assert over and not parked
