@@ -120,7 +120,7 @@ def fetch_file(f: File, dest: Path, log=print) -> Path:
             if got != f.sha256:
                 raise DatasetError(f"{dest}: sha256 {got}, expected {f.sha256}: not the pinned file; delete it "
                                    f"(the next fetch downloads it) or put the right one in its place")
-            checked_mark(dest).write_text(f.sha256)
+            _mark(dest, f)
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -140,13 +140,20 @@ def fetch_file(f: File, dest: Path, log=print) -> Path:
         raise DatasetError(f"{f.url}: checksum mismatch: sha256 {got}, expected {f.sha256}; the partial file "
                            "was removed, run the command again (a proxy or a changed upstream file can cause this)")
     os.replace(part, dest)
-    checked_mark(dest).write_text(f.sha256)
+    _mark(dest, f)
     return dest
 
 
 def checked_mark(dest: Path) -> Path:
     """Written beside a file once its sha256 matched: later uses skip hashing it again."""
     return dest.with_name(dest.name + ".sha256")
+
+
+def _mark(dest: Path, f: File) -> None:
+    try:
+        checked_mark(dest).write_text(f.sha256)
+    except OSError:  # a read-only cache (a shared mount): it is hashed again at each use instead
+        pass
 
 
 def _checked(dest: Path, f: File) -> bool:

@@ -274,26 +274,44 @@ def _run_ray(args: argparse.Namespace) -> int:
         return _fail("--ray writes a folder of .jsonl or .parquet files and has no --resume")
     if "://" in args.out:  # a URI: the storage's own rules apply
         return _run_ray_into(args)
-    _ray_folder(args)
-    with OutputLock(args.out):  # one writer per output, as the local path
-        return _run_ray_into(args)
-
-
-def _ray_folder(args: argparse.Namespace) -> None:
-    """Ray writes new files beside whatever the folder holds: refuse a folder with output in it
-    unless --overwrite, which removes that output (and nothing else)."""
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ResumeError(f"--out {out} is a file; --ray writes a folder of .jsonl or .parquet files")
-    old = [f for f in out.iterdir() if f.suffix in (".jsonl", ".parquet")] if out.is_dir() else []
-    if old and not args.overwrite:
-        raise ResumeError(f"{out} already holds {len(old)} output file(s) of an earlier run: pass --overwrite to "
+    with OutputLock(args.out):  # one writer per output, as the local path; before anything is removed
+        old = _ray_outputs(out, args.overwrite)
+        kept = (set(out.iterdir()) if out.is_dir() else set()) - set(old)
+        code = _run_ray_into(args, lambda: [f.unlink() for f in old])
+        if out.is_dir():  # what this run wrote: the only files a later --overwrite removes
+            ours = sorted(f.name for f in set(out.iterdir()) - kept if f.suffix in (".jsonl", ".parquet"))
+            _ray_record(out).write_text("".join(name + "\n" for name in ours))
+        return code
+
+
+def _ray_record(out: Path) -> Path:
+    """Beside a --ray output folder (as OUT.lock and OUT.ray.log): the files its last run wrote."""
+    return Path(str(out) + ".files")
+
+
+def _ray_outputs(out: Path, overwrite: bool) -> list[Path]:
+    """An earlier --ray run's files in `out`, which --overwrite may remove; any other output file
+    there refuses the run (Ray would write beside it, and the folder would mix two runs)."""
+    if not out.is_dir():
+        return []
+    record = _ray_record(out)
+    ours = set(record.read_text().split()) if record.is_file() else set()
+    files = [f for f in out.iterdir() if f.suffix in (".jsonl", ".parquet")]
+    foreign = [f.name for f in files if f.name not in ours]
+    if foreign:
+        raise ResumeError(f"{out} holds {len(foreign)} .jsonl/.parquet file(s) an earlier `lstmgen sample --ray` did "
+                          f"not write (e.g. {foreign[0]!r}); --ray writes a folder of its own: choose another --out")
+    if files and not overwrite:
+        raise ResumeError(f"{out} already holds {len(files)} output file(s) of an earlier run: pass --overwrite to "
                           "replace them, or choose another --out")
-    for f in old:
-        f.unlink()
+    return files
 
 
-def _run_ray_into(args: argparse.Namespace) -> int:
+def _run_ray_into(args: argparse.Namespace, clear=lambda: None) -> int:
+    """The Ray run; `clear` removes an earlier run's files once the input and flags passed."""
     from lstmgen.offline.ray_data import RayResourceError, ray_log_path, run_on_ray
 
     if args.ray_cpus_per_actor is not None and not 0 < args.ray_cpus_per_actor < float("inf"):
@@ -309,6 +327,7 @@ def _run_ray_into(args: argparse.Namespace) -> int:
             int_ids = checked.int_ids
     except InputError as e:
         return _fail(str(e))
+    clear()
     cfg = sample_config(args, args.seed if args.seed is not None else secrets.randbits(32))
     log = ray_log_path(args.out)
     if not args.verbose:

@@ -20,7 +20,7 @@ class OutputBusy(ResumeError):
 
 
 def lock_path(out: str) -> Path:
-    return Path(out + ".lock")
+    return Path(str(Path(out)) + ".lock")  # `OUT/` and `OUT` are one output, one lock
 
 
 class OutputLock:

@@ -59,6 +59,11 @@ def test_two_actors_with_no_cpu_flag_finish_on_two_cpus(bundles, tmp_path):
     again = _lstmgen(*args, "--out", str(out), "--ray", "--ray-actors", "2", timeout=60)
     assert again.returncode == 2 and "already holds" in again.stderr and "--overwrite" in again.stderr
     assert not (tmp_path / "samples.lock").exists()
+    # --overwrite replaces what the first run wrote, and only that: the same records, once
+    again = _lstmgen(*args, "--out", str(out) + "/", "--ray", "--ray-actors", "2", "--overwrite", "--seed", seed,
+                     timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert [json.loads(line) for f in sorted(out.glob("*.jsonl")) for line in f.read_text().splitlines()] == got
 
 
 def test_a_request_the_cluster_cannot_meet_fails_in_seconds(bundles, tmp_path):
@@ -105,3 +110,16 @@ def test_a_record_that_fails_makes_the_ray_run_exit_1_as_the_local_one(bundles, 
     done = _lstmgen(*args, "--out", str(tmp_path / "ray_out"), "--ray", "--ray-actors", "1", timeout=300)
     assert done.returncode == 1 and "2 samples written by Ray" in done.stderr and "1 with an error" in done.stderr, \
         done.stderr
+
+
+def test_overwrite_never_removes_files_ray_did_not_write(bundles, tmp_path):
+    """A folder holding the prompts file (or any .jsonl this command did not write) is refused,
+    even with --overwrite, before anything is removed."""
+    data = tmp_path / "data"
+    data.mkdir()
+    prompts = _prompts(data)
+    (data / "other.parquet").write_bytes(b"not ours")
+    done = _lstmgen("sample", str(bundles["char"]), "--prompts", str(prompts), "--out", str(data), "--ray",
+                    "--overwrite", timeout=60)
+    assert done.returncode == 2 and "did not write" in done.stderr, done.stderr
+    assert sorted(f.name for f in data.iterdir()) == ["other.parquet", "p.jsonl"]
