@@ -265,3 +265,22 @@ def test_demo_says_when_it_trained_too_briefly(tmp_path):
     text.write_text("ab" * 50)
     assert demo.unigram_loss(str(text)) == pytest.approx(0.6931, abs=1e-3)  # two symbols: ln 2
     assert demo.unigram_loss("https://example.com/x.txt") is None
+
+
+def test_a_signal_during_the_closing_validation_at_max_steps_is_finished_by_resume(tmp_path, monkeypatch):
+    """Ctrl-C while the run validates at max_steps: last.pt is at the limit with no validation;
+    --resume does that validation (best.pt, the metrics row) instead of saying "nothing to do"."""
+    from lstmgen.train import trainer
+    from lstmgen.train.interrupt import TrainInterrupted
+
+    data = str(corpus_file(tmp_path / "c.txt"))
+    out = tmp_path / "run"
+    cfg = preset("tiny", **SMALL, max_steps=6, epochs=0)
+    real = trainer._Run._validate
+    monkeypatch.setattr(trainer._Run, "_validate", lambda self: None)  # as when a signal cuts it short
+    with pytest.raises(TrainInterrupted):
+        lstmgen.train(data, out, cfg, progress=False)
+    assert load_checkpoint(out / "last.pt").progress["global_step"] == 6 and not (out / "best.pt").exists()
+    monkeypatch.setattr(trainer._Run, "_validate", real)
+    best = lstmgen.train(data, out, cfg, resume=True, progress=False)
+    assert best.is_file() and [r["step"] for r in metrics_rows(out)] == ["6"]

@@ -279,7 +279,15 @@ class _Run:
         or a limit stops it. A signal stops it after the update under way: TrainInterrupted."""
         cfg, p = self.cfg, self.p
         if (cfg.epochs and p.epoch > cfg.epochs) or (cfg.max_steps and p.global_step >= cfg.max_steps):
-            self.log(f"nothing to do: the run is at epoch {p.epoch}, step {p.global_step}")
+            if p.history and p.history[-1]["step"] == p.global_step or not cfg.max_steps:
+                self.log(f"nothing to do: the run is at epoch {p.epoch}, step {p.global_step}")
+                return
+            # stopped by a signal at max_steps, before its closing validation: do that now
+            with self.signals.deferred():
+                val = self._validate()
+                if val is None:
+                    self._stop_interrupted()
+                self._record(p.epoch, val, f"max_steps={cfg.max_steps} reached")
             return
         try:
             with self.signals.deferred():
