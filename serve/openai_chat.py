@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lstmgen.errors import UserError
 from lstmgen.serve.errors import InvalidRequest
-from lstmgen.serve.openai_compat import FINISH_REASON, shown_value
+from lstmgen.serve.openai_compat import FINISH_REASON, check_object, shown_value
 from lstmgen.serve.scheduler import Finished, TokenLogprob
 
 ROLES = ("system", "developer", "user", "assistant")
@@ -93,12 +93,8 @@ def _turns(messages: object) -> list[tuple[str, str]]:
 
 def chat_to_completion(body: object, template: ChatTemplate) -> dict:
     """A /v1/chat/completions body -> the /v1/completions body that generates its reply."""
-    if not isinstance(body, dict):
-        raise InvalidRequest("body", "expected a JSON object")
-    unknown = sorted(set(body) - _KNOWN)
-    if unknown:
-        raise InvalidRequest(unknown[0], "is not a parameter of this server's /v1/chat/completions (a plain text "
-                                         "model: no tools, functions or response formats)")
+    body = check_object(body, _KNOWN, "/v1/chat/completions", " (a plain text model: no tools, functions or "
+                                                               "response formats)")
     out = {k: v for k, v in body.items() if k in _SAME}
     out["prompt"] = template.render(_turns(body.get("messages")))
     if body.get("max_completion_tokens") is not None:

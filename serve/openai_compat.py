@@ -83,13 +83,19 @@ def _strings(body: dict, name: str, allow_empty_list: bool) -> list[str]:
     return items
 
 
-def parse_completion(body: object, request_id: str) -> CompletionRequest:
-    """A /v1/completions body -> one GenerationRequest per choice; raises InvalidRequest."""
+def check_object(body: object, known: set[str], route: str, note: str = "") -> dict:
+    """`body` as a JSON object holding only `known` keys; else InvalidRequest naming the first other."""
     if not isinstance(body, dict):
         raise InvalidRequest("body", "expected a JSON object")
-    unknown = sorted(set(body) - _KNOWN)
+    unknown = sorted(set(body) - known)
     if unknown:
-        raise InvalidRequest(unknown[0], "is not a parameter of this server's /v1/completions")
+        raise InvalidRequest(unknown[0], f"is not a parameter of this server's {route}{note}")
+    return body
+
+
+def parse_completion(body: object, request_id: str) -> CompletionRequest:
+    """A /v1/completions body -> one GenerationRequest per choice; raises InvalidRequest."""
+    body = check_object(body, _KNOWN, "/v1/completions")
     if body.get("prompt") is None:
         raise InvalidRequest("prompt", "is required (a string or a list of strings)")
     prompts = _strings(body, "prompt", allow_empty_list=False)

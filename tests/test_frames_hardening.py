@@ -236,12 +236,13 @@ def test_a_stream_that_never_reads_ends_and_frees_its_slot(one_slot):
 
 
 def test_a_source_that_pauses_less_than_the_timeout_is_kept(one_slot):
-    """Frames 0.6 s apart, and empty messages through a longer pause, keep a stream open for
-    longer than the idle timeout: idle means no message either way, not a stream's age."""
+    """Empty messages through a pause longer than the idle timeout (frames 3.2 s apart, a message
+    every 0.4 s: 5x inside the timeout, room for a busy machine) keep a stream open: idle means no
+    message either way, not a stream's age or a pause in its frames."""
     def paced():
-        for i in range(8):
-            time.sleep(0.6)
-            yield pb.FramesRequest(values=FRAME if i % 4 == 0 else [])  # 1.8 s between frames
+        for i in range(10):
+            time.sleep(0.4)
+            yield pb.FramesRequest(values=FRAME if i % 8 == 0 else [])  # frames at 0.4 s and 3.6 s
 
     with grpc.insecure_channel(one_slot.target) as ch:
         outs = list(stream_frames(ch)(paced(), timeout=30))
