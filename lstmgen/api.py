@@ -7,22 +7,21 @@
         for c in g.generate(["ROMEO:", "JULIET:"], max_new_tokens=100, temperature=0.8, seed=1):
             print(c.prompt, c.text, c.finish_reason)
 
-`Generator` runs the server's own scheduler (continuous batching, the same sampler and limits) on
-a private event loop thread, so prompts given together share each model step, and a seeded prompt
+`Generator` runs the server's own scheduler (continuous batching, the same sampler and limits) and
+reads each prompt to its end as offline sampling does (serve/completion.py), so prompts given
+together share each model step, and a seeded prompt
 gives the same text here, over gRPC and over HTTP. It never imports torch.
 """
 from __future__ import annotations
 
-import asyncio
 import os
-import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:
     from lstmgen.export.bundle import ExportConfig
-    from lstmgen.serve.scheduler import TokenLogprob
+    from lstmgen.serve.records import TokenLogprob
     from lstmgen.train.config import TrainConfig
 
 
@@ -61,16 +60,7 @@ class Generator:
         self._scheduler = Scheduler(engine, limits or Limits())
         m = engine.manifest
         self.info = ModelInfo(m.level, m.vocab_size, m.num_layers, m.hidden_size, m.quantization, engine.provider)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="lstmgen-generator", daemon=True)
-        self._thread.start()
-        self._run(self._start())
-
-    async def _start(self) -> None:
         self._scheduler.start()
-
-    def _run(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def generate(self, prompts: str | Sequence[str], *, max_new_tokens: int | None = None,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
@@ -79,8 +69,10 @@ class Generator:
                  skip_unknown: bool = False, logprobs: bool = False, top_logprobs: int = 0,
                  ) -> list[Completion] | Completion:
         """One Completion per prompt (a list for a list, one for a string). With `seed`, prompt i
-        samples with seed + i; without, each gets a fresh seed (reported in Completion.seed).
-        Raises lstmgen.serve.errors.InvalidRequest naming a bad parameter."""
+        samples with seed + i (serve/completion.py nth_seed: the rule of every front end); without,
+        each gets a fresh seed (reported in Completion.seed). Raises
+        lstmgen.serve.errors.InvalidRequest naming a bad parameter."""
+        from lstmgen.serve.completion import completions, nth_seed
         from lstmgen.serve.params import GenerationRequest, SamplingParams
 
         single = isinstance(prompts, str)
@@ -89,43 +81,22 @@ class Generator:
                               repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
                               presence_penalty=presence_penalty, greedy=greedy)
         reqs = [GenerationRequest(prompt=p, max_new_tokens=max_new_tokens, stop=tuple(stop),
-                                  sampling=base if seed is None else replace(base, seed=(seed + i) % 2**64),
+                                  sampling=base if seed is None else replace(base, seed=nth_seed(seed, i)),
                                   seed_given=seed is not None, skip_unknown=skip_unknown, logprobs=logprobs,
                                   top_logprobs=top_logprobs) for i, p in enumerate(items)]
-        out = self._run(self._generate(reqs))
+        # Admission is bounded (Limits); more prompts than rows wait here, not in the queue.
+        window = self._scheduler.limits.max_concurrent_streams
+        out = []
+        for req, done in completions(self._scheduler.submit_completion, ((r, r) for r in reqs), window):
+            if isinstance(done, Exception):
+                raise done
+            fin = done.finished
+            out.append(Completion(req.prompt, done.text, fin.reason.value, fin.prompt_tokens, fin.generated_tokens,
+                                  fin.seed, fin.stop_sequence, done.logprobs))
         return out[0] if single else out
 
-    async def _generate(self, reqs: list) -> list[Completion]:
-        # Admission is bounded (Limits); more prompts than rows wait here, not in the queue.
-        gate = asyncio.Semaphore(self._scheduler.limits.max_concurrent_streams)
-
-        async def one(req) -> Completion:
-            async with gate:
-                stream = self._scheduler.submit(req)
-                try:
-                    text, lps, fin = [], [], None
-                    async for chunk in stream:
-                        text.append(chunk.text)
-                        lps.extend(chunk.logprobs)
-                        fin = chunk.finished or fin
-                finally:
-                    stream.cancel()
-            return Completion(req.prompt, "".join(text), fin.reason.value, fin.prompt_tokens, fin.generated_tokens,
-                              fin.seed, fin.stop_sequence, tuple(lps))
-
-        tasks = [asyncio.ensure_future(one(r)) for r in reqs]
-        try:
-            return list(await asyncio.gather(*tasks))
-        finally:
-            for t in tasks:
-                t.cancel()
-
     def close(self) -> None:
-        if self._loop.is_running():
-            self._run(self._scheduler.close())
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
-            self._loop.close()
+        self._scheduler.shutdown()
 
     def __enter__(self) -> "Generator":
         return self

@@ -9,7 +9,6 @@ JSONL prompt fields are listed in docs/offline.md.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import secrets
@@ -202,7 +201,7 @@ def _run_locked(args: argparse.Namespace) -> int:
                         enabled=not args.quiet, budget=budget)
     appender = DurableAppender(journal)
     try:
-        errors, retries = asyncio.run(_sample(engine, limits, jobs, window, args.ordered, appender, fmt, progress))
+        errors, retries = _sample(engine, limits, jobs, window, args.ordered, appender, fmt, progress)
     except KeyboardInterrupt:
         appender.close()
         print(f"\nlstmgen sample: interrupted; rerun with --resume to continue into {args.out}", file=sys.stderr)
@@ -238,8 +237,8 @@ def _finished(journal: Path, fmt: str, checked: CheckedInput, total: int):
     return finished.keys
 
 
-async def _sample(engine, limits: Limits, jobs, window: int, ordered: bool, appender: DurableAppender, fmt: str,
-                  progress: Progress) -> tuple[int, int]:
+def _sample(engine, limits: Limits, jobs, window: int, ordered: bool, appender: DurableAppender, fmt: str,
+            progress: Progress) -> tuple[int, int]:
     from lstmgen.offline.runner import results
     from lstmgen.serve.scheduler import Scheduler
 
@@ -247,10 +246,10 @@ async def _sample(engine, limits: Limits, jobs, window: int, ordered: bool, appe
     scheduler.start()
     # A long sample finishes only at its end: the line is due on its interval all the same, with
     # the tokens unfinished samples have made so far.
-    ticker = asyncio.create_task(progress.follow(lambda: scheduler.stats().tokens_generated))
+    ticker = progress.follow(lambda: scheduler.stats().tokens_generated)
     errors = retries = 0
     try:
-        async for r in results(scheduler, jobs, window, ordered):
+        for r in results(scheduler, jobs, window, ordered, ticker):
             unused = r.job.request.max_new_tokens - r.tokens  # stopped early or failed: no longer ahead
             if r.retry:
                 retries += 1
@@ -260,8 +259,7 @@ async def _sample(engine, limits: Limits, jobs, window: int, ordered: bool, appe
             appender.write(dump_line(r.row, fmt))
             progress.update(1, r.tokens, unused)
     finally:
-        ticker.cancel()
-        await scheduler.close()
+        scheduler.shutdown()
     return errors, retries
 
 

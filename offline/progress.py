@@ -9,7 +9,6 @@ rate of this run alone: samples an earlier run finished before --resume take no 
 """
 from __future__ import annotations
 
-import asyncio
 import sys
 import time
 from collections.abc import Callable
@@ -62,13 +61,18 @@ class Progress:
         self._live_tokens = tokens
         self._maybe_show()
 
-    async def follow(self, generated: Callable[[], int]) -> None:
-        """Feeds `generated()` (the scheduler's token count) each time a line is due, until cancelled:
-        lines come on their interval even while no sample finishes."""
-        while self.enabled:
+    def follow(self, generated: Callable[[], int]) -> Callable[[], float]:
+        """A callable for the sampling loop's idle time (serve/completion.py): it feeds `generated()`
+        (the scheduler's token count) when a line is due, so lines come on their interval even while
+        no sample finishes, and says how long until the next one."""
+        def tick() -> float:
+            if not self.enabled:
+                return 3600.0
+            if time.monotonic() >= self._last + self.interval:
+                self.generated(generated())
             # a hair past the due time: a timer may fire a little early, and the line would wait a whole interval
-            await asyncio.sleep(max(self._last + self.interval - time.monotonic(), 0.0) + 0.001)
-            self.generated(generated())
+            return max(self._last + self.interval - time.monotonic(), 0.0) + 0.001
+        return tick
 
     def _maybe_show(self) -> None:
         now = time.monotonic()

@@ -30,7 +30,7 @@ from lstmgen.errors import UsageError
 from lstmgen.offline.jobs import SampleConfig, jobs_for
 from lstmgen.offline.outputs import dump_line, output_format, parquet_schema
 from lstmgen.offline.prompts import decode_json, input_format, parse_item, read_records
-from lstmgen.offline.runner import LoopThread, offline_limits
+from lstmgen.offline.runner import Sampler, offline_limits
 
 TASK_CPUS = 0.25  # each Ray Data write task's request: it only encodes and writes lines
 ROOM = 2 * TASK_CPUS  # CPUs the default sizing leaves beside the actors: two write tasks at a time
@@ -87,7 +87,7 @@ class _Sampler:
         self.rows, self.output, self.int_ids = rows, output, int_ids
         self.window = 4 * batch_size
         engine = Engine(bundle, EngineConfig(device=device, intra_op_threads=threads))
-        self.runner = LoopThread(engine, offline_limits(batch_size, self.window, self.cfg.max_new_tokens))
+        self.runner = Sampler(engine, offline_limits(batch_size, self.window, self.cfg.max_new_tokens))
 
     def _item(self, row: dict):
         where = f"row {row['index']}"

@@ -36,7 +36,9 @@ from lstmgen.serve.openai_chat import ChatFormat, ChatTemplate, chat_to_completi
 from lstmgen.serve.openai_compat import (CompletionFormat, CompletionRequest, error_json, param_name,
                                          parse_completion, usage_json)
 from lstmgen.serve.params import MIN_TEMPERATURE, output_entries, request_bytes_for, validate
-from lstmgen.serve.scheduler import Chunk, Scheduler, Stream
+from lstmgen.serve.records import Chunk
+from lstmgen.serve.scheduler import Scheduler
+from lstmgen.serve.stream import Stream
 from lstmgen.serve.service import (REQUEST_ID_KEY, ServiceConfig, pace, rejection_reason, request_id,
                                    status_for)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from lstmgen.errors import UserError
 from lstmgen.serve.errors import InvalidRequest
 from lstmgen.serve.openai_compat import FINISH_REASON, check_object, shown_value
-from lstmgen.serve.scheduler import Finished, TokenLogprob
+from lstmgen.serve.records import Finished, TokenLogprob
 
 ROLES = ("system", "developer", "user", "assistant")
 # Chat parameters with a completions counterpart of the same name (the rest are mapped below)

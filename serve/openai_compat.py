@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 from lstmgen.serve.errors import InvalidRequest
 from lstmgen.serve.params import GenerationRequest, SamplingParams, shown_value
-from lstmgen.serve.scheduler import Finished, TokenLogprob
+from lstmgen.serve.records import Finished, TokenLogprob
 from lstmgen.serve.stopping import FinishReason
 
 MAX_CHOICES = 64  # prompts x n in one request: each choice is a stream holding an admission slot

@@ -63,6 +63,18 @@ class BatchSampling:
                    sampled_rows=np.flatnonzero(~greedy).astype(np.int64))
 
 
+    @classmethod
+    def from_columns(cls, greedy: np.ndarray, inv_temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray,
+                     min_p: np.ndarray, penalised: np.ndarray, repetition: np.ndarray, frequency: np.ndarray,
+                     presence: np.ndarray) -> "BatchSampling":
+        """From per-row columns [B] (a decode pool's; serve/decode.py), vectorised."""
+        pen = np.flatnonzero(penalised)
+        return cls(greedy=greedy, inv_temperature=inv_temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                   penalty_rows=tuple(pen.tolist()), repetition=repetition[pen], frequency=frequency[pen],
+                   presence=presence[pen], all_greedy=bool(greedy.all()), any_greedy=bool(greedy.any()),
+                   sampled_rows=np.flatnonzero(~greedy).astype(np.int64))
+
+
 def unnormalised_probs(logits: np.ndarray, inv_temperature: np.ndarray) -> np.ndarray:
     """exp((logits - row max) / T), float32 [B, V], inv_temperature [B]: the weights the kernels
     compute (sampling_kernels.weights_row), in numpy, for tests and tools. The max is taken first,

@@ -21,7 +21,9 @@ from lstmgen.serve.errors import (GenerationError, InvalidRequest, Overloaded, S
                                   Unavailable, WrongModel)
 from lstmgen.serve.metrics import Metrics
 from lstmgen.serve.params import MIN_TEMPERATURE, GenerationRequest, SamplingParams
-from lstmgen.serve.scheduler import Chunk, Scheduler, Stream
+from lstmgen.serve.records import Chunk
+from lstmgen.serve.scheduler import Scheduler
+from lstmgen.serve.stream import Stream
 from lstmgen.serve.state_blob import StateCodec
 from lstmgen.serve.stopping import FinishReason
 from lstmgen_client.v1 import generator_pb2 as pb

@@ -15,12 +15,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from lstmgen.serve import scheduler as scheduler_module
+from lstmgen.serve import decode as scheduler_module
 from lstmgen.serve.engine import EngineConfig
 from lstmgen.serve.faults import failing_every
 from lstmgen.serve.server import Server, ServerConfig
+from lstmgen.tools.scrape import scrape_metrics
 from lstmgen_client import AsyncClient, Client, InternalError, UnavailableError
-from lstmgen_client.loadgen import scrape_metrics
 from lstmgen_client.v1 import generator_pb2 as pb
 from tests.conftest import start_server
 from tests.test_metrics import metrics_url, wait_idle

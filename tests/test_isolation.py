@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from lstmgen.serve import scheduler as scheduler_module
+from lstmgen.serve import admission as scheduler_module
 from lstmgen.serve.engine import Engine, EngineConfig
 from lstmgen.serve.errors import InvalidRequest, StepFailed
 from lstmgen.serve.params import GenerationRequest, Limits, SamplingParams, validate

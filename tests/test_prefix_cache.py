@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from lstmgen.serve.metrics import WeightedHistogram, _SchedulerCollector
 from lstmgen.serve.prefix_cache import (ARRAY_OVERHEAD, ENTRY_OVERHEAD, PrefixCache, PrefixCacheStats,
                                         entry_bytes)
-from lstmgen.serve.scheduler import Stats
+from lstmgen.serve.records import Stats
 
 L, H = 2, 8
 ENTRY = ENTRY_OVERHEAD + 2 * (ARRAY_OVERHEAD + L * H * 4)  # one (h, c) entry, float32 [L, H] each

@@ -120,6 +120,7 @@ class FlakyEngine:
     def __init__(self, engine, fail_steps=0, nan_rows=()):
         self.engine, self.fail_steps, self.nan_rows = engine, fail_steps, set(nan_rows)
         self.manifest = engine.manifest
+        self.state_shapes = engine.state_shapes
 
     def zeros(self, b):
         return self.engine.zeros(b)
@@ -231,11 +232,9 @@ def test_spin_modes_reach_onnx_runtime(bundles):
 def test_a_cancel_racing_the_worker_releases_each_row_once(engine):
     """The consumer's thread may cancel between two reads of the flag by the worker: whatever it
     reads, each admitted row is released exactly once (streams-in-system never goes negative)."""
-    from dataclasses import fields
+    from lstmgen.serve.generation import Generation
 
-    from lstmgen.serve.batch import Batch, Sequence
-
-    class CancelledOnSecondRead(Sequence):
+    class CancelledOnSecondRead(Generation):
         @property
         def cancelled(self):
             self.reads = getattr(self, "reads", 0) + 1
@@ -251,11 +250,11 @@ def test_a_cancel_racing_the_worker_releases_each_row_once(engine):
     a, b = s._incoming
     s._incoming.clear()
     a.cancelled = True
-    b = CancelledOnSecondRead(**{f.name: getattr(b, f.name) for f in fields(Sequence) if f.name != "cancelled"})
-    s._batch = Batch.create([a, b], np.zeros(2, np.int64), engine.zeros(2))
+    b.__class__ = CancelledOnSecondRead
+    s._rows.commit(s._rows.joining([a, b], [0, 0], engine.zeros(2)))
     for _ in range(3):
         s._drop_cancelled()
-    assert s._batch is None and s.in_system == 0
+    assert len(s._rows) == 0 and s.in_system == 0
 
 
 def test_whole_stream_wakes_its_reader_once_with_everything(engine):
