@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml clients/pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m lstmgen.demo --seconds $(DEMO_SECONDS) $(if $(DATA),--data "$(DATA)")
+	$(BIN)/python -m lstmgen.tools.demo --seconds $(DEMO_SECONDS) $(if $(DATA),--data "$(DATA)")
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

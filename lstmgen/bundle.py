@@ -2,7 +2,7 @@
 (`prompt.onnx` for text, `sequence.onnx` for frames), and `manifest.json` describing them. It is the
 only thing serving knows about a model, so the manifest says everything a server must not assume:
 what the model reads (`kind`), its cell, its state tensors and the graphs' input/output names.
-Torch-free.
+Torch-free. The format is described here; lstmgen/manifest_schema.py checks a manifest against it.
 
 manifest.json (format_version 1; fields added later have defaults, so older manifests still load):
   kind      "text": a language model over tokens (needs "vocab"); "frames": float frames in, one
@@ -37,22 +37,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from lstmgen.errors import UserError
+# the schema's values live with its checks; imported here too, for the callers of lstmgen.bundle
+from lstmgen.manifest_schema import CELLS, FORMAT_VERSION, KINDS, STATE_NAMES, SchemaError, check_fields, check_model
 from lstmgen.onnx_wire import WireError, external_tensors
 from lstmgen.vocab import Vocab
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
-KINDS = ("text", "frames")
-CELLS = ("lstm", "gru")
-TASKS = ("regression", "classification")
-STANDARDIZE_MODES = ("none", "global", "sequence")
-STATE_NAMES = {"lstm": ("h", "c"), "gru": ("h",)}
 LENGTHS = "lengths"
 SEQUENCE_MODEL = "sequence.onnx"
 
@@ -223,18 +218,14 @@ def load_manifest(bundle_dir: str | os.PathLike, verify_checksums: bool = True) 
         raw = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{path}: not valid JSON: {e}") from e
-    if not isinstance(raw, dict):
-        raise BundleError(f"{path}: expected a JSON object")
-    if raw.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{path}: format_version {raw.get('format_version')!r} is not supported (want {FORMAT_VERSION})")
-    _check_fields(path, raw)
     try:
+        check_fields(raw)  # lstmgen/manifest_schema.py
         m = Manifest.from_dict(raw)
+        check_model(raw, m)
+    except SchemaError as e:
+        raise BundleError(f"{path}: {e}") from e
     except ValueError as e:  # the types are right by now: only Vocab's own checks are left
         raise BundleError(f"{path}: vocab: {e}") from e
-    if "vocab_size" in raw and raw["vocab_size"] != m.vocab_size:
-        raise BundleError(f"{path}: vocab_size {raw['vocab_size']} disagrees with the {m.vocab_size} tokens listed")
-    _check_model(path, m)
     files = [(m.model_file, m.model_sha256)]
     if m.prompt_model_file is not None:
         files.append((m.prompt_model_file, m.prompt_model_sha256 or ""))
@@ -288,140 +279,3 @@ def _check_sha256(shown: Path, got: str, want: str) -> None:
     if got != want:
         raise BundleError(f"{shown}: sha256 {got[:16]}... does not match the manifest's {want[:16]}... "
                           "(corrupt or replaced)")
-
-
-# -- field checks -----------------------------------------------------------------------------------
-# field -> (accepted JSON type(s), words for the message). Checked before building the Manifest, so a
-# hand-edited manifest fails naming the field instead of with a TypeError deep inside.
-_STR, _NAMES, _OBJ = "a string", "a list of strings", "an object"
-_KIND, _CELL = f"one of {', '.join(map(repr, KINDS))}", f"one of {', '.join(map(repr, CELLS))}"
-_STATE = 'a list of {"name": a string, "shape": [num_layers, hidden_size]} objects'
-_FIELDS: dict[str, str] = {
-    "format_version": "an integer", "vocab_size": "an integer",
-    "vocab": "an object with 'level' and 'tokens' (null for frames)",
-    "num_layers": "a positive integer", "hidden_size": "a positive integer",
-    "embedding_size": "a positive integer", "opset": "a positive integer",
-    "model_file": _STR, "model_sha256": _STR, "prompt_model_file": "a string or null",
-    "prompt_model_sha256": "a string or null", "quantization": _STR,
-    "inputs": _NAMES, "outputs": _NAMES, "prompt_inputs": _NAMES, "provenance": _OBJ,
-    "kind": _KIND, "cell": _CELL, "state": _STATE, "frames": _OBJ,
-}
-_REQUIRED = ("num_layers", "hidden_size", "embedding_size", "opset")
-_FRAME_FIELDS: dict[str, str] = {
-    "task": f"one of {', '.join(map(repr, TASKS))}", "input_size": "a positive integer",
-    "output_size": "a positive integer", "class_names": _NAMES,
-    "standardize": 'an object with "mode" one of ' + ", ".join(map(repr, STANDARDIZE_MODES)),
-    "sequence_model_file": "a string or null", "sequence_model_sha256": "a string or null",
-    "sequence_inputs": _NAMES,
-}
-_FRAME_REQUIRED = ("task", "input_size", "output_size")
-
-
-def _check_fields(path: Path, raw: dict) -> None:
-    _check_object(path, raw, _FIELDS, _REQUIRED, "")
-    kind = raw.get("kind", "text")
-    if kind == "text" and raw.get("vocab") is None:
-        raise BundleError(f"{path}: field 'vocab' is missing (a text model needs its vocabulary)")
-    if kind == "frames":
-        if raw.get("vocab") is not None:
-            raise BundleError(f"{path}: vocab is for kind 'text'; a 'frames' model has none")
-        if raw.get("frames") is None:
-            raise BundleError(f"{path}: field 'frames' is missing (kind 'frames' needs its task, sizes and "
-                              "standardisation)")
-    if kind == "text" and raw.get("frames") is not None:
-        raise BundleError(f"{path}: frames is for kind 'frames', not '{kind}'")
-    if raw.get("frames") is not None:
-        _check_object(path, raw["frames"], _FRAME_FIELDS, _FRAME_REQUIRED, "frames.")
-        _check_standardize(path, raw["frames"])
-
-
-def _check_object(path: Path, raw: dict, fields: dict[str, str], required: tuple[str, ...], prefix: str) -> None:
-    unknown = [prefix + k for k in raw if k not in fields]
-    if unknown:
-        raise BundleError(f"{path}: unknown field(s) {', '.join(map(repr, unknown))}")
-    for name in required:
-        if name not in raw:
-            raise BundleError(f"{path}: field {prefix + name!r} is missing")
-    for name, value in raw.items():
-        if not _type_ok(fields[name], value):
-            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-            raise BundleError(f"{path}: {prefix}{name} must be {fields[name]}, got {type(value).__name__} {shown}")
-
-
-def _check_standardize(path: Path, frames: dict) -> None:
-    std = frames.get("standardize", {"mode": "none"})
-    if std["mode"] != "global":
-        return
-    d_in = frames["input_size"]
-    for key in ("mean", "std"):
-        v = std.get(key)
-        if not (isinstance(v, list) and len(v) == d_in and all(_is_number(x) for x in v)):
-            raise BundleError(f"{path}: frames.standardize.{key} must be {d_in} finite numbers (input_size) "
-                              "for mode 'global'")
-    if any(x <= 0 for x in std["std"]):
-        raise BundleError(f"{path}: frames.standardize.std must be positive (it divides the inputs)")
-
-
-def _check_model(path: Path, m: Manifest) -> None:
-    """The fields must agree with each other: state against cell and shapes, names against state."""
-    if m.kind == "frames":
-        if m.prompt_model_file is not None:
-            raise BundleError(f"{path}: prompt_model_file is for text; a frames model's whole-sequence "
-                              "graph is frames.sequence_model_file")
-        f = m.frames
-        if f.task == "regression" and f.class_names:
-            raise BundleError(f"{path}: frames.class_names is for classification, not regression")
-        if f.class_names and len(f.class_names) != f.output_size:
-            raise BundleError(f"{path}: frames.class_names lists {len(f.class_names)} names for "
-                              f"output_size {f.output_size} classes")
-    n = len(STATE_NAMES[m.cell])
-    if len(m.state) != n:
-        raise BundleError(f"{path}: state lists {len(m.state)} tensor(s); a {m.cell} has {n} "
-                          f"({', '.join(STATE_NAMES[m.cell])})")
-    want = (m.num_layers, m.hidden_size)
-    for s in m.state:
-        if s.shape != want:
-            raise BundleError(f"{path}: state {s.name!r} has shape {list(s.shape)}, but num_layers and "
-                              f"hidden_size say {list(want)}")
-    for key, names, extra in (("inputs", m.inputs, 1), ("outputs", m.outputs, 1),
-                              ("prompt_inputs", m.prompt_inputs if m.prompt_model_file else None, 2),
-                              ("frames.sequence_inputs",
-                               m.sequence_inputs if m.frames and m.frames.sequence_model_file else None, 2)):
-        if names is not None and len(names) != extra + n:
-            raise BundleError(f"{path}: {key} {list(names)} must name {extra + n} tensors "
-                              f"({extra} then the {n} state tensor(s))")
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _type_ok(want: str, v) -> bool:
-    is_int = isinstance(v, int) and not isinstance(v, bool)  # JSON true is not a layer count
-    if want == "a positive integer":
-        return is_int and v > 0
-    if want == "an integer":
-        return is_int
-    if want == _STR:
-        return isinstance(v, str)
-    if want == "a string or null":
-        return v is None or isinstance(v, str)
-    if want == _NAMES:
-        return isinstance(v, list) and all(isinstance(x, str) for x in v)
-    if want == _OBJ:
-        return isinstance(v, dict)
-    if want == _KIND:
-        return v in KINDS
-    if want == _CELL:
-        return v in CELLS
-    if want == _STATE:
-        return isinstance(v, list) and all(
-            isinstance(s, dict) and set(s) == {"name", "shape"} and isinstance(s["name"], str)
-            and isinstance(s["shape"], list) and len(s["shape"]) == 2
-            and all(_type_ok("a positive integer", x) for x in s["shape"]) for s in v)
-    if want == _FRAME_FIELDS["task"]:
-        return v in TASKS
-    if want == _FRAME_FIELDS["standardize"]:
-        return isinstance(v, dict) and v.get("mode") in STANDARDIZE_MODES
-    return v is None or (isinstance(v, dict) and set(v) == {"level", "tokens"} and isinstance(v["level"], str)
-                         and _type_ok(_NAMES, v["tokens"]))  # the vocabulary; whether null is allowed: kind

@@ -22,11 +22,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("lstmgen_client.cli", "stream generated text from a running server"),
     "sample": ("lstmgen.offline.cli", "batch offline sampling from a bundle (no server)"),
     "eval": ("lstmgen.evaluate", "loss / perplexity / bits per char of a bundle on a text file (no torch)"),
-    "bench": ("lstmgen.bench", "benchmark eager PyTorch, raw ONNX Runtime and the server in one run"),
+    "bench": ("lstmgen.tools.bench.cli", "benchmark eager PyTorch, raw ONNX Runtime and the server in one run"),
     "data": ("lstmgen.datasets", "fetch a standard corpus by name (tinyshakespeare, ptb, wikitext-2, "
                                  "anna-karenina) into a cache; then --data NAME works"),
-    "loadtest": ("lstmgen_client.loadgen", "drive a running server with concurrent streams; report throughput, "
-                                           "latency, failures and the server's memory and rows"),
+    "loadtest": ("lstmgen.tools.loadgen", "drive a running server with concurrent streams; report throughput, "
+                                          "latency, failures and the server's memory and rows"),
 }
 
 

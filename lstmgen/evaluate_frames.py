@@ -1,4 +1,6 @@
-"""A frame bundle's figures on held-out data, through ONNX Runtime alone (numpy + onnxruntime, no torch).
+"""A frame bundle's figures on held-out data, through the serving engine (serve/frame_engine.py: ONNX
+Runtime, no torch), so what is measured is what a server runs: its checksum checks, its contract
+checks of the graphs against the manifest, its provider choice (`device`, as `lstmgen eval`).
 
 The data is read and split exactly as the trainer does (train/frames.py `load_frames`, torch-free:
 the same fixed held-out parts, e.g. builtin:digits' every-fifth image, builtin:sin-cos' test wave),
@@ -10,9 +12,9 @@ must do, so the figure also checks that the manifest is enough. Then:
   otherwise: batches of whole sequences from a zero state; regression MSE over the valid frames,
       classification accuracy (and cross-entropy) of the last valid frame's logits.
 `graph="sequence"` runs sequence.onnx (one call per batch); `graph="step"` the step graph frame by
-frame, as a server streams them.
+frame, as a server streams them (FrameEngine.run's two paths).
 
-    python -m lstmgen.evaluate_frames BUNDLE DATA [--split test|valid] [--graph sequence|step]
+    python -m lstmgen.evaluate_frames BUNDLE DATA [--split test|valid] [--graph sequence|step] [--device cpu]
 """
 from __future__ import annotations
 
@@ -21,12 +23,14 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
-import onnxruntime as ort
 
-from lstmgen.bundle import Manifest, load_manifest, read_graph
+from lstmgen.bundle import Manifest, load_manifest
 from lstmgen.errors import UsageError, UserError
+from lstmgen.serve.engine import EngineConfig
+from lstmgen.serve.frame_engine import FrameEngine
 from lstmgen.train.frames import Sequences, Standardizer, load_frames, to_streams
 
 GRAPHS = ("sequence", "step")
@@ -34,12 +38,14 @@ GRAPHS = ("sequence", "step")
 
 def evaluate_frames(bundle_dir: str | Path, data_spec: str, *, split: str = "test", graph: str = "sequence",
                     targets: str | None = None, batch_size: int = 256, streams: int | None = None,
-                    threads: int = 1) -> dict:
+                    threads: int = 1, device: str = "auto") -> dict:
     """{"mse"} (regression) or {"accuracy", "correct", "loss"} (classification) of the bundle on the
     `split` of `data_spec` (a `--data` spec: builtin:NAME, mnist:DIR, FILE.npz, FILE.npy + targets),
     with what was measured. `streams`: for continuous-stream data, how many streams (default: the
-    trainer's eval_batch_size, from the manifest's provenance)."""
-    m = load_manifest(bundle_dir)
+    trainer's eval_batch_size, from the manifest's provenance). `device`: auto | cpu | cuda."""
+    # Read first so a text bundle or a missing graph fails as usage; the engine checks the checksums,
+    # on the bytes it loads
+    m = load_manifest(bundle_dir, verify_checksums=False)
     if m.kind != "frames":
         raise UsageError(f"{bundle_dir}: a {m.kind} model; evaluate_frames needs a frames bundle (lstmgen eval "
                          "scores text)")
@@ -55,22 +61,25 @@ def evaluate_frames(bundle_dir: str | Path, data_spec: str, *, split: str = "tes
     if data.input_size != m.frames.input_size:
         raise UsageError(f"{data_spec}: frames of {data.input_size} features; the model reads {m.frames.input_size}")
     seqs = _standardizer(m).apply(seqs)
-    runner = _Runner(m, Path(bundle_dir), graph, threads)
+    engine = FrameEngine(bundle_dir, EngineConfig(device=device, intra_op_threads=threads))
+
+    def run(x: np.ndarray, lengths: np.ndarray) -> np.ndarray:  # y [B, T, D_out], from a zero state
+        return engine.run(x, lengths, engine.zeros(len(lengths)), graph)[0]
+
     t0 = time.monotonic()
     n = None
     if data.stream:
         n = streams or train_cfg.get("eval_batch_size", 10)
         x, y = to_streams(seqs, n, data_spec)  # [N, B, D], time first
         x, y = x.transpose(1, 0, 2), y.transpose(1, 0, 2)  # [B, N, D]
-        figures = _regression([(x, np.full(n, x.shape[1]), y)], runner)
+        figures = _regression([(x, np.full(n, x.shape[1]), y)], run)
     else:
         batches = [_batch(seqs, i, batch_size) for i in range(0, len(seqs), batch_size)]
-        figures = (_regression(batches, runner) if m.frames.task == "regression"
-                   else _classification(batches, runner))
+        figures = _regression(batches, run) if m.frames.task == "regression" else _classification(batches, run)
     pytorch = m.provenance.get("validation", {}).get(f"{split}_{next(iter(figures))}")
     return {"bundle": str(bundle_dir), "data": data_spec, "split": split, "task": m.frames.task, "graph": graph,
-            "quantization": m.quantization, "sequences": len(seqs), "frames": seqs.frames(),
-            "streams": n, **figures,
+            "provider": engine.provider, "quantization": m.quantization, "sequences": len(seqs),
+            "frames": seqs.frames(), "streams": n, **figures,
             "pytorch_at_training": pytorch, "seconds": round(time.monotonic() - t0, 3)}
 
 
@@ -84,47 +93,20 @@ def _batch(seqs: Sequences, i: int, size: int) -> tuple[np.ndarray, np.ndarray, 
     return part.x, part.lengths, part.y  # [b, T, D_in], [b], [b, T, D_out] or [b]
 
 
-class _Runner:
-    """y [B, T, D_out] for right-padded x [B, T, D_in], from a zero state, through one of the graphs."""
-
-    def __init__(self, m: Manifest, bundle: Path, graph: str, threads: int):
-        self.m, self.graph = m, graph
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        fname, sha = ((m.frames.sequence_model_file, m.frames.sequence_model_sha256) if graph == "sequence"
-                      else (m.model_file, m.model_sha256))
-        self.session = ort.InferenceSession(read_graph(bundle, fname, sha), opts, providers=["CPUExecutionProvider"])
-
-    def __call__(self, x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        B = x.shape[0]
-        state = [np.zeros((L, B, H), np.float32) for L, H in (s.shape for s in self.m.state_tensors)]
-        if self.graph == "sequence":
-            names = self.m.sequence_inputs
-            return self.session.run(None, {names[0]: x, names[1]: lengths.astype(np.int32),
-                                           **dict(zip(names[2:], state))})[0]
-        names, out = self.m.inputs, []
-        for t in range(x.shape[1]):  # a row past its length keeps its state; its y is ignored
-            y, *new = self.session.run(None, {names[0]: np.ascontiguousarray(x[:, t]), **dict(zip(names[1:], state))})
-            live = (lengths > t)[None, :, None]  # [1, B, 1]
-            state = [np.where(live, a, b) for a, b in zip(new, state)]
-            out.append(y)
-        return np.stack(out, axis=1)  # [B, T, D_out]
-
-
-def _regression(batches, runner: _Runner) -> dict:
+def _regression(batches, run: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> dict:
     total, count = 0.0, 0
     for x, lengths, target in batches:
-        y = runner(x, lengths)  # [B, T, D_out]
+        y = run(x, lengths)  # [B, T, D_out]
         valid = np.arange(x.shape[1])[None, :] < lengths[:, None]  # [B, T]
         err = (y[valid].astype(np.float64) - target[valid]) ** 2  # [F, D_out]
         total, count = total + float(err.sum()), count + err.size
     return {"mse": total / count}
 
 
-def _classification(batches, runner: _Runner) -> dict:
+def _classification(batches, run: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> dict:
     correct, loss, count = 0, 0.0, 0
     for x, lengths, labels in batches:
-        y = runner(x, lengths)  # [B, T, C]
+        y = run(x, lengths)  # [B, T, C]
         last = y[np.arange(len(lengths)), lengths - 1].astype(np.float64)  # [B, C]
         shifted = last - last.max(1, keepdims=True)
         log_p = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
@@ -141,11 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--targets")
     p.add_argument("--split", default="test", choices=("test", "valid", "train"))
     p.add_argument("--graph", default="sequence", choices=GRAPHS)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (0: its default)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="ONNX Runtime device: auto = CUDA when onnxruntime-gpu finds a GPU, else CPU")
     args = p.parse_args(argv)
     try:
         result = evaluate_frames(args.bundle, args.data, split=args.split, graph=args.graph, targets=args.targets,
-                                 threads=args.threads)
+                                 threads=args.threads, device=args.device)
     except UserError as e:
         print(f"evaluate_frames: {e}", file=sys.stderr)
         return 2

@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 
 from lstmgen.bundle import BundleError
+from lstmgen.errors import UsageError
 from lstmgen.serve.engine import Engine, EngineConfig
-from lstmgen.serve.frames import FrameSpecView
+from lstmgen.serve.frame_stream import FrameSpecView
 
 
 class FrameEngine(Engine):
@@ -25,11 +26,15 @@ class FrameEngine(Engine):
                 raise BundleError(f"{self.bundle_dir / spec.sequence_model_file}: inputs {list(names)} differ from "
                                   f"the manifest's {list(spec.sequence_inputs)}")
 
-    def run(self, x: np.ndarray, lengths: np.ndarray, state: tuple) -> tuple[np.ndarray, tuple]:
+    def run(self, x: np.ndarray, lengths: np.ndarray, state: tuple, graph: str = "auto") -> tuple[np.ndarray, tuple]:
         """Right-padded frames x [B, T, D_in], lengths [B] (1..T), the state (each [L, B, H]) -> y
-        [B, T, D_out] (rows past their length: unspecified) and the state after each row's last frame."""
-        if x.shape[1] == 1 or self.sequence_session is None:
+        [B, T, D_out] (rows past their length: unspecified) and the state after each row's last frame.
+        graph: "auto" takes the whole-sequence graph when there is one and T > 1; "sequence" or "step"
+        choose one (evaluation scores each, lstmgen/evaluate_frames.py)."""
+        if graph == "step" or (graph == "auto" and (x.shape[1] == 1 or self.sequence_session is None)):
             return self._run_by_steps(x, lengths, state)
+        if self.sequence_session is None:
+            raise UsageError(f"{self.bundle_dir}: the bundle has no whole-sequence graph (frames.sequence_model_file)")
         names = self.manifest.frames.sequence_inputs
         y, *new = self.sequence_session.run(None, {names[0]: x, names[1]: lengths.astype(np.int32),
                                                    **dict(zip(names[2:], state))})

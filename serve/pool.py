@@ -66,6 +66,19 @@ class RowPool:
             else:
                 self._state[k][:, :n] = x if isinstance(x, np.ndarray) else x.numpy()  # OrtValue (IO binding)
 
+    def gather(self, slots: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The state of some active rows, each [L, R, H] (all of them: the views of state())."""
+        if len(slots) == len(self.owners):
+            return self.state()
+        return tuple(x[:, slots] for x in self._state)
+
+    def scatter(self, slots: np.ndarray, new: tuple[np.ndarray, ...]) -> None:
+        """After a model call over the rows `slots` (as gathered): their new state."""
+        if len(slots) == len(self.owners):
+            return self.set_state(new)
+        for x, y in zip(self._state, new):
+            x[:, slots] = y if isinstance(y, np.ndarray) else y.numpy()
+
     def row_state(self, slot: int) -> tuple[np.ndarray, ...]:
         """A copy of one row's state, each [L, H]."""
         return tuple(x[:, slot].copy() for x in self._state)

@@ -11,9 +11,7 @@ requests that part touched (`_isolated`, `_charged`).
 """
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -25,7 +23,7 @@ from lstmgen.serve.admission import admit
 from lstmgen.serve.completion import CompletionSink
 from lstmgen.serve.decode import DecodeRows, StepResult
 from lstmgen.serve.engine import Engine
-from lstmgen.serve.errors import GenerationError, Overloaded, StepFailed, Unavailable
+from lstmgen.serve.errors import GenerationError, Overloaded, StepFailed
 from lstmgen.serve.generation import Generation
 from lstmgen.serve.params import GenerationRequest, Limits
 from lstmgen.serve.prefix_cache import PrefixCache
@@ -34,6 +32,7 @@ from lstmgen.serve.records import Emitted, NoObserver, Stats, StepObserver
 from lstmgen.serve.sampling import warm_up
 from lstmgen.serve.state_blob import codec_for
 from lstmgen.serve.stream import Stream, wake_all
+from lstmgen.serve.worker import Worker
 
 log = logging.getLogger("lstmgen.scheduler")
 
@@ -61,15 +60,19 @@ def _ids(gens) -> str:
     return ",".join(g.request.request_id or "-" for g in gens)
 
 
-class Scheduler:
+class Scheduler(Worker):
+    """Text generation over one pool of decode rows (the worker's lifecycle: serve/worker.py)."""
+
+    thread_name, what = "lstmgen-scheduler", "generation worker"
+
     def __init__(self, engine: Engine, limits: Limits = Limits(), cfg: SchedulerConfig = SchedulerConfig(),
                  observer: StepObserver | None = None,
                  on_fatal: Callable[[BaseException], None] | None = None):
+        super().__init__(on_fatal)
         self.engine = engine
         self.limits = limits
         self.cfg = cfg
         self.observer = observer or NoObserver()
-        self.on_fatal = on_fatal  # called on the event loop (or the worker, without one) if the worker cannot go on
         self.vocab = engine.manifest.vocab
         m = engine.manifest
         self.codec = codec_for(m, cfg.state_key)
@@ -81,15 +84,10 @@ class Scheduler:
         self._rows = DecodeRows(engine.state_shapes, limits.max_concurrent_streams,
                                 [self.vocab.piece(i) for i in range(len(self.vocab))], self.vocab.eot_id)
         warm_up()  # the sampler's kernels compile (or load) now, not on the first request
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._cv = threading.Condition()
         self._incoming: list[Generation] = []  # guarded by _cv
         self._unparked: list[Generation] = []  # parked rows whose reader made room; guarded by _cv
         self._in_system = 0  # accepted and not finished; guarded by _cv
         self._open = 0  # accepted and not yet closed by its reader (Stream.close); guarded by _cv
-        self._accepting = True
-        self._closing = False
-        self._thread: threading.Thread | None = None
         # owned by the worker thread
         self._waiting: deque[Generation] = deque()
         self._priming: list[Generation] = []
@@ -98,50 +96,6 @@ class Scheduler:
         self._steps = self._tokens_generated = self._prompt_tokens = 0
         self._last_step_end: float | None = None  # None: no decode step since the pool was empty
         self._prime_waited = 0  # decode steps the waiting prompts have waited for company
-        self._abort_message = "server stopped before this stream finished"
-
-    # -- lifecycle ----------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Start the worker; from an event loop, streams' readers wait on it (a caller without one,
-        offline sampling or a Ray actor, uses submit_completion only)."""
-        try:
-            self._loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._loop = None
-        self._thread = threading.Thread(target=self._run, name="lstmgen-scheduler", daemon=True)
-        self._thread.start()
-
-    def stop_accepting(self) -> None:
-        with self._cv:
-            self._accepting = False
-
-    @property
-    def accepting(self) -> bool:
-        with self._cv:
-            return self._accepting
-
-    async def drain(self, timeout: float) -> bool:
-        """Wait until every accepted stream has been read to its end (generating is not enough:
-        a slow reader gets the whole `timeout` to take its output); False if the time ran out."""
-        deadline = time.monotonic() + timeout
-        while self.open_streams and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        return self.open_streams == 0
-
-    async def close(self, message: str | None = None) -> None:
-        """Stop the worker; requests still running end with UNAVAILABLE and `message`."""
-        await asyncio.to_thread(self.shutdown, message)
-
-    def shutdown(self, message: str | None = None) -> None:
-        """close() for callers without an event loop."""
-        if message:
-            self._abort_message = message
-        with self._cv:
-            self._accepting = False
-            self._closing = True
-            self._cv.notify()
-        if self._thread is not None:
-            self._thread.join()
 
     @property
     def in_system(self) -> int:
@@ -189,8 +143,8 @@ class Scheduler:
 
     def _enqueue(self, gen: Generation) -> None:
         with self._cv:
-            if not self._accepting:
-                raise Unavailable("server is shutting down; not accepting new streams")
+            if (refused := self._refusing()) is not None:
+                raise refused
             # Open streams, not just generating ones: a finished stream its client has not read
             # yet still holds its output here, so it keeps its slot (Stream.close gives it back).
             cap = self.limits.max_concurrent_streams + self.limits.max_queued_streams
@@ -204,24 +158,14 @@ class Scheduler:
             self._cv.notify()
 
     # -- the worker thread ----------------------------------------------------------------------------
-    def _run(self) -> None:
-        try:
-            while True:
-                with self._cv:
-                    while not (self._incoming or self._unparked or self._waiting or self._priming
-                               or len(self._rows) or self._closing):
-                        self._cv.wait()
-                    if self._closing:
-                        break
-                    self._unpark(self._unparked)
-                    self._unparked.clear()
-                    self._waiting.extend(self._incoming)
-                    self._incoming.clear()
-                self._iterate()
-        except BaseException as e:  # not one iteration's rows: the loop itself broke
-            self._die(e)
-            return
-        self._abort_all(Unavailable(self._abort_message))
+    def _has_work(self) -> bool:
+        return bool(self._incoming or self._unparked or self._waiting or self._priming or len(self._rows))
+
+    def _take_incoming(self) -> None:
+        self._unpark(self._unparked)
+        self._unparked.clear()
+        self._waiting.extend(self._incoming)
+        self._incoming.clear()
 
     def _iterate(self) -> None:
         self._drop_cancelled()
@@ -296,20 +240,6 @@ class Scheduler:
             rows, error = (first, e1) if e1 is not None else (second, e2)
         if error is not None:
             self._end(rows, what, error)
-
-    def _die(self, error: BaseException) -> None:
-        """The worker cannot go on: refuse new streams, end every held one with UNAVAILABLE and
-        tell the server (`on_fatal`), which turns NOT_SERVING and exits non-zero."""
-        log.critical("scheduler worker failed and cannot go on; ending every stream", exc_info=error)
-        with self._cv:
-            self._accepting = False
-        try:
-            self._abort_all(Unavailable("the server's generation worker failed; retry on another server"))
-        finally:
-            if self.on_fatal is not None and self._loop is not None and not self._loop.is_closed():
-                self._loop.call_soon_threadsafe(self.on_fatal, error)
-            elif self.on_fatal is not None and self._loop is None:
-                self.on_fatal(error)
 
     # -- rows leaving: cancelled, parked ------------------------------------------------------------------
     def _drop_cancelled(self) -> None:
@@ -474,5 +404,5 @@ class Scheduler:
                 woken.append(sink)
             if flags & Stream.OVER:
                 self._over.append(o.gen)
-        if woken and self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(wake_all, woken)
+        if woken and self._loop is not None:
+            self._on_loop(wake_all, woken)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from lstmgen.bench import (CEILING, bounded, median_pair, pair_runs, plot, plot_series, refuse_overwrite,
-                           share)
 from lstmgen.cli import main
+from lstmgen.tools.bench import (CEILING, bounded, median_pair, pair_runs, plot, plot_series, refuse_overwrite,
+                                 share)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,8 +16,8 @@ import grpc
 import numpy as np
 import pytest
 
+from lstmgen.tools.scrape import scrape_metrics
 from lstmgen_client import Client, OverloadedError
-from lstmgen_client.loadgen import scrape_metrics
 from lstmgen_client.v1 import generator_pb2 as pb
 from tests.conftest import start_server
 from tests.test_metrics import metrics_url

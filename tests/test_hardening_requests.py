@@ -13,8 +13,8 @@ import urllib.parse
 import grpc
 import pytest
 
+from lstmgen.tools.scrape import scrape_metrics
 from lstmgen_client import Client
-from lstmgen_client.loadgen import scrape_metrics
 from lstmgen_client.v1 import generator_pb2 as pb
 from test_http_api import post, start_http_server, stop
 from tests.test_hardening_streams import HELD, no_traceback, raw_generate, wait_for

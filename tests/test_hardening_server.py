@@ -13,9 +13,9 @@ import grpc
 import pytest
 
 from lstmgen.serve.service import GeneratorService
+from lstmgen.tools.scrape import scrape_metrics
 from lstmgen_client import (AsyncClient, Client, DeadlineExceededError, InternalError, OverloadedError,
                             RequestTooLargeError, UnavailableError)
-from lstmgen_client.loadgen import scrape_metrics
 from tests.conftest import start_server
 from tests.test_metrics import metrics_url, wait_idle
 

@@ -225,7 +225,7 @@ def test_a_worker_that_cannot_go_on_ends_every_stream_and_exits_nonzero(bundles,
             unread.cancel()
         assert srv.proc.wait(15) == 1
         log = srv.log.read_text()
-        assert "CRITICAL lstmgen.scheduler: scheduler worker failed and cannot go on" in log
+        assert "CRITICAL lstmgen.scheduler: generation worker failed and cannot go on" in log
         assert "InjectedCrash: injected worker crash" in log
     finally:
         if srv.proc.poll() is None:

@@ -12,9 +12,9 @@ import time
 import grpc
 import pytest
 
-from lstmgen.bench import inside_server, scheduler_alone, where_it_went
+from lstmgen.tools.bench import inside_server, scheduler_alone, where_it_went
+from lstmgen.tools.scrape import counter_deltas, scrape_metrics
 from lstmgen_client import Client, InvalidArgumentError
-from lstmgen_client.loadgen import counter_deltas, scrape_metrics
 from lstmgen_client.v1 import generator_pb2 as pb
 from tests.conftest import start_server
 
@@ -123,7 +123,7 @@ def test_loadtest_command_reports_server_state(srv, tmp_path):
     assert r.returncode == 0, r.stderr
     s = json.loads(out.read_text())
     for key in ("tokens_per_s", "p50_ms", "p99_ms", "ttft_ms", "ttft_p99_ms", "tokens_per_message", "failed"):
-        assert key in s  # lstmgen/bench.py reads these
+        assert key in s  # `lstmgen bench` (tools/bench/server.py) reads these
     assert s["completed"] > 0 and s["cancelled"] > 0 and s["failed"] == {} and s["tokens_per_s"] > 0
     assert s["seconds"] == pytest.approx(2.0, abs=0.005)  # the window, whatever the streams took to notice its end
     assert s["requests"] >= s["completed"] + s["cancelled"]

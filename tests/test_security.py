@@ -12,8 +12,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from lstmgen.tools.scrape import scrape_metrics
 from lstmgen_client import Client, UnauthenticatedError, UnavailableError
-from lstmgen_client.loadgen import scrape_metrics
 from tests.conftest import start_server
 from tests.test_metrics import metrics_url
 

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import lstmgen
-from lstmgen import demo
 from lstmgen.cli import main
+from lstmgen.tools import demo
 from lstmgen.train import cli as train_cli
 from lstmgen.train.checkpoint import load_checkpoint
 from lstmgen.train.config import preset

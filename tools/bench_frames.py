@@ -78,7 +78,7 @@ def main() -> int:
     p.add_argument("--streams", default="1,64")
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    from lstmgen.bench import cpu_model
+    from lstmgen.tools.bench import cpu_model
     from lstmgen.export.bundle import export_bundle
     from lstmgen.train.config import preset
     from lstmgen.train.trainer import train

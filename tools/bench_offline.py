@@ -11,7 +11,6 @@ a local Ray instance. Then peak RSS of `lstmgen sample` on 10,000 and 1,000,000 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import string
@@ -24,7 +23,7 @@ BATCH = 256
 
 
 def build(work: Path, preset: str, vocab: int) -> Path:
-    from lstmgen.bench import BenchConfig, make_bundle
+    from lstmgen.tools.bench import BenchConfig, make_bundle
 
     work.mkdir(parents=True, exist_ok=True)
     return make_bundle(BenchConfig(preset=preset, vocab_size=vocab, work_dir=str(work)), work)[1]
@@ -48,30 +47,26 @@ def raw_ort(bundle: Path, threads: int, seconds: float = 3.0) -> float:
     return BATCH * n / (time.perf_counter() - t0)
 
 
-def in_process(bundle: Path, n: int, new_tokens: int, threads: int) -> float:
+def in_process(bundle: Path, n: int, new_tokens: int, threads: int, **sampling) -> float:
     """Generated tokens/s of the offline runner over n prompts (engine load excluded)."""
     from lstmgen.offline.jobs import SampleConfig, iter_jobs
     from lstmgen.offline.prompts import PromptItem
     from lstmgen.offline.runner import offline_limits, results
     from lstmgen.serve.engine import Engine, EngineConfig
+    from lstmgen.serve.params import SamplingParams
     from lstmgen.serve.scheduler import Scheduler
 
     engine = Engine(bundle, EngineConfig(device="cpu", intra_op_threads=threads))
     prompt = prompt_for(engine.manifest.vocab)
-    cfg = SampleConfig(max_new_tokens=new_tokens, seed=1)
+    cfg = SampleConfig(max_new_tokens=new_tokens, seed=1, sampling=SamplingParams(**sampling))
     limits = offline_limits(BATCH, 4 * BATCH, new_tokens)
-
-    async def go() -> tuple[int, float]:
-        s = Scheduler(engine, limits)
-        s.start()
-        t0, tokens = time.perf_counter(), 0
-        async for r in results(s, iter_jobs((PromptItem(prompt) for _ in range(n)), cfg), 4 * BATCH, False):
-            tokens += r.tokens
-        dt = time.perf_counter() - t0
-        await s.close()
-        return tokens, dt
-
-    tokens, dt = asyncio.run(go())
+    s = Scheduler(engine, limits)
+    s.start()
+    t0, tokens = time.perf_counter(), 0
+    for r in results(s, iter_jobs((PromptItem(prompt) for _ in range(n)), cfg), 4 * BATCH, False):
+        tokens += r.tokens
+    dt = time.perf_counter() - t0
+    s.shutdown()
     return tokens / dt
 
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the test suite's launchers: a real se
 from conftest import start_server  # noqa: E402
 from nginx import start_nginx  # noqa: E402
 
-from lstmgen.bench import BenchConfig, load, make_bundle  # noqa: E402
+from lstmgen.tools.bench import BenchConfig, load, make_bundle  # noqa: E402
 
 
 def main() -> int:
@@ -78,7 +78,7 @@ def main() -> int:
     for name, d in out.items():
         print(f"  {name:45s} {d['tokens_per_s']:>9,.0f} tok/s  {d['vs_one_direct']:.0%}")
     if args.json:
-        from lstmgen.bench import cpu_model
+        from lstmgen.tools.bench import cpu_model
         Path(args.json).write_text(json.dumps({"streams": args.streams, "preset": args.preset,
                                                "vocab_size": args.vocab_size, "cores": cores,
                                                "cpu_model": cpu_model(), "results": out}, indent=2) + "\n")

@@ -18,7 +18,7 @@ import multiprocessing as mp
 import statistics
 import time
 
-from lstmgen.bench import RawStep
+from lstmgen.tools.bench import RawStep
 from lstmgen.serve.engine import EngineConfig
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import grpc
 
+from lstmgen.tools.scrape import scrape_metrics
 from lstmgen_client import Client
-from lstmgen_client.loadgen import scrape_metrics
 from lstmgen_client.v1 import generator_pb2 as pb
 
 HELD = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)]  # a client that does not read

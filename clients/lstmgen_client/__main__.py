@@ -1,4 +1,4 @@
-"""`python -m lstmgen_client generate|loadtest ...`: the `lstmgen-client` command."""
+"""`python -m lstmgen_client generate ...`: the `lstmgen-client` command."""
 import sys
 
 from lstmgen_client.cli import main

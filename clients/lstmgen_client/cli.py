@@ -1,7 +1,8 @@
 """`lstmgen generate --server HOST:PORT --prompt TEXT`: stream generated text to the terminal.
 
-A client-only install (`pip install lstmgen-client`) has the same commands as `lstmgen-client generate`
-and `lstmgen-client loadtest` (`main` below; also `python -m lstmgen_client.cli ...`).
+A client-only install (`pip install lstmgen-client`) has the same command as `lstmgen-client generate`
+(`main` below; also `python -m lstmgen_client.cli ...`). The load generator is `lstmgen loadtest`, in
+the server package: it reads the server's metric names.
 """
 from __future__ import annotations
 
@@ -131,19 +132,17 @@ def _save_state(path: str | None, state: bytes | None) -> None:
         os.replace(tmp, path)
 
 
-COMMANDS = {"generate": ("lstmgen_client.cli", "stream generated text from a running server"),
-            "loadtest": ("lstmgen_client.loadgen", "drive a running server with concurrent streams; report "
-                                                   "throughput, latency and failures")}
+COMMANDS = {"generate": ("lstmgen_client.cli", "stream generated text from a running server")}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The `lstmgen-client` command (clients/pyproject.toml): `generate` and `loadtest` without the server package."""
+    """The `lstmgen-client` command (clients/pyproject.toml): `generate` without the server package."""
     import importlib
 
     from lstmgen_client import __version__
 
-    parser = argparse.ArgumentParser(prog="lstmgen-client",
-                                     description="Client of an lstmgen server (gRPC): generate text or load-test it.")
+    parser = argparse.ArgumentParser(prog="lstmgen-client", description="Client of an lstmgen server (gRPC): "
+                                     "generate text. To load-test a server: `lstmgen loadtest` (server package).")
     parser.add_argument("--version", action="version", version=f"lstmgen-client {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)  # no metavar: usage names the commands
     for name, (module, help_) in COMMANDS.items():
@@ -152,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
-    except OSError as e:  # a file the system refused (--auth-token-file, --json), named in the message
+    except OSError as e:  # a file the system refused (--state-out), named in the message
         print(f"lstmgen-client {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -11,7 +11,8 @@ number of tokens); with `--metrics URL` the server's RSS and row/queue gauges ar
 and after the run, and what its counters grew by inside the measured window is reported; with
 `--probe-rate R` a separate connection fires R short calls per second on a fixed schedule (open
 loop) and reports how fast each was answered, by status: at a full server, the rejection latency.
-`lstmgen loadtest --help` (or `python -m lstmgen_client.loadgen --help`).
+`lstmgen loadtest --help` (or `python -m lstmgen.tools.loadgen --help`). It lives with the server
+package, not the client: it reads the server's metric names (lstmgen.tools.scrape).
 """
 from __future__ import annotations
 
@@ -19,55 +20,14 @@ import argparse
 import asyncio
 import json
 import random
-import re
 import statistics
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 
+from lstmgen.tools.scrape import counter_deltas, scrape_or_none, settle
 from lstmgen_client.client import AsyncClient
 from lstmgen_client.errors import LstmgenError
-
-# Gauges read from the server's /metrics (serve/metrics.py) -> keys of the report.
-SERVER_GAUGES = {"process_resident_memory_bytes": "rss_bytes", "lstmgen_active_rows": "active_rows",
-                 "lstmgen_queued_streams": "queued", "lstmgen_streams_in_system": "in_system",
-                 "lstmgen_open_streams": "open_streams"}
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{.*\})?)\s+(\S+)")
-
-
-def scrape_metrics(url: str, timeout: float = 5.0) -> dict[str, float]:
-    """Prometheus text format -> {'name{labels}': value} (stdlib only)."""
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        text = r.read().decode()
-    out = {}
-    for line in text.splitlines():
-        m = _SAMPLE.match(line)
-        if m and not line.startswith("#"):
-            out[m.group(1)] = float(m.group(2))
-    return out
-
-
-def counter_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """What each counter, histogram sum and histogram count grew by between two scrapes."""
-    return {k: after[k] - before[k] for k in after
-            if k in before and k.split("{", 1)[0].endswith(("_total", "_sum", "_count"))}
-
-
-def server_state(url: str) -> dict[str, float]:
-    m = scrape_metrics(url)
-    return {key: m.get(name) for name, key in SERVER_GAUGES.items()}
-
-
-def settle(url: str, timeout: float = 10.0) -> tuple[dict, float]:
-    """Poll until the server holds no rows and no streams (cancellations land between steps)."""
-    t0 = time.perf_counter()
-    while True:
-        state = server_state(url)
-        idle = not state["active_rows"] and not state["in_system"] and not state["open_streams"]
-        if idle or time.perf_counter() - t0 > timeout:
-            return state, time.perf_counter() - t0
-        time.sleep(0.05)
 
 
 def pct(xs: list, q: float):
@@ -97,7 +57,7 @@ class LoadResult:
     failed_ms: dict = field(default_factory=dict)  # status -> times from the call to its error
 
     def summary(self) -> dict:
-        # The first keys are read by lstmgen/bench.py: keep them.
+        # The first keys are read by `lstmgen bench` (tools/bench/server.py): keep them.
         return {
             "streams": self.streams, "seconds": round(self.seconds, 3),
             "tokens_per_s": round(self.tokens / self.seconds, 1),
@@ -261,14 +221,6 @@ async def run_load(target: str, streams: int, seconds: float, prompt: str, param
             (t0, m0), (t1, m1) = ends
             extra["server"]["window"] = {"seconds": round(t1 - t0, 4), "deltas": counter_deltas(m0, m1)}
     return res, extra
-
-
-def scrape_or_none(url: str) -> dict[str, float] | None:
-    """scrape_metrics, or None if the server did not answer."""
-    try:
-        return scrape_metrics(url)
-    except OSError:
-        return None
 
 
 async def _process_time() -> float:
