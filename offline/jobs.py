@@ -13,6 +13,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from lstmgen.offline.prompts import SAMPLING_FIELDS, Fingerprint, InputError, PromptItem, parse_item, read_records
+from lstmgen.serve.completion import nth_seed
 from lstmgen.serve.errors import InvalidRequest
 from lstmgen.serve.params import GenerationRequest, Limits, SamplingParams, validate
 
@@ -61,8 +62,8 @@ def request_for(item: PromptItem, cfg: SampleConfig, seed: int) -> GenerationReq
 def jobs_for(item: PromptItem, index: int, cfg: SampleConfig) -> Iterator[Job]:
     n = cfg.num_samples if item.num_samples is None else item.num_samples
     for j in range(n):
-        seed = item.seed + j if item.seed is not None else sample_seed(cfg.seed, index, j)
-        yield Job(index, j, item.id, request_for(item, cfg, seed % 2**64))
+        seed = nth_seed(item.seed, j) if item.seed is not None else sample_seed(cfg.seed, index, j)
+        yield Job(index, j, item.id, request_for(item, cfg, seed))
 
 
 def iter_jobs(items: Iterable[PromptItem], cfg: SampleConfig) -> Iterator[Job]:

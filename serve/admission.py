@@ -13,17 +13,16 @@ import numpy as np
 from lstmgen.serve.generation import Draws, Generation
 from lstmgen.serve.params import GenerationRequest, Limits, check_bias_ids, encode_prompt, validate
 from lstmgen.serve.penalties import TokenHistory
-from lstmgen.serve.state_blob import StateCodec, rng_at
+from lstmgen.serve.state_blob import rng_at
 from lstmgen.serve.stopping import StopChecker
 from lstmgen.vocab import Vocab
 
 
-def admit(req: GenerationRequest, limits: Limits, vocab: Vocab, codec: StateCodec, sink: object,
-          quiet: bool = False) -> Generation:
+def admit(req: GenerationRequest, limits: Limits, vocab: Vocab, sink: object, quiet: bool = False) -> Generation:
     """Raises InvalidRequest naming the field; `sink` receives the output (Stream, CompletionSink)."""
     max_new = validate(req, limits)
     check_bias_ids(req, len(vocab))
-    state = codec.decode(req.state) if req.state else None
+    state = req.state
     prompt_ids = encode_prompt(req, vocab)
     if state is not None and (not req.seed_given or req.sampling.seed == state.seed):
         rng = rng_at(state.rng)  # the state's generator goes on where it stopped

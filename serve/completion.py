@@ -35,6 +35,7 @@ class Completed:
     finished: Finished
     logprobs: tuple[TokenLogprob, ...] = ()
     state: GenerationState | None = None  # with return_state
+    first_token_at: float | None = None  # time.perf_counter() when its first token was made (TTFT)
 
 
 class CompletionSink:
@@ -63,7 +64,8 @@ class CompletionSink:
             if error is not None:
                 self.future.set_exception(error)
             elif finished is not None:
-                self.future.set_result(Completed("".join(self._parts), finished, tuple(self._logprobs), self._state))
+                self.future.set_result(Completed("".join(self._parts), finished, tuple(self._logprobs), self._state,
+                                                 getattr(self.seq, "first_token_at", None)))
         except InvalidStateError:  # the caller cancelled meanwhile
             pass
         return 0

@@ -137,12 +137,7 @@ class FrameScheduler(Worker):
                 frames.append(x)
         woken = set()
         if rows:
-            try:
-                self._step(rows, frames)
-            except Exception as e:  # only these rows fail; the others go on
-                log.exception("frame step failed for %d stream(s); ending them", len(rows))
-                for s in rows:
-                    s.fail(StepFailed(f"model step failed: {type(e).__name__}: {e}"))
+            self._isolated(rows, "frame step", lambda: self._step(rows, frames))  # only these rows fail
             woken.update(rows)
         # input ended and every frame ran: the stream takes its final state, and its end can go
         ended = [s for s in pool.owners if s.end(lambda s=s: pool.row_state(s.slot))]
@@ -174,6 +169,11 @@ class FrameScheduler(Worker):
                 refilled.append(room)  # the edge may read the client's next message again
         if refilled:
             self._on_loop(_set_all, refilled)
+
+    def _end(self, rows: list[FrameStream], what: str, error: Exception) -> None:
+        log.error("%s failed for %d stream(s); ending them", what, len(rows), exc_info=error)
+        for s in rows:
+            s.fail(StepFailed(f"model step failed: {type(error).__name__}: {error}"))
 
     def _wake(self, streams) -> None:
         if streams and self._loop is not None:

@@ -67,6 +67,7 @@ class Generation:
     quiet: bool = False
     slot: int = -1  # its row in the decode pool, -1 when it holds none (kept by RowPool)
     parts: list[str] = field(default_factory=list)  # quiet: text made from full token blocks
+    first_token_at: float | None = None  # time.perf_counter() at the end of the step that made its first token
 
     @property
     def prompt_tokens(self) -> int:

@@ -2,22 +2,24 @@
 
 No web framework here, so every rule is testable on its own. A body becomes one
 `GenerationRequest` per choice: each prompt (a string, or a list of strings) times `n`. With a
-`seed`, the request's k-th choice (prompt i, sample j: k = i * n + j) samples with `seed + k`, the
-rule of every front end (the in-process Generator's prompt i, offline's sample j): the choices
-differ, and each replays alone with its own seed. Field errors raise `InvalidRequest` naming the OpenAI parameter (`max_tokens`,
-not our `max_new_tokens`), which the edge answers with HTTP 400 and `"param"` set.
+`seed`, the request's k-th choice (prompt i, sample j: k = i * n + j) samples with `seed + k`
+(completion.nth_seed), the rule of every front end (the in-process Generator's prompt i,
+offline's sample j): the choices differ, and each replays alone with its own seed. Field errors
+raise `InvalidRequest` naming the OpenAI parameter (`max_tokens`, not our `max_new_tokens`),
+which the edge answers with HTTP 400 and `"param"` set.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
 
+from lstmgen.serve.completion import nth_seed
 from lstmgen.serve.errors import InvalidRequest
 from lstmgen.serve.params import GenerationRequest, SamplingParams, shown_value
 from lstmgen.serve.records import Finished, TokenLogprob
 from lstmgen.serve.stopping import FinishReason
 
-MAX_CHOICES = 64  # prompts x n in one request: each choice is a stream holding an admission slot
+MAX_CHOICES = 64  # prompts x n in one request: each choice holds an admission slot
 # Our field names -> the OpenAI parameter a user wrote (for error messages and "param").
 PARAM_NAMES = {"max_new_tokens": "max_tokens", "top_logprobs": "logprobs"}
 FINISH_REASON = {FinishReason.LENGTH: "length", FinishReason.STOP_SEQUENCE: "stop",
@@ -135,7 +137,7 @@ def parse_completion(body: object, request_id: str) -> CompletionRequest:
     choices = []
     for i, prompt in enumerate(prompts):
         for j in range(n):
-            s = base if seed is None else replace(base, seed=(seed + i * n + j) % 2**64)
+            s = base if seed is None else replace(base, seed=nth_seed(seed, i * n + j))
             rid = request_id if len(prompts) * n == 1 else f"{request_id}-{i * n + j}"
             choices.append(GenerationRequest(prompt=prompt, sampling=s, seed_given=seed is not None,
                                              request_id=rid, **common))

@@ -11,6 +11,7 @@ import struct
 from dataclasses import dataclass, field
 
 from lstmgen.serve.errors import InvalidRequest
+from lstmgen.serve.state_blob import GenerationState
 from lstmgen.vocab import UnknownTokensError, Vocab
 
 log = logging.getLogger("lstmgen.params")
@@ -93,7 +94,8 @@ class GenerationRequest:
     request_id: str = ""
     logprobs: bool = False  # report each generated token's log-probability
     top_logprobs: int = 0  # ... and this many most likely alternatives (needs logprobs)
-    state: bytes = b""  # continue from this state blob (serve/state_blob.py); the prompt may be empty
+    # continue from this state (decoded from its blob at the edge, serve/state_blob.py); the prompt may be empty
+    state: GenerationState | None = None
     return_state: bool = False  # the last output carries the state after it
     state_every: int = 0  # and every this many tokens (0: never), for resumable streams
     # OpenAI's logit_bias: (token id, value in [-100, 100]) pairs added to the logits before sampling
@@ -129,7 +131,7 @@ def validate(req: GenerationRequest, limits: Limits) -> int:
     """Check every field against the range the kernels accept, before the request shares a step
     with anyone (a value that fails inside a shared step would end the other rows too); returns
     the effective max_new_tokens."""
-    if not isinstance(req.prompt, str) or (not req.prompt and not req.state):
+    if not isinstance(req.prompt, str) or (not req.prompt and req.state is None):
         raise InvalidRequest("prompt", "must be a non-empty string (empty only when the request continues "
                                        "from a state)")
     if len(req.prompt) > limits.max_prompt_chars:
@@ -216,6 +218,6 @@ def encode_prompt(req: GenerationRequest, vocab: Vocab) -> list[int]:
             log.info("prompt request_id=%s: %d unknown word(s) read as <unk>: %s%s", req.request_id or "-",
                      len(unknown), shown, ", ..." if len(set(unknown)) > 5 else "",
                      extra={"request_id": req.request_id})
-    if not ids and not req.state:
+    if not ids and req.state is None:
         raise InvalidRequest("prompt", "encodes to no tokens (every symbol was unknown and skipped)")
     return ids

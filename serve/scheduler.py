@@ -93,6 +93,7 @@ class Scheduler(Worker):
         self._priming: list[Generation] = []
         self._parked: list[Generation] = []  # out of the pool until their reader takes (Stream.park)
         self._over: list[Generation] = []  # rows whose stream passed max_unread in the last delivery
+        self._fresh: list[Generation] = []  # rows that joined since the last decode step: their first token is next
         self._steps = self._tokens_generated = self._prompt_tokens = 0
         self._last_step_end: float | None = None  # None: no decode step since the pool was empty
         self._prime_waited = 0  # decode steps the waiting prompts have waited for company
@@ -129,7 +130,7 @@ class Scheduler(Worker):
         `whole`, the stream yields one chunk holding everything once generation ends (Stream)."""
         stream = Stream(on_close=self._stream_closed, whole=whole, max_unread=self.limits.max_unread_output,
                         on_room=self._room)
-        stream.seq = admit(req, self.limits, self.vocab, self.codec, stream, quiet=whole)
+        stream.seq = admit(req, self.limits, self.vocab, stream, quiet=whole)
         self._enqueue(stream.seq)
         return stream
 
@@ -137,7 +138,7 @@ class Scheduler(Worker):
         """Like submit, for a reader of the finished text only (serve/completion.py): its future
         resolves with the Completed or the request's error. Needs no event loop."""
         sink = CompletionSink(on_close=self._stream_closed)
-        sink.seq = admit(req, self.limits, self.vocab, self.codec, sink, quiet=True)
+        sink.seq = admit(req, self.limits, self.vocab, sink, quiet=True)
         self._enqueue(sink.seq)
         return sink
 
@@ -197,23 +198,7 @@ class Scheduler(Worker):
         if len(self._rows):
             self._isolated(list(self._rows.gens), "decode step", self._decode_step)
 
-    # -- failure isolation ------------------------------------------------------------------------------
-    def _isolated(self, gens: list[Generation], what: str, part: Callable[[], None]) -> None:
-        """Run one part of an iteration (model call, sampling, stop checks, delivery). If anything
-        in it raises, only `gens` end (INTERNAL, one log line with their ids) and the loop goes on;
-        a failure here that cannot be contained ends the worker (`_run`)."""
-        error = self._tried(part)
-        if error is not None:
-            self._end(gens, what, error)
-
-    @staticmethod
-    def _tried(part: Callable[[], None]) -> Exception | None:
-        try:
-            part()
-        except Exception as e:
-            return e
-        return None
-
+    # -- failure isolation (serve/worker.py: _isolated, _charged) ---------------------------------------
     def _end(self, gens: list[Generation], what: str, error: Exception) -> None:
         """`gens` end with INTERNAL after `error` in a part of the iteration (one log line with their ids)."""
         log.error("%s failed for %d request(s) request_ids=%s; ending them", what, len(gens), _ids(gens),
@@ -221,25 +206,6 @@ class Scheduler(Worker):
         self._leave([g for g in gens if g.slot >= 0])
         self._last_step_end = None
         self._fail(gens, StepFailed(f"internal error in the {what}: {type(error).__name__}: {error}"))
-
-    def _charged(self, rows: list[Generation], what: str, part: Callable[[list[Generation]], None]) -> None:
-        """`_isolated` for a part that brings `rows` into a shared call (priming, joining the pool),
-        where one request's value can fail the call for all. On a failure the rows are tried in
-        halves and the failing half is split again, so the failure ends only the request that
-        caused it (about 2 log2(N) calls); when both halves fail the cause is shared (a model that
-        cannot run), and the group ends at once. `part` changes nothing before it can fail (it
-        builds, then commits), so a retry starts from where the first try did."""
-        error = self._tried(lambda: part(rows))
-        while error is not None and len(rows) > 1:
-            half = len(rows) // 2
-            first, second = rows[:half], rows[half:]
-            e1 = self._tried(lambda: part(first))
-            e2 = self._tried(lambda: part(second))
-            if e1 is not None and e2 is not None:
-                break  # both halves: not one request's value
-            rows, error = (first, e1) if e1 is not None else (second, e2)
-        if error is not None:
-            self._end(rows, what, error)
 
     # -- rows leaving: cancelled, parked ------------------------------------------------------------------
     def _drop_cancelled(self) -> None:
@@ -299,6 +265,7 @@ class Scheduler(Worker):
         self._rows.commit(self._rows.joining(rows, [g.rejoin[0] for g in rows], state))
         for g in rows:
             g.rejoin = None
+        self._fresh += rows
 
     def _join(self, rows: list[Generation], state: tuple) -> None:
         """Rows whose prompt has one token left join the decode rows with it as their input and
@@ -308,6 +275,7 @@ class Scheduler(Worker):
         for g in rows:
             g.primed, g.partial = len(g.prompt_ids), None
         self._prompt_tokens += len(rows)
+        self._fresh += rows
 
     def _prime_chunk(self, rows: list[Generation]) -> None:
         """One prompt-graph call advancing `rows` (up to max_prefill_rows prompts) by a chunk each;
@@ -330,10 +298,12 @@ class Scheduler(Worker):
             for i in done:
                 rows[i].primed, rows[i].partial = len(rows[i].prompt_ids), None
             self._prompt_tokens += len(done)
+            self._fresh += [rows[i] for i in done]
 
     # -- the decode step -----------------------------------------------------------------------------------
     def _decode_step(self) -> None:
         rows = self._rows
+        fresh, self._fresh = self._fresh, []
         tokens, state = rows.inputs()
         t0 = time.perf_counter()
         try:
@@ -345,6 +315,8 @@ class Scheduler(Worker):
             self._fail(gens, StepFailed(f"model step failed: {e}"))
             return
         t1 = time.perf_counter()
+        for g in fresh:
+            g.first_token_at = g.first_token_at or t1
         gap = None if self._last_step_end is None else t1 - self._last_step_end
         self.observer.on_decode(len(rows), t1 - t0, gap)
         self._steps += 1

@@ -120,7 +120,8 @@ async def pace(scheduler: Scheduler, cfg: ServiceConfig, stream: Stream) -> None
         await stream.rest(wait)
 
 
-def request_from_pb(msg: pb.GenerateRequest, request_id: str = "") -> GenerationRequest:
+def request_from_pb(msg: pb.GenerateRequest, codec: StateCodec, request_id: str = "") -> GenerationRequest:
+    """The request, its state blob decoded (and checked) here at the edge, as responses' are encoded."""
     def opt(name: str, default):
         return getattr(msg, name) if msg.HasField(name) else default
 
@@ -131,7 +132,8 @@ def request_from_pb(msg: pb.GenerateRequest, request_id: str = "") -> Generation
     return GenerationRequest(prompt=msg.prompt, max_new_tokens=opt("max_new_tokens", None),
                              sampling=sampling, seed_given=msg.HasField("seed"),
                              stop=tuple(msg.stop), skip_unknown=msg.skip_unknown, request_id=request_id,
-                             logprobs=msg.logprobs, top_logprobs=msg.top_logprobs, state=msg.state,
+                             logprobs=msg.logprobs, top_logprobs=msg.top_logprobs,
+                             state=codec.decode(msg.state) if msg.state else None,
                              return_state=msg.return_state, state_every=msg.state_every,
                              logit_bias=tuple(sorted(msg.logit_bias.items())))
 
@@ -204,7 +206,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
             if request is None:
                 raise _not_a_message(pb.GenerateRequest)
-            stream = self.scheduler.submit(request_from_pb(request, rid))
+            stream = self.scheduler.submit(request_from_pb(request, self.scheduler.codec, rid))
             # Only once admitted: a rejection stays one cheap write (the id rides in the trailers).
             await context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
             async for chunk in stream:

@@ -98,6 +98,46 @@ class Worker:
         """Under _cv: the error a new stream gets while the worker stops."""
         return None if self._accepting else Unavailable("server is shutting down; not accepting new streams")
 
+    # -- failure isolation -------------------------------------------------------------------------------
+    def _isolated(self, rows: list, what: str, part: Callable[[], None]) -> None:
+        """Run one part of an iteration (model call, sampling, stop checks, delivery). If anything
+        in it raises, only `rows` end (INTERNAL, one log line with their ids) and the loop goes on;
+        a failure here that cannot be contained ends the worker (`_run`)."""
+        error = self._tried(part)
+        if error is not None:
+            self._end(rows, what, error)
+
+    @staticmethod
+    def _tried(part: Callable[[], None]) -> Exception | None:
+        try:
+            part()
+        except Exception as e:
+            return e
+        return None
+
+    def _end(self, rows: list, what: str, error: Exception) -> None:
+        """`rows` end after `error` in a part of the iteration."""
+        raise NotImplementedError
+
+    def _charged(self, rows: list, what: str, part: Callable[[list], None]) -> None:
+        """`_isolated` for a part that brings `rows` into a shared call (priming, joining the pool),
+        where one request's value can fail the call for all. On a failure the rows are tried in
+        halves and the failing half is split again, so the failure ends only the request that
+        caused it (about 2 log2(N) calls); when both halves fail the cause is shared (a model that
+        cannot run), and the group ends at once. `part` changes nothing before it can fail (it
+        builds, then commits), so a retry starts from where the first try did."""
+        error = self._tried(lambda: part(rows))
+        while error is not None and len(rows) > 1:
+            half = len(rows) // 2
+            first, second = rows[:half], rows[half:]
+            e1 = self._tried(lambda: part(first))
+            e2 = self._tried(lambda: part(second))
+            if e1 is not None and e2 is not None:
+                break  # both halves: not one request's value
+            rows, error = (first, e1) if e1 is not None else (second, e2)
+        if error is not None:
+            self._end(rows, what, error)
+
     # -- the thread --------------------------------------------------------------------------------------
     def _run(self) -> None:
         try:

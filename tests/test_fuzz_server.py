@@ -149,11 +149,9 @@ def expected_status(msg: pb.GenerateRequest | None, size: int, vocab, codec) -> 
         return "RESOURCE_EXHAUSTED"
     if msg is None:
         return "INVALID_ARGUMENT"
-    try:  # the server's own order: fields, then the state, then the prompt
-        req = request_from_pb(msg)
+    try:  # the server's own order: the state (decoded at the edge), then the fields, then the prompt
+        req = request_from_pb(msg, codec)
         validate(req, LIMITS)
-        if req.state:
-            codec.decode(req.state)
         encode_prompt(req, vocab)
     except WrongModel:
         return "FAILED_PRECONDITION"

@@ -182,6 +182,23 @@ def test_disconnect_frees_the_row_and_metrics(http_server, client):
     assert re.search(r'lstmgen_requests_total\{status="CANCELLED"\} [1-9]', text)
 
 
+def test_a_whole_completion_times_its_first_token(http_server, client):
+    """A completion that is not streamed is read to its end in the core (no tokens reach the edge
+    before its end), yet the call's time to first token is observed once, from the core's time."""
+    def ttft(text: str) -> tuple[float, float]:
+        count = float(re.search(r"^lstmgen_time_to_first_token_seconds_count (\S+)$", text, re.M).group(1))
+        total = float(re.search(r"^lstmgen_time_to_first_token_seconds_sum (\S+)$", text, re.M).group(1))
+        return count, total
+
+    before = ttft(_scrape(http_server[2]))
+    t0 = time.perf_counter()
+    r = client.completions.create(model="char", prompt="First", max_tokens=200, n=2, seed=3)
+    took = time.perf_counter() - t0
+    after = ttft(_scrape(http_server[2]))
+    assert len(r.choices) == 2 and after[0] == before[0] + 1
+    assert 0 < after[1] - before[1] < took  # the first token came before the whole answer
+
+
 def _scrape(url: str) -> str:
     with urllib.request.urlopen(url, timeout=10) as r:
         return r.read().decode()

@@ -1,15 +1,18 @@
 """Frames per second served against raw ONNX Runtime, side by side in one run (docs/results.md).
 
-    python tools/bench_frames.py [--preset row-digits] [--data builtin:digits] [--seconds 6]
-                                 [--streams 1,64] [--json docs/bench-frames.json]
+    python tools/bench_frames.py [--shape acoustic|row-digits] [--seconds 6] [--streams 1,64]
+                                 [--json docs/bench-frames.json]
 
-Trains the preset for one epoch (the weights do not matter for speed), exports it, then measures:
+Shapes: "acoustic" is a realistic streaming model, 2 x 256 LSTM over 40-dim frames with one output
+of 40 (an acoustic-feature regressor), trained one epoch on random frames, clients sending 10
+frames per message; "row-digits" is the row-by-row digits classifier (1 x 128), trained one epoch
+on builtin:digits, clients sending 64 frames per message. The weights do not matter for speed.
+It measures:
 raw ORT, the step graph alone at batch B (B frames per call, the state carried) and the sequence
-graph at batch B reading 64 frames per row per call (what the server runs for a stream with a
-backlog), and the real
-server under N concurrent streams (AsyncClient in this process, each stream sending 64 frames per
-message and reading every output), for N in --streams; the server at N streams is compared with
-raw ORT at batch N. The 2-core figure includes the client's own CPU, as a load generator's would.
+graph at batch B reading a message's frames per row per call (what the server runs when every
+stream has sent a message), and the real server under N concurrent streams (AsyncClient in this
+process, each stream sending its messages and reading every output), for N in --streams; the
+server at N streams is compared with raw ORT at batch N. The 2-core figure includes the client's own CPU, as a load generator's would.
 """
 from __future__ import annotations
 
@@ -50,7 +53,7 @@ def raw_ort(bundle: Path, batch: int, seconds: float, frames: int = 1) -> float:
     return batch * frames * n / (time.perf_counter() - t0)
 
 
-async def served(target: str, streams: int, seconds: float, d_in: int) -> float:
+async def served(target: str, streams: int, seconds: float, d_in: int, per_message: int) -> float:
     from lstmgen_client import AsyncClient
 
     frames = np.random.default_rng(1).normal(size=(512, d_in)).astype(np.float32)
@@ -60,7 +63,7 @@ async def served(target: str, streams: int, seconds: float, d_in: int) -> float:
     async def one(client) -> None:
         nonlocal done
         while time.perf_counter() < end:
-            async for _ in client.stream_frames(frames, frames_per_message=64):
+            async for _ in client.stream_frames(frames, frames_per_message=per_message):
                 done += 1
 
     async with AsyncClient(target, stream_timeout=None) as client:
@@ -70,43 +73,63 @@ async def served(target: str, streams: int, seconds: float, d_in: int) -> float:
         return done / (time.perf_counter() - t0)
 
 
+SHAPES = {  # name: (preset overrides, data, frames per message)
+    "acoustic": (dict(task="regression", projection_size=0, hidden_size=256, num_layers=2, batch_size=16,
+                      bptt=50, eval_batch_size=16), "random:40", 10),
+    "row-digits": (dict(task="classification"), "builtin:digits", 64),
+}
+
+
+def random_frames(path: Path, d: int) -> Path:
+    """64 sequences of 200 random d-dim frames with d-dim targets, as a .npz (train/frames.py)."""
+    rng = np.random.default_rng(0)
+    np.savez(path, x=rng.normal(size=(64, 200, d)).astype(np.float32),
+             y=rng.normal(size=(64, 200, d)).astype(np.float32))
+    return path
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="row-digits")
-    p.add_argument("--data", default="builtin:digits")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="acoustic")
     p.add_argument("--seconds", type=float, default=6.0)
     p.add_argument("--streams", default="1,64")
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    from lstmgen.tools.bench import cpu_model
     from lstmgen.export.bundle import export_bundle
+    from lstmgen.tools.bench import cpu_model
     from lstmgen.train.config import preset
     from lstmgen.train.trainer import train
 
+    overrides, data, per_message = SHAPES[args.shape]
+    base = "sin-cos" if overrides["task"] == "regression" else "row-digits"
     counts = [int(n) for n in args.streams.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        best = train(preset(args.preset, epochs=1, device="cpu"), args.data, Path(tmp) / "run",
+        if data.startswith("random:"):
+            data = str(random_frames(Path(tmp) / "frames.npz", int(data.split(":")[1])))
+        best = train(preset(base, **overrides, epochs=1, device="cpu"), data, Path(tmp) / "run",
                      log=lambda line: None, progress_bar=False)
         bundle = Path(tmp) / "bundle"
         export_bundle(best, bundle)
         from lstmgen.bundle import load_manifest
         m = load_manifest(bundle)
         raw = {n: raw_ort(bundle, n, args.seconds / 2) for n in counts}
-        raw_seq = {n: raw_ort(bundle, n, args.seconds / 2, frames=64) for n in counts}
+        raw_seq = {n: raw_ort(bundle, n, args.seconds / 2, frames=per_message) for n in counts}
         srv = start_server(bundle, Path(tmp) / "server.log", "--threads", "0", "--max-concurrent", str(max(counts)))
         try:
-            server = {n: asyncio.run(served(srv.target, n, args.seconds, m.frames.input_size)) for n in counts}
+            server = {n: asyncio.run(served(srv.target, n, args.seconds, m.frames.input_size, per_message))
+                      for n in counts}
         finally:
             srv.stop()
-    result = {"preset": args.preset, "cell": m.cell, "hidden_size": m.hidden_size, "input_size": m.frames.input_size,
-              "output_size": m.frames.output_size, "cpu_model": cpu_model(),
-              "raw_ort_step_frames_per_s": raw, "raw_ort_sequence_64_frames_per_s": raw_seq,
+    result = {"shape": args.shape, "cell": m.cell, "num_layers": m.num_layers, "hidden_size": m.hidden_size,
+              "input_size": m.frames.input_size, "output_size": m.frames.output_size,
+              "frames_per_message": per_message, "cpu_model": cpu_model(),
+              "raw_ort_step_frames_per_s": raw, "raw_ort_sequence_frames_per_s": raw_seq,
               "server_frames_per_s": server, "server_vs_raw_step": {n: server[n] / raw[n] for n in counts},
-              "server_vs_raw_sequence_64": {n: server[n] / raw_seq[n] for n in counts}}
+              "server_vs_raw_sequence": {n: server[n] / raw_seq[n] for n in counts}}
     for n in counts:
-        print(f"{n:>3} stream(s): server {server[n]:>9,.0f} frames/s | raw ORT at batch {n}: step graph "
-              f"{raw[n]:>9,.0f} frames/s ({server[n] / raw[n]:.0%}), sequence graph 64 frames/call "
-              f"{raw_seq[n]:>9,.0f} ({server[n] / raw_seq[n]:.0%})")
+        print(f"{args.shape} {n:>3} stream(s): server {server[n]:>9,.0f} frames/s | raw ORT at batch {n}: step "
+              f"graph {raw[n]:>9,.0f} frames/s ({server[n] / raw[n]:.0%}), sequence graph {per_message} "
+              f"frames/call {raw_seq[n]:>9,.0f} ({server[n] / raw_seq[n]:.0%})")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
