@@ -56,7 +56,7 @@ class Generator:
         from lstmgen.serve.params import Limits
         from lstmgen.serve.scheduler import Scheduler
 
-        engine = Engine(str(bundle), EngineConfig(device=device, intra_op_threads=threads, spin="run"))
+        engine = Engine(str(bundle), EngineConfig(device=device, intra_op_threads=threads))
         self._scheduler = Scheduler(engine, limits or Limits())
         m = engine.manifest
         self.info = ModelInfo(m.level, m.vocab_size, m.num_layers, m.hidden_size, m.quantization, engine.provider)

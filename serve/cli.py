@@ -13,7 +13,7 @@ from lstmgen.serve.params import Limits
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from lstmgen.serve.engine import SPIN_MODES
+    from lstmgen.serve.engine import SPIN_MODES, EngineConfig
     from lstmgen.serve.scheduler import SchedulerConfig
     from lstmgen.serve.service import ServiceConfig
 
@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="execution provider: auto = CUDA when onnxruntime-gpu finds a GPU, else CPU")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
-    p.add_argument("--spin", choices=SPIN_MODES, default="run",
+    p.add_argument("--spin", choices=SPIN_MODES, default=EngineConfig().spin,
                    help="ONNX Runtime threads busy-wait for work: on = also between steps (only with cores "
                         "to spare, see --threads), run = only inside a step, off = never")
     s = ServiceConfig()

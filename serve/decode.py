@@ -65,7 +65,7 @@ class DecodeRows:
                  eot_id: int | None, capacity: int = 64):
         self.pool = RowPool(shapes, COLUMNS, max_rows, capacity)
         self.pieces = pieces  # token id -> text
-        self._pieces = np.array(pieces + [""], dtype=object)[:-1]  # an object array, for "".join(ids)
+        self._pieces = np.array(pieces, dtype=object)  # token id -> text as an object array: "".join(a[ids])
         self.eot = -1 if eot_id is None else eot_id
         self._seen = -1  # the pool version the caches below were built for
 
@@ -184,16 +184,16 @@ class DecodeRows:
         q = None if self._all_quiet else self._quiet
         ids, filled, generated = c("ids"), c("filled"), c("generated")
         if q is None:
-            tok, fin_ok = tokens, finite
+            tok, fin_ok, max_new = tokens, finite, c("max_new")
             ids[self._rows, filled] = tok
             filled += 1
             gen, n_filled = generated, filled
         else:
-            tok, fin_ok = tokens[q], finite[q]
+            tok, fin_ok, max_new = tokens[q], finite[q], c("max_new")[q]
             ids[q, filled[q]] = tok
             filled[q] += 1
             gen, n_filled = generated[q], filled[q]
-        ended = (tok == self.eot) | (gen >= c("max_new") if q is None else gen >= c("max_new")[q]) | ~fin_ok
+        ended = (tok == self.eot) | (gen >= max_new) | ~fin_ok
         gens = self.pool.owners
         for j in np.flatnonzero(ended).tolist():
             row = j if q is None else int(q[j])

@@ -29,10 +29,11 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda
     intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per physical core)
     # ORT's pool threads busy-wait for work instead of sleeping. "on" (ORT's default): also between
-    # calls, which steals the cores an event loop and other processes need; "run": only inside a
-    # call (session.force_spinning_stop), most of the latency gain at batch 1 without the theft;
-    # "off": never.
-    spin: str = "on"  # on | run | off
+    # calls, which steals the cores an event loop, the sampler's threads and other processes need
+    # (offline sampling on the word model lost 12 points of the raw step to it); "run": only inside
+    # a call (session.force_spinning_stop), most of the latency gain at batch 1 without the theft;
+    # "off": never. The one default of every command, the server's and the API's.
+    spin: str = "run"  # on | run | off
     # IO binding keeps (h, c) on the device between steps: "auto" = on for CUDA.
     io_binding: str = "auto"  # auto | on | off
     verify_checksums: bool = True

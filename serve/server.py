@@ -48,7 +48,7 @@ class ServerConfig:
     frame_idle_timeout_s: float = 300.0  # a frame stream whose client neither sends nor reads this long ends; 0: never
     # ORT threads spin inside a step only: spinning between steps too steals the cores the event
     # loop, gRPC and the clients need (measured in docs/benchmark.md).
-    engine: EngineConfig = field(default_factory=lambda: EngineConfig(spin="run"))
+    engine: EngineConfig = field(default_factory=EngineConfig)
     limits: Limits = field(default_factory=Limits)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)

@@ -1,0 +1,115 @@
+"""The core's row pool, uniform blocks and quiet rows (serve/pool.py, serve/generation.py,
+serve/decode.py): a row's text never depends on how it is read or on who shares its steps."""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from lstmgen.serve.completion import completions
+from lstmgen.serve.engine import Engine, EngineConfig
+from lstmgen.serve.generation import DRAWS, Draws
+from lstmgen.serve.params import GenerationRequest, Limits, SamplingParams
+from lstmgen.serve.pool import RowPool
+from lstmgen.serve.scheduler import Scheduler
+
+
+class Owner:
+    slot = -1
+
+    def __init__(self, name):
+        self.name = name
+
+
+def test_pool_join_writes_one_slot_and_leave_moves_the_last_row():
+    pool = RowPool(((2, 3),), {"token": np.int64, "block": (np.float64, 4)}, max_rows=16, capacity=2)
+    owners = [Owner(i) for i in range(5)]
+    state = np.arange(2 * 5 * 3, dtype=np.float32).reshape(2, 5, 3)  # [L, R, H]
+    pool.add(owners, (state,), token=np.arange(5) * 10, block=np.tile(np.arange(5.0)[:, None], (1, 4)))
+    assert pool.capacity == 8 and len(pool) == 5  # grew by doubling
+    pool.remove([1, 3])  # rows 4 then 3 fill the holes from the end
+    assert [o.name for o in pool.owners] == [0, 4, 2]
+    assert [o.slot for o in pool.owners] == [0, 1, 2] and owners[1].slot == owners[3].slot == -1
+    np.testing.assert_array_equal(pool.col("token"), [0, 40, 20])
+    np.testing.assert_array_equal(pool.col("block")[:, 0], [0, 4, 2])
+    np.testing.assert_array_equal(pool.state()[0], state[:, [0, 4, 2]])
+    np.testing.assert_array_equal(pool.row_state(1)[0], state[:, 4])
+    new = np.ones((2, 3, 3), np.float32)
+    pool.scatter(np.array([0, 2]), (new[:, :2],))
+    np.testing.assert_array_equal(pool.gather(np.array([0, 2]))[0], new[:, :2])
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        pool.add([Owner(9) for _ in range(14)], (np.zeros((2, 14, 3), np.float32),))
+
+
+def test_a_full_pool_takes_the_step_output_as_its_storage():
+    pool = RowPool(((1, 2),), {}, max_rows=2, capacity=2)
+    pool.add([Owner(0), Owner(1)], (np.zeros((1, 2, 2), np.float32),))
+    out = np.ones((1, 2, 2), np.float32)
+    pool.set_state((out,))
+    assert pool.state()[0].base is out or pool.state()[0] is out or np.shares_memory(pool.state()[0], out)
+
+
+def test_draws_give_the_numbers_and_positions_of_single_draws():
+    single = np.random.Generator(np.random.PCG64(7))
+    draws = Draws(np.random.Generator(np.random.PCG64(7)))
+    got = []
+    for _ in range(2 * DRAWS + 5):
+        if draws.used == len(draws.block):
+            draws.refill()
+        got.append(draws.block[draws.used])
+        draws.used += 1
+    want = [single.random() for _ in range(2 * DRAWS + 5)]
+    assert got == want
+    assert draws.position().bit_generator.state == single.bit_generator.state
+
+
+@pytest.fixture(scope="module")
+def engine(bundles):
+    return Engine(bundles["char"], EngineConfig(device="cpu", intra_op_threads=1))
+
+
+def req(prompt, n, seed, stop=(), **sampling):
+    return GenerationRequest(prompt, n, SamplingParams(seed=seed, **sampling), seed_given=True, stop=tuple(stop))
+
+
+def test_quiet_and_streamed_rows_sharing_steps_give_their_own_text(engine):
+    """Quiet rows (read to their end: token ids in the pool, text made at the end, past one block
+    of 256 too) beside streamed rows and quiet rows with stop strings, arriving together: each
+    gets the text it gets alone, however it is read."""
+    reqs = [req("First", 300, 1, temperature=0.8), req("All", 40, 2, top_p=0.9), req("You", 120, 3, stop=["e "]),
+            req("Be", 600, 4, top_k=5), req("S", 9, 5, greedy=True)]
+
+    def alone(r):
+        s = Scheduler(engine, Limits(max_new_tokens=1000))
+        s.start()
+        try:
+            [(_, done)] = completions(s.submit_completion, [(0, r)], 1)
+            return done.text, done.finished
+        finally:
+            s.shutdown()
+
+    async def mixed():
+        s = Scheduler(engine, Limits(max_new_tokens=1000))
+        s.start()
+        try:
+            streamed = [s.submit(r) for r in reqs[::2]]
+            quiet = [s.submit_completion(r) for r in reqs[1::2]] + [s.submit_completion(r) for r in reqs[::2]]
+
+            async def read(stream):
+                parts, fin = [], None
+                async for c in stream:
+                    parts.append(c.text)
+                    fin = c.finished or fin
+                return "".join(parts), fin
+            texts = await asyncio.gather(*(read(st) for st in streamed))
+            done = [await asyncio.wrap_future(q.future) for q in quiet]
+            return texts, [(d.text, d.finished) for d in done]
+        finally:
+            await s.close()
+
+    want = [alone(r) for r in reqs]
+    streamed, quiet = asyncio.run(mixed())
+    assert streamed == want[::2]
+    assert quiet == want[1::2] + want[::2]
+    assert want[3][1].generated_tokens == 600 and len(want[3][0]) > 256  # past a block of token ids
