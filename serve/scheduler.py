@@ -30,7 +30,6 @@ from lstmgen.serve.prefix_cache import PrefixCache
 from lstmgen.serve.priming import Primer
 from lstmgen.serve.records import Emitted, NoObserver, Stats, StepObserver
 from lstmgen.serve.sampling import warm_up
-from lstmgen.serve.state_blob import codec_for
 from lstmgen.serve.stream import Stream, wake_all
 from lstmgen.serve.worker import Worker
 
@@ -41,7 +40,7 @@ log = logging.getLogger("lstmgen.scheduler")
 class SchedulerConfig:
     prefill_chunk: int = 512  # prompt tokens per row per priming call (bounds others' stall)
     max_prefill_rows: int = 64  # prompts primed together in one call
-    state_key: bytes | None = None  # sign and check state blobs (--state-key); None: check only
+    state_key: bytes | None = None  # the edge's state codec signs and checks blobs (--state-key); None: check only
     # States after prompt prefixes, kept at every `prefix_cache_every` tokens (serve/prefix_cache.py):
     # prompts are then primed in chunks ending there. 0 MiB: off.
     prefix_cache_mb: float = 64.0
@@ -75,7 +74,6 @@ class Scheduler(Worker):
         self.observer = observer or NoObserver()
         self.vocab = engine.manifest.vocab
         m = engine.manifest
-        self.codec = codec_for(m, cfg.state_key)
         # owned by the worker thread (stats() excepted)
         self.prefix_cache = (PrefixCache(int(cfg.prefix_cache_mb * 2**20), cfg.prefix_cache_every,
                                          f"{m.model_sha256}/{m.prompt_model_sha256}".encode())

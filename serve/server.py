@@ -140,7 +140,8 @@ class Server:
         self.scheduler = Scheduler(engine, limits, sched_cfg, observer=self.metrics,
                                    on_fatal=self._worker_failed)
         self.metrics.watch(self.scheduler)
-        self.service = GeneratorService(self.scheduler, cfg.service, self.metrics)
+        self.service = GeneratorService(self.scheduler, codec_for(self.engine.manifest, sched_cfg.state_key),
+                                        cfg.service, self.metrics)
         return limits
 
     def _frames(self, cfg: ServerConfig, sched_cfg: SchedulerConfig) -> Limits:

@@ -165,8 +165,10 @@ async def _abort_gone(context: grpc.aio.ServicerContext, code: grpc.StatusCode, 
 
 
 class GeneratorService(pb_grpc.GeneratorServicer):
-    def __init__(self, scheduler: Scheduler, cfg: ServiceConfig = ServiceConfig(), metrics: Metrics | None = None):
+    def __init__(self, scheduler: Scheduler, codec: StateCodec, cfg: ServiceConfig = ServiceConfig(),
+                 metrics: Metrics | None = None):
         self.scheduler = scheduler
+        self.codec = codec  # the state blob's codec lives at the edge: the core takes and gives GenerationState objects
         self.cfg = cfg
         self.metrics = metrics or Metrics()
 
@@ -206,14 +208,14 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
             if request is None:
                 raise _not_a_message(pb.GenerateRequest)
-            stream = self.scheduler.submit(request_from_pb(request, self.scheduler.codec, rid))
+            stream = self.scheduler.submit(request_from_pb(request, self.codec, rid))
             # Only once admitted: a rejection stays one cheap write (the id rides in the trailers).
             await context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
             async for chunk in stream:
                 if tokens == 0 and chunk.token_count:
                     self.metrics.ttft.observe(time.perf_counter() - t0)
                 tokens += chunk.token_count
-                await context.write(chunk_to_pb(chunk, self.scheduler.codec))
+                await context.write(chunk_to_pb(chunk, self.codec))
                 if chunk.finished is None:
                     await pace(self.scheduler, self.cfg, stream)
             status = "OK"
@@ -263,8 +265,8 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             execution_provider=s.engine.provider, model_sha256=m.model_sha256,
             has_prompt_graph=s.engine.prompt_session is not None,
             # an upper bound: the held-back text is shorter than the longest stop sequence allowed
-            state_bytes=s.codec.state_bytes_bound(max(lim.max_stop_sequence_chars - 1, 0)),
-            state_signed=s.codec.key is not None,
+            state_bytes=self.codec.state_bytes_bound(max(lim.max_stop_sequence_chars - 1, 0)),
+            state_signed=self.codec.key is not None,
             provenance_json=json.dumps(m.provenance, sort_keys=True),
             vocabulary=list(m.vocab.tokens) if request.include_vocabulary else [],
             limits=pb.Limits(
@@ -274,5 +276,5 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                 max_concurrent_streams=lim.max_concurrent_streams,
                 max_queued_streams=lim.max_queued_streams, max_request_bytes=lim.max_request_bytes,
                 max_top_logprobs=lim.max_top_logprobs, min_temperature=MIN_TEMPERATURE,
-                max_state_bytes=s.codec.max_bytes, max_request_output=lim.max_request_output,
+                max_state_bytes=self.codec.max_bytes, max_request_output=lim.max_request_output,
                 max_unread_output=lim.max_unread_output))

@@ -216,7 +216,7 @@ def test_unexpected_error_is_internal_and_logged(caplog):
 
     async def main():
         server = grpc.aio.server()
-        GeneratorService(Broken()).add_to_server(server)
+        GeneratorService(Broken(), codec=None).add_to_server(server)  # no state in this call
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         try:
