@@ -85,14 +85,16 @@ class Generator:
                                   seed_given=seed is not None, skip_unknown=skip_unknown, logprobs=logprobs,
                                   top_logprobs=top_logprobs) for i, p in enumerate(items)]
         # Admission is bounded (Limits); more prompts than rows wait here, not in the queue.
+        # As they end, not in order: a finished result held behind a long earlier prompt would
+        # take a window slot and hold the rest back.
         window = self._scheduler.limits.max_concurrent_streams
-        out = []
-        for req, done in completions(self._scheduler.submit_completion, ((r, r) for r in reqs), window):
+        out: list = [None] * len(reqs)
+        for i, done in completions(self._scheduler.submit_completion, enumerate(reqs), window, ordered=False):
             if isinstance(done, Exception):
                 raise done
             fin = done.finished
-            out.append(Completion(req.prompt, done.text, fin.reason.value, fin.prompt_tokens, fin.generated_tokens,
-                                  fin.seed, fin.stop_sequence, done.logprobs))
+            out[i] = Completion(reqs[i].prompt, done.text, fin.reason.value, fin.prompt_tokens, fin.generated_tokens,
+                                fin.seed, fin.stop_sequence, done.logprobs)
         return out[0] if single else out
 
     def close(self) -> None:

@@ -149,7 +149,8 @@ class Engine:
         """tokens int64 [B], the state (each [L, B, H]) -> logits [B, V] (numpy), the new state.
 
         With IO binding, the state may hold OrtValues from the previous step and the new one comes
-        back as OrtValues on the device; `host()` brings one back when the batch changes shape."""
+        back as OrtValues on the device; the row pool keeps them there until its rows change
+        (serve/pool.py)."""
         names = self.manifest.inputs
         if not self.io_binding:
             logits, *new = self.step_session.run(None, {names[0]: tokens, **dict(zip(names[1:], state))})
@@ -160,7 +161,7 @@ class Engine:
             if isinstance(x, ort.OrtValue):
                 io.bind_ortvalue_input(name, x)  # already on the device: no copy
             else:
-                io.bind_cpu_input(name, x)
+                io.bind_cpu_input(name, np.ascontiguousarray(x))  # a pool's [:, :n] view may be strided
         out = self.manifest.outputs
         io.bind_output(out[0], "cpu")  # sampling needs the logits on the host
         for name in out[1:]:

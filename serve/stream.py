@@ -79,7 +79,8 @@ class Stream:
             if state is not None:
                 self._cut = (len(self._text), self._tokens, len(self._logprobs), state)
             self._finished = finished or self._finished
-            self._error = error or self._error
+            if self._finished is None:  # an end already pushed stands (a later failure of its step cannot undo it)
+                self._error = error or self._error
             over = self.OVER if self._max_unread and self._unread > self._max_unread and not (
                 self._finished or self._error) else 0
             if self.whole and not (self._finished or self._error):

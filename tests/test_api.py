@@ -59,3 +59,4 @@ def test_import_lstmgen_stays_light():
             "assert callable(lstmgen.train) and callable(lstmgen.export); "
             "assert 'torch' not in sys.modules, 'lstmgen.Generator imported torch'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+

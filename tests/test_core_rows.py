@@ -113,3 +113,47 @@ def test_quiet_and_streamed_rows_sharing_steps_give_their_own_text(engine):
     assert streamed == want[::2]
     assert quiet == want[1::2] + want[::2]
     assert want[3][1].generated_tokens == 600 and len(want[3][0]) > 256  # past a block of token ids
+
+
+def test_io_binding_keeps_the_state_as_ortvalues_until_the_rows_change(bundles):
+    """Under IO binding (CUDA's path, exercised on the CPU provider) the step's new state stays an
+    OrtValue in the pool from step to step; it comes back to the host only when a row joins,
+    leaves or is read, and the values are the step's."""
+    import onnxruntime as ort
+
+    from lstmgen.serve.decode import DecodeRows
+
+    bound = Engine(bundles["char"], EngineConfig(device="cpu", intra_op_threads=1, io_binding="on"))
+    plain = Engine(bundles["char"], EngineConfig(device="cpu", intra_op_threads=1, io_binding="off"))
+    rows = DecodeRows(bound.state_shapes, 8, ["x"] * bound.manifest.vocab_size, None)
+    rows.pool.add([Owner(i) for i in range(3)], bound.zeros(3))
+    tokens = np.array([1, 2, 3], np.int64)
+    state, want = rows.pool.state(), plain.zeros(3)
+    for _ in range(3):
+        _, new = bound.step(tokens, state)
+        rows.pool.set_state(new)
+        state = rows.pool.state()
+        assert all(isinstance(x, ort.OrtValue) for x in state)  # kept on the device between steps
+        _, want = plain.step(tokens, want)
+    np.testing.assert_allclose(rows.pool.row_state(1)[0], want[0][:, 1], rtol=1e-6, atol=1e-6)  # read: host
+    assert all(isinstance(x, np.ndarray) for x in rows.pool.state())
+    np.testing.assert_allclose(rows.pool.state()[1], want[1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+def test_results_taken_as_they_end_let_short_requests_pass_a_long_one(engine, ordered):
+    """Two rows, a 300-token request first and ten 20-token ones after it. Taken as they end (what
+    Generator does), the short ones share the second row while the long one runs: about 300
+    steps. Taken in order, finished short ones wait behind the long one and hold the window, so
+    the rest wait too (about 300 + 9 x 20 steps): the order costs time, which is why Generator
+    collects out of order and puts each result in its place."""
+    s = Scheduler(engine, Limits(max_concurrent_streams=2))
+    s.start()
+    try:
+        reqs = [req("First", 300, 1)] + [req("All", 20, 2 + i) for i in range(10)]
+        got = dict(completions(s.submit_completion, enumerate(reqs), 2, ordered=ordered))
+        steps = s.stats().steps
+    finally:
+        s.shutdown()
+    assert [got[i].finished.generated_tokens for i in range(11)] == [300] + [20] * 10
+    assert (steps < 300 + 2 * 20) == (not ordered), steps
