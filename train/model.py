@@ -4,11 +4,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lstmgen.manifest_schema import STATE_NAMES  # the manifest's names, one definition
 from lstmgen.train.config import ModelConfig
 
 # The recurrent state as a tuple of named tensors, each [L, B, H]: (h, c) for an LSTM, (h,) for a GRU.
 State = tuple[torch.Tensor, ...]
-STATE_NAMES = {"lstm": ("h", "c"), "gru": ("h",)}
 
 
 def make_rnn(cell: str, input_size: int, hidden_size: int, num_layers: int, dropout: float) -> nn.Module:
