@@ -230,10 +230,13 @@ class Completions:
                     w.cancel()  # cancels its sink's future: the row leaves at the next step
                 elif not w.cancelled():
                     w.exception()  # read: an error that came after the wait is not logged as never retrieved
-        firsts = [c.first_token_at for c in done if c.first_token_at is not None]
-        if firsts:
-            call.edge.metrics.ttft.observe(max(min(firsts) - call.t0, 0.0))
-        call.tokens = sum(c.finished.generated_tokens for c in done)
+            # Failed or cancelled calls too, as a streamed call counts what it read: the core's
+            # first-token time and each row's count (plain numbers the worker only ever raises)
+            gens = [sink.seq for sink in call.choices if sink.seq is not None]
+            firsts = [g.first_token_at for g in gens if g.first_token_at is not None]
+            if firsts:
+                call.edge.metrics.ttft.observe(max(min(firsts) - call.t0, 0.0))
+            call.tokens = sum(g.stopper.generated for g in gens)
         choices = [fmt.choice(i, c.text, list(c.logprobs) if creq.logprobs is not None else None, c.finished)
                    for i, c in enumerate(done)]
         return {**call.head(fmt, fmt.whole), "choices": choices,

@@ -196,3 +196,24 @@ def test_a_handler_cancelled_at_shutdown_cancels_its_choices():
     _, m = run({"prompt": "x", "n": 2, "max_tokens": 3}, s, act)
     assert all(k.future.cancelled() for k in s.sinks) and s.open == 0
     assert counted(m, "CANCELLED") == 1 and m.registry.get_sample_value("lstmgen_open_streams") == 0
+
+
+def test_a_failed_call_still_times_its_first_token_and_counts_its_tokens():
+    """A call that fails after its rows made tokens is timed and counted as a streamed call that
+    read them would be: from the core's first-token time and each row's count."""
+    import time
+    from types import SimpleNamespace
+
+    s = FakeScheduler()
+    t_first = time.perf_counter()
+
+    async def act(client, task):
+        await _until(lambda: len(s.sinks) == 2)
+        for sink in s.sinks:  # what the worker records on the rows
+            sink.seq = SimpleNamespace(first_token_at=t_first, stopper=SimpleNamespace(generated=4))
+        s.sinks[1].push("", 0, None, StepFailed("model step failed: boom"))
+
+    r, m = run({"prompt": "x", "n": 2, "max_tokens": 30}, s, act)
+    assert r.status_code == 500
+    assert m.registry.get_sample_value("lstmgen_time_to_first_token_seconds_count") == 1
+    assert s.open == 0
