@@ -231,7 +231,8 @@ class Completions:
                 elif not w.cancelled():
                     w.exception()  # read: an error that came after the wait is not logged as never retrieved
             # Failed or cancelled calls too, as a streamed call counts what it read: the core's
-            # first-token time and each row's count (plain numbers the worker only ever raises)
+            # first-token time and each row's count (plain numbers the worker only ever raises; a
+            # quiet row's count is its stopper's at its end, so a quiet row cut short counts 0)
             gens = [sink.seq for sink in call.choices if sink.seq is not None]
             firsts = [g.first_token_at for g in gens if g.first_token_at is not None]
             if firsts:

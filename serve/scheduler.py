@@ -268,11 +268,14 @@ class Scheduler(Worker):
     def _join(self, rows: list[Generation], state: tuple) -> None:
         """Rows whose prompt has one token left join the decode rows with it as their input and
         `state` (each [L, R, H]): the next step reads it and samples their first token."""
-        joining = self._rows.joining(rows, [g.prompt_ids[-1] for g in rows], state)
+        self._commit_join(rows, self._rows.joining(rows, [g.prompt_ids[-1] for g in rows], state))
+
+    def _commit_join(self, rows: list[Generation], joining) -> None:
+        """Assignments and row writes only: `rows` (built into `joining`) are in the decode rows."""
         self._rows.commit(joining)
         for g in rows:
             g.primed, g.partial = len(g.prompt_ids), None
-        self._prompt_tokens += len(rows)
+        self._prompt_tokens += len(rows)  # each one's last prompt token, read by the next step
         self._fresh += rows
 
     def _prime_chunk(self, rows: list[Generation]) -> None:
@@ -292,11 +295,7 @@ class Scheduler(Worker):
         if done:
             finished = {id(rows[i]) for i in done}
             self._priming = [g for g in self._priming if id(g) not in finished]
-            self._rows.commit(joined)
-            for i in done:
-                rows[i].primed, rows[i].partial = len(rows[i].prompt_ids), None
-            self._prompt_tokens += len(done)
-            self._fresh += [rows[i] for i in done]
+            self._commit_join([rows[i] for i in done], joined)
 
     # -- the decode step -----------------------------------------------------------------------------------
     def _decode_step(self) -> None:

@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 import pytest
 
+from lstmgen.tools import scrape
 from lstmgen.tools.scrape import scrape_metrics
 from lstmgen_client import Client, OverloadedError
 from lstmgen_client.v1 import generator_pb2 as pb
@@ -86,13 +87,9 @@ def endless(frames_per_message: int = 1024):
 
 
 def wait_for(url: str, done, timeout: float = 30.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        m = scrape_metrics(url)
-        if done(m):
-            return m
-        assert time.monotonic() < deadline, m
-        time.sleep(0.05)
+    m = scrape.wait_for(url, done, timeout)
+    assert done(m), m
+    return m
 
 
 def no_traceback(log: str) -> None:

@@ -19,7 +19,7 @@ from lstmgen.serve import decode as scheduler_module
 from lstmgen.serve.engine import EngineConfig
 from lstmgen.serve.faults import failing_every
 from lstmgen.serve.server import Server, ServerConfig
-from lstmgen.tools.scrape import scrape_metrics
+from lstmgen.tools.scrape import wait_for
 from lstmgen_client import AsyncClient, Client, InternalError, UnavailableError
 from lstmgen_client.v1 import generator_pb2 as pb
 from tests.conftest import start_server
@@ -35,13 +35,6 @@ def raw_generate(channel: grpc.Channel):
                                 response_deserializer=pb.GenerateResponse.FromString)
 
 
-def wait_for(url: str, done, timeout: float = 15.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        m = scrape_metrics(url)
-        if done(m) or time.monotonic() > deadline:
-            return m
-        time.sleep(0.05)
 
 
 def no_traceback(log: str) -> None:
@@ -89,13 +82,14 @@ def test_cancel_with_writes_held_is_one_info_line(small):
     """A client cancelling streams whose writes are held by flow control: one INFO access line per
     stream, never gRPC's 'ExecuteBatchError raised in core' traceback."""
     url = metrics_url(small)
-    wait_idle(url)
+    before = wait_idle(url)["lstmgen_generated_tokens_total"]
     with grpc.insecure_channel(small.target, options=HELD) as ch:
         gen = raw_generate(ch)
         calls = [gen(pb.GenerateRequest(prompt="All", max_new_tokens=50_000, seed=i),
                      metadata=(("x-request-id", f"held-{i}"),)) for i in range(4)]
-        wait_for(url, lambda m: m["lstmgen_open_streams"] == 4 and m["lstmgen_generated_tokens_total"] > 0)
-        time.sleep(0.5)  # the two generating streams fill their windows
+        # the two generating streams are well into their text, none of it read: writes are held
+        wait_for(url, lambda m: m["lstmgen_open_streams"] == 4
+                 and m["lstmgen_generated_tokens_total"] >= before + 20_000, 60)
         for call in calls:
             call.cancel()
     wait_idle(url)

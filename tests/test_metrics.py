@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from lstmgen.tools.bench import inside_server, scheduler_alone, where_it_went
-from lstmgen.tools.scrape import counter_deltas, scrape_metrics
+from lstmgen.tools.scrape import counter_deltas, scrape_metrics, wait_for
 from lstmgen_client import Client, InvalidArgumentError
 from lstmgen_client.v1 import generator_pb2 as pb
 from tests.conftest import start_server
@@ -28,13 +28,8 @@ def metrics_url(srv) -> str:
 
 def wait_idle(url: str, timeout: float = 10.0) -> dict:
     """Metrics once the server holds no rows, no queued or open streams (or the last scrape)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        m = scrape_metrics(url)
-        idle = m["lstmgen_active_rows"] == m["lstmgen_streams_in_system"] == m["lstmgen_open_streams"] == 0
-        if idle or time.monotonic() > deadline:
-            return m
-        time.sleep(0.05)
+    return wait_for(url, lambda m: m["lstmgen_active_rows"] == m["lstmgen_streams_in_system"]
+                    == m["lstmgen_open_streams"] == 0, timeout)
 
 
 @pytest.fixture(scope="module")

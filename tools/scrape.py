@@ -47,6 +47,16 @@ def server_state(url: str) -> dict[str, float]:
     return {key: m.get(name) for name, key in SERVER_GAUGES.items()}
 
 
+def wait_for(url: str, done, timeout: float = 15.0, every: float = 0.05) -> dict:
+    """Poll the server's metrics until done(metrics) holds (or the time runs out); the last read."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = scrape_metrics(url)
+        if done(m) or time.monotonic() > deadline:
+            return m
+        time.sleep(every)
+
+
 def settle(url: str, timeout: float = 10.0) -> tuple[dict, float]:
     """Poll until the server holds no rows and no streams (cancellations land between steps)."""
     t0 = time.perf_counter()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import grpc
 
-from lstmgen.tools.scrape import scrape_metrics
+from lstmgen.tools.scrape import scrape_metrics, wait_for
 from lstmgen_client import Client
 from lstmgen_client.v1 import generator_pb2 as pb
 
@@ -37,13 +37,6 @@ def start(bundle: str, log: Path, extra: list[str]) -> tuple[subprocess.Popen, s
     raise SystemExit(f"the server did not start: {log.read_text()[-2000:]}")
 
 
-def wait(url: str, done, timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        m = scrape_metrics(url)
-        if done(m) or time.monotonic() > deadline:
-            return m
-        time.sleep(0.1)
 
 
 def main() -> int:
@@ -63,7 +56,7 @@ def main() -> int:
         try:
             with Client(target) as c:  # warm the paths that allocate for good
                 c.generate(a.prompt, max_new_tokens=400, logprobs=a.logprobs > 0, top_logprobs=a.logprobs)
-            wait(url, lambda m: m["lstmgen_open_streams"] == 0, 30)
+            wait_for(url, lambda m: m["lstmgen_open_streams"] == 0, 30)
             before = rss()
             print(f"streams {a.streams}, top_logprobs {a.logprobs}, max_new_tokens {a.max_new_tokens}: "
                   f"RSS before {before:.0f} MB")
@@ -75,12 +68,12 @@ def main() -> int:
                     calls = [gen(pb.GenerateRequest(prompt=a.prompt, max_new_tokens=a.max_new_tokens, seed=i,
                                                     logprobs=a.logprobs > 0, top_logprobs=a.logprobs))
                              for i in range(a.streams)]
-                    m = wait(url, lambda m: m["lstmgen_streams_in_system"] == m["lstmgen_parked_streams"], 120)
+                    m = wait_for(url, lambda m: m["lstmgen_streams_in_system"] == m["lstmgen_parked_streams"], 120)
                     time.sleep(1)  # the last writes settle
                     holding, made = rss(), scrape_metrics(url)["lstmgen_generated_tokens_total"]
                     for call in calls:
                         call.cancel()
-                wait(url, lambda m: m["lstmgen_open_streams"] == 0, 60)
+                wait_for(url, lambda m: m["lstmgen_open_streams"] == 0, 60)
                 time.sleep(1)
                 print(f"round {r + 1}: holding {holding:.0f} MB ({(holding - before) / a.streams:.2f} MB a stream, "
                       f"{m['lstmgen_parked_streams']:.0f} parked, {made:,.0f} tokens made in all so far), "
