@@ -9,8 +9,9 @@ Bookkeeping is vectorised over the pool. A row whose reader takes everything at 
 has no stop strings, penalties, logprobs, bias or state to hand out (a "quiet" row: offline
 sampling, a completion) costs no Python per token: its token ids go into a column block and
 become text when it finishes (or every BLOCK tokens); its end (end-of-text, max_new_tokens) is
-found by array compares. Other rows take a short per-row path (the stop matcher, penalties'
-history, logprobs, snapshots, a streamed piece of text).
+found by array compares. A quiet row's stop strings are checked only in the steps where its new
+token can complete one (serve/quiet_stops.py). Other rows take a short per-row path (the stop
+matcher, penalties' history, logprobs, snapshots, a streamed piece of text).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import numpy as np
 from lstmgen.serve.generation import DRAWS, Generation
 from lstmgen.serve.logprobs import TopLogprobs
 from lstmgen.serve.pool import RowPool
+from lstmgen.serve.quiet_stops import StopEnds, first_stop, tail_before
 from lstmgen.serve.records import Emitted, Finished, TokenLogprob
 from lstmgen.serve.sampling import BatchSampling, choose_checked, token_logprobs
 from lstmgen.serve.state_blob import GenerationState, rng_position
@@ -33,7 +35,8 @@ COLUMNS = {
     "token": np.int64,  # the next input: the last sampled token (or a prompt's last token)
     "generated": np.int64,
     "max_new": np.int64,
-    "per_token": np.bool_,  # Generation.per_token
+    "per_token": np.bool_,  # Generation.per_token, or stop strings the quiet path cannot take
+    "stops": np.bool_,  # a quiet row with stop strings
     "logprobs": np.bool_,
     # sampling settings (serve/sampling.py BatchSampling)
     "greedy": np.bool_, "inv_t": np.float32, "top_k": np.int64, "top_p": np.float64, "min_p": np.float64,
@@ -67,6 +70,7 @@ class DecodeRows:
         self.pieces = pieces  # token id -> text
         self._pieces = np.array(pieces, dtype=object)  # token id -> text as an object array: "".join(a[ids])
         self.eot = -1 if eot_id is None else eot_id
+        self._stop_ends = StopEnds(pieces)
         self._seen = -1  # the pool version the caches below were built for
 
     def __len__(self) -> int:
@@ -81,11 +85,15 @@ class DecodeRows:
         """`gens` with next inputs `tokens` and `state` (each [L, R, H]); changes nothing."""
         ps = [g.request.sampling for g in gens]
         blocks = [g.draws.block if len(g.draws.block) == DRAWS else np.zeros(DRAWS) for g in gens]
+        stops = np.array([bool(g.stopper.stop) for g in gens], bool)
+        per_token = np.array([g.per_token or (s and self._stop_ends(g.stopper.stop) is None)
+                              for g, s in zip(gens, stops.tolist())], bool)
         values = {
             "token": np.array(tokens, np.int64),
             "generated": np.array([g.stopper.generated for g in gens], np.int64),
             "max_new": np.array([g.stopper.max_new_tokens for g in gens], np.int64),
-            "per_token": np.array([g.per_token for g in gens], bool),
+            "per_token": per_token,
+            "stops": stops & ~per_token,
             "logprobs": np.array([bool(g.request.logprobs) for g in gens], bool),
             "greedy": np.array([p.is_greedy for p in ps], bool),
             "inv_t": 1.0 / np.array([1.0 if p.is_greedy else p.temperature for p in ps], np.float32),
@@ -166,6 +174,10 @@ class DecodeRows:
         self._quiet = np.flatnonzero(~per)
         self._all_quiet = len(self._quiet) == len(gens)
         self._rows = np.arange(len(gens))
+        self._stop_rows = np.flatnonzero(c("stops"))
+        V = len(self.pieces)  # a key per (row, end token): row * V + token, sorted
+        self._stop_keys = np.sort(np.concatenate(
+            [r * V + self._stop_ends(gens[r].stopper.stop) for r in self._stop_rows.tolist()] or [np.zeros(0, np.int64)]))
 
     def _uniforms(self) -> np.ndarray:
         """One uniform per row from its own generator (a block of DRAWS refilled when used up)."""
@@ -194,6 +206,10 @@ class DecodeRows:
             filled[q] += 1
             gen, n_filled = generated[q], filled[q]
         ended = (tok == self.eot) | (gen >= max_new) | ~fin_ok
+        stopped = self._stops_hit(tokens, finite) if len(self._stop_keys) else {}
+        if stopped:
+            rows = np.fromiter(stopped, np.int64, len(stopped))
+            ended[rows if q is None else np.searchsorted(q, rows)] = True
         gens = self.pool.owners
         for j in np.flatnonzero(ended).tolist():
             row = j if q is None else int(q[j])
@@ -205,14 +221,38 @@ class DecodeRows:
             n = int(n_filled[j]) - eot  # the end-of-text token has no text
             g.stopper.generated = count = int(gen[j])
             text = "".join(g.parts) + "".join(self._pieces[ids[row, :n]].tolist())
-            reason = FinishReason.END_OF_TEXT if eot else FinishReason.LENGTH
-            out.append(Emitted(g, text, count, Finished(reason, g.prompt_tokens, count, g.request.sampling.seed)))
+            reason, seq = FinishReason.END_OF_TEXT if eot else FinishReason.LENGTH, ""
+            if row in stopped:  # a stop string wins over the length limit, as in StopChecker
+                cut, seq = stopped[row]
+                text, reason, g.stopper.matched = text[:len(text) - cut], FinishReason.STOP_SEQUENCE, seq
+            out.append(Emitted(g, text, count, Finished(reason, g.prompt_tokens, count, g.request.sampling.seed, seq)))
             done.append(g)
         full = np.flatnonzero((n_filled >= BLOCK) & ~ended)
         for j in full.tolist():
             row = j if q is None else int(q[j])
             gens[row].parts.append("".join(self._pieces[ids[row]].tolist()))
             filled[row] = 0
+
+    def _stops_hit(self, tokens: np.ndarray, finite: np.ndarray) -> dict[int, tuple[int, str]]:
+        """Quiet rows whose new token completes a stop string: row -> (characters to cut from the
+        end of its text, the string). Only rows whose token is one of their stops' end tokens are
+        looked at; their ids (this token's included) are already in the block."""
+        rows, keys = self._stop_rows, self._stop_keys
+        codes = rows * len(self.pieces) + tokens[rows]
+        at = np.minimum(np.searchsorted(keys, codes), len(keys) - 1)
+        gens, ids, filled = self.pool.owners, self.pool.col("ids"), self.pool.col("filled")
+        out = {}
+        for row in rows[keys[at] == codes].tolist():
+            tok = int(tokens[row])
+            if not finite[row] or tok == self.eot:
+                continue
+            g, piece = gens[row], self.pieces[tok]
+            stops = g.stopper.stop
+            tail = tail_before(self._pieces, ids[row, :filled[row] - 1], g.parts, max(map(len, stops)) - 1) + piece
+            hit = first_stop(tail, len(piece), stops)
+            if hit is not None:
+                out[row] = (len(tail) - hit[0], hit[1])
+        return out
 
     def _advance_loud(self, tokens, finite, logprobs, out, done, failed) -> None:
         """Rows with Python of their own per token (Generation.per_token)."""

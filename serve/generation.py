@@ -80,7 +80,8 @@ class Generation:
 
     @property
     def per_token(self) -> bool:
-        """Needs Python of its own at every token: stop strings (or held text), penalties,
-        logprobs, a bias, states to hand out, or a reader that takes text as it comes."""
-        return not self.quiet or bool(self.stopper.stop or self.stopper.pending or self.history is not None
+        """Needs Python of its own at every token: held text, penalties, logprobs, a bias, states
+        to hand out, or a reader that takes text as it comes. (A quiet row's stop strings are
+        matched in the pool when they can be: serve/decode.py decides.)"""
+        return not self.quiet or bool(self.stopper.pending or self.history is not None
                                       or self.request.logprobs or self.want_state or self.bias is not None)

@@ -155,3 +155,50 @@ def test_results_taken_as_they_end_let_short_requests_pass_a_long_one(engine, or
         assert [k for k, _ in got] == list(range(11)) and steps >= 1000 + 4 * 20, steps
     else:
         assert got[-1][0] == 0 and steps < 1000 + 4 * 20, steps  # the long one last, nothing after it
+
+
+@pytest.mark.parametrize("kind, stops", [
+    ("char", [["\n"], ["e "], ["zzz", "ak"], ["Citizen:\n", "!"], ["eak", "ea", "k"], ["q"]]),
+    ("word", [["cat"], ["dog ate"], ["the cat", "mat\n"], ["\n"], ["a"], ["zebra"]]),
+])
+def test_quiet_rows_match_stop_strings_as_the_streamed_matcher_does(bundles, kind, stops):
+    """A quiet row's stop strings are checked only when its new token can complete one
+    (serve/quiet_stops.py); it ends where the per-token StopChecker ends a streamed row, with the
+    same text and the same matched string, across token blocks of 256 too. Stops that span
+    tokens, that overlap, whose last character many tokens hold ("a": the per-token path), or
+    that never occur."""
+    eng = Engine(bundles[kind], EngineConfig(device="cpu", intra_op_threads=1))
+    reqs = [req("the" if kind == "word" else "Fir", 400, seed, stop=stop, temperature=1.3)
+            for seed in range(4) for stop in stops]
+
+    async def both():
+        s = Scheduler(eng, Limits(max_new_tokens=1000))
+        s.start()
+        try:
+            streamed = [s.submit(r) for r in reqs]
+            quiet = [s.submit_completion(r) for r in reqs]
+            texts = await asyncio.gather(*(collect(st) for st in streamed))
+            done = [await asyncio.wrap_future(q.future) for q in quiet]
+            return texts, [(d.text, d.finished) for d in done]
+        finally:
+            await s.close()
+
+    streamed, quiet = asyncio.run(both())
+    assert quiet == streamed
+    reasons = [fin.reason.value for _, fin in quiet]
+    assert reasons.count("stop_sequence") >= len(reqs) // 3
+    assert any(len(fin.stop_sequence) > 1 for _, fin in quiet)  # one that spans tokens
+    never = quiet[len(stops) - 1::len(stops)]  # the last stop set never occurs: past a block of 256
+    assert all(fin.reason.value == "length" and fin.generated_tokens == 400 for _, fin in never)
+
+
+def test_stop_ends_are_the_tokens_that_can_complete_a_stop():
+    from lstmgen.serve.quiet_stops import StopEnds, first_stop, tail_before
+
+    pieces = ["a", "b", "ab ", "", "\n", "c", "d", "e", "f", "g"]
+    ends = StopEnds(pieces)
+    assert ends(("xb",)).tolist() == [1, 2] and ends(("\n\n", "zc")).tolist() == [4, 5]
+    assert ends(("a", "b")) is None  # 3 of 10 tokens: the per-token path
+    assert first_stop("xxab", 1, ("ab", "b")) == (2, "ab") and first_stop("abx", 1, ("ab",)) is None
+    ids = np.array([0, 3, 3, 1])  # "a", "", "", "b": empty pieces do not count towards the tail
+    assert tail_before(np.array(pieces, dtype=object), ids, ["xyz"], 3) == "zab"
