@@ -9,7 +9,7 @@ import datetime as dt
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import onnx
@@ -19,10 +19,12 @@ from lstmgen.bundle import (MANIFEST, SEQUENCE_MODEL, FrameSpec, Manifest, State
                             write_manifest)
 from lstmgen.errors import UsageError, UserError
 from lstmgen.export import frame_parity, parity
+from lstmgen.export.config import ExportConfig
 from lstmgen.export.frame_graph import build_frame_step_graph, build_sequence_graph
-from lstmgen.export.onnx_graph import DEFAULT_OPSET, build_prompt_graph, build_step_graph
+from lstmgen.export.onnx_graph import build_prompt_graph, build_step_graph
 from lstmgen.export.quantize import quantize_int8
 from lstmgen.onnx_wire import external_tensors
+from lstmgen.text import ValidationSplit
 from lstmgen.train.checkpoint import Checkpoint, FrameCheckpoint, load_any, resolve_checkpoint
 
 MODEL, PROMPT_MODEL = "model.onnx", "prompt.onnx"
@@ -33,23 +35,12 @@ class ExportError(UserError):
     """The export cannot go ahead (bad destination, invalid graph); the message says why."""
 
 
-@dataclass(frozen=True)
-class ExportConfig:
-    opset: int = DEFAULT_OPSET
-    prompt_graph: bool = True  # the whole-sequence graph: prompt.onnx (text) or sequence.onnx (frames)
-    verify: bool = True
-    verify_steps: int = parity.DEFAULT_STEPS  # greedy tokens per row (text), frames stepped (frames)
-    verify_prompt: str | None = None  # text in the model's vocabulary; None: fixed random ids
-    int8: bool = False
-
-
-def export_bundle(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
-                  opset: int = DEFAULT_OPSET, prompt_graph: bool = True, verify: bool = True,
-                  verify_steps: int = parity.DEFAULT_STEPS, verify_prompt: str | None = None,
-                  int8: bool = False) -> tuple[Manifest, parity.ParityReport | None]:
+def export_bundle(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, cfg: ExportConfig = ExportConfig(),
+                  **overrides) -> tuple[Manifest, parity.ParityReport | None]:
     """Export a checkpoint file or run directory into the bundle folder `out_dir` (replacing a
-    previous bundle there). Raises a UserError: CheckpointError, ExportError, ParityError, UsageError."""
-    cfg = ExportConfig(opset, prompt_graph, verify, verify_steps, verify_prompt, int8)
+    previous bundle there). `overrides`: fields of `cfg` (export_bundle(run, out, verify=False)). Raises a
+    UserError: CheckpointError, ExportError, ParityError, UsageError."""
+    cfg = replace(cfg, **overrides)
     ckpt_path = resolve_checkpoint(checkpoint)
     ckpt = load_any(ckpt_path)
     _check_config(ckpt, cfg)
@@ -70,7 +61,7 @@ def export_bundle(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
 def _check_config(ckpt: Checkpoint | FrameCheckpoint, cfg: ExportConfig) -> None:
     if cfg.verify_steps < 1:
         raise UsageError(f"verify_steps must be at least 1, got {cfg.verify_steps}")
-    if cfg.int8 and ckpt.model_config.cell != "lstm":
+    if cfg.int8 and ckpt.model_config.cell == "gru":  # the LSTM variants are LSTM ops: they quantize
         raise UsageError(f"--int8 is for LSTM models; this is a {ckpt.model_config.cell.upper()}, and ONNX "
                          "Runtime's dynamic quantization has no quantized GRU op (the GRU layers would stay "
                          "fp32); export it without --int8")
@@ -119,9 +110,17 @@ def _build_text(ckpt: Checkpoint, ckpt_path: Path, tmp: Path,
         quantization=quantization, inputs=names["inputs"], outputs=names["outputs"],
         prompt_inputs=names["prompt_inputs"], provenance=_provenance(ckpt, ckpt_path, cfg, report),
         kind="text", cell=mc.cell, state=_state(mc.num_layers, mc.hidden_size, "text", mc.cell),
+        validation_split=_validation_split(ckpt),
     )
     write_manifest(tmp, manifest)
     return manifest, report
+
+
+def _validation_split(ckpt: Checkpoint) -> ValidationSplit | None:
+    """What training validated on, as train/data.py recorded it in the corpus (None: a checkpoint
+    written before it was recorded, or by hand)."""
+    recorded = ckpt.corpus.get("validation")
+    return ValidationSplit.from_dict(recorded) if isinstance(recorded, dict) else None
 
 
 def _build_frames(ckpt: FrameCheckpoint, ckpt_path: Path, tmp: Path,

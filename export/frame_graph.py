@@ -1,5 +1,5 @@
-"""FrameModel state_dict -> ONNX graphs (train/frame_model.py: [linear input layer] -> N x LSTM or
-GRU -> linear head), on the recurrent stack of onnx_graph.py.
+"""FrameModel state_dict -> ONNX graphs (train/frame_model.py: [linear input layer] -> N x LSTM, GRU
+or an LSTM variant -> linear head), on the recurrent stack of onnx_graph.py.
 
   step     (model.onnx):    x float32 [B, D_in], *state [L, B, H] -> y [B, D_out], *state_out
   sequence (sequence.onnx): x float32 [B, T, D_in] right-padded, lengths int32 [B], *state ->
@@ -18,8 +18,8 @@ import onnx
 from onnx import TensorProto, helper
 
 from lstmgen.bundle import graph_names
-from lstmgen.export.onnx_graph import (BATCH, DEFAULT_OPSET, TIME, Builder, RNNWeights, array_of, make_model,
-                                       rnn_stack, rnn_weights, state_io)
+from lstmgen.export.onnx_graph import (BATCH, CELL_NAMES, DEFAULT_OPSET, TIME, Builder, RNNWeights, array_of,
+                                       make_model, rnn_stack, rnn_weights, state_io)
 from lstmgen.train.frame_model import FrameModelConfig
 
 
@@ -75,7 +75,7 @@ def build_frame_step_graph(state_dict: Mapping, cfg: FrameModelConfig, opset: in
     x_info = helper.make_tensor_value_info(ins[0], TensorProto.FLOAT, [BATCH, cfg.input_size],
                                            doc_string="one standardised frame per row [B, D_in]")
     doc = (f"lstmgen frame step graph: one frame per row -> the {cfg.task} output and the new "
-           f"{cfg.cell.upper()} state. Feed {'/'.join(outs[1:])} back as {'/'.join(ins[1:])}; rows are "
+           f"{CELL_NAMES[cfg.cell]} state. Feed {'/'.join(outs[1:])} back as {'/'.join(ins[1:])}; rows are "
            "independent, so a batch is any stack of states.")
     return make_model(g, "lstmgen_frame_step", doc, [x_info, *state_in], outputs, _meta(cfg, "frames-step"), opset)
 

@@ -4,8 +4,8 @@ The language model's two graphs share one layout of initializers:
   step   (model.onnx):  tokens int64 [B], *state [L, B, H] -> logits [B, V], *state_out [L, B, H]
   prompt (prompt.onnx): tokens int64 [B, T], lengths int32 [B], *state -> the same outputs, taken at
                         each row's last valid token (rows are right-padded).
-The state is (h, c) for an LSTM, (h,) for a GRU (lstmgen/bundle.py graph_names). The frame model's
-graphs (frame_graph.py) reuse the recurrent stack built here.
+The state is (h, c) for an LSTM and its variants, (h,) for a GRU (lstmgen/bundle.py graph_names).
+The frame model's graphs (frame_graph.py) reuse the recurrent stack built here.
 
 Built by hand rather than with torch.onnx.export so that the names and the symbolic batch dim are
 exactly the bundle contract, each layer is one ONNX `LSTM` or `GRU` op whose W/R are plain
@@ -24,9 +24,9 @@ from onnx import TensorProto, helper, numpy_helper
 from lstmgen import __version__
 from lstmgen.bundle import graph_names
 from lstmgen.errors import UsageError, UserError
+from lstmgen.export.config import DEFAULT_OPSET
 from lstmgen.train.config import ModelConfig
 
-DEFAULT_OPSET = 17
 MIN_OPSET = 14  # Squeeze/Unsqueeze take axes as an input from 13, LSTM and GRU gained `layout` in 14
 BATCH, TIME = "batch", "time"  # symbolic dim names
 EMBED = "embed.weight"
@@ -37,6 +37,10 @@ TORCH_TO_ONNX_GATES = (0, 3, 1, 2)
 # the recurrent matmul and its bias (n = tanh(W_in x + b_in + r * (W_hn h + b_hn))): ONNX GRU's
 # linear_before_reset=1, whose Rbh sits inside the reset product the same way.
 TORCH_TO_ONNX_GRU_GATES = (1, 0, 2)
+# The peephole cell (train/cells.py) stacks its peepholes as (i, f, o); ONNX's P is (i, o, f).
+TORCH_TO_ONNX_PEEPHOLES = (0, 2, 1)
+LSTM_OPS = ("lstm", "peephole", "cifg")  # cells exported as the ONNX LSTM op
+CELL_NAMES = {"lstm": "LSTM", "gru": "GRU", "peephole": "peephole LSTM", "cifg": "CIFG LSTM"}  # for docs
 
 
 class GraphError(UserError, ValueError):
@@ -45,17 +49,23 @@ class GraphError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class RNNWeights:
-    """One stack of nn.LSTM / nn.GRU layers as ONNX initializers (float32, ONNX gate order)."""
+    """One stack of nn.LSTM / nn.GRU / VariantLSTM layers as ONNX initializers (float32, ONNX gate
+    order)."""
 
-    cell: str  # "lstm" | "gru"
+    cell: str  # "lstm" | "gru" | "peephole" | "cifg"
     hidden_size: int
-    w: tuple[np.ndarray, ...]  # per layer [1, G*H, in] (G = 4 gates for an LSTM, 3 for a GRU)
+    w: tuple[np.ndarray, ...]  # per layer [1, G*H, in] (G = 4 gates for an LSTM op, 3 for a GRU)
     r: tuple[np.ndarray, ...]  # per layer [1, G*H, H]
     b: tuple[np.ndarray, ...]  # per layer [1, 2*G*H] = (Wb, Rb)
+    p: tuple[np.ndarray, ...] = ()  # peephole only: per layer [1, 3H] = (p_i, p_o, p_f)
 
     @property
     def num_layers(self) -> int:
         return len(self.w)
+
+    @property
+    def op_type(self) -> str:
+        return "LSTM" if self.cell in LSTM_OPS else "GRU"
 
 
 @dataclass(frozen=True)
@@ -87,21 +97,42 @@ def array_of(state_dict: Mapping, key: str, shape: tuple[int, ...]) -> np.ndarra
     return a
 
 
+def cifg_gates(a: np.ndarray, hidden_size: int) -> np.ndarray:
+    """A CIFG cell's gate blocks (f, g, o) along axis 0 -> the LSTM op's four (i, o, f, c), with the
+    negated forget-gate rows in the input gate's slot: sigmoid(-a_f) = 1 - f, so the plain op
+    computes the CIFG's i = 1 - f (Greff et al.).
+
+    Not input_forget=1: the ONNX spec gives that attribute no equation, ONNX Runtime's CPU kernel
+    reads it the other way round (f = 1 - i), onnx's ReferenceEvaluator ignores it and ORT's CUDA
+    provider sends such a node back to the CPU (tests/test_lstm_variants_ort.py, docs/results.md).
+    With input_forget=0 the node is a plain LSTM every runtime computes alike, at no cost: W, R
+    and B have four gate blocks either way (under input_forget=1 the forget slot would be unused)."""
+    f, g, o = a.reshape(3, hidden_size, *a.shape[1:])
+    return np.concatenate([-f, o, f, g]).reshape(4 * hidden_size, *a.shape[1:])
+
+
 def rnn_weights(state_dict: Mapping, cell: str, input_size: int, hidden_size: int,
                 num_layers: int) -> RNNWeights:
-    """The `{cell}.*_l{k}` tensors of nn.LSTM / nn.GRU in ONNX layout."""
+    """The `{cell}.*_l{k}` tensors of nn.LSTM / nn.GRU / VariantLSTM in ONNX layout."""
     H = hidden_size
-    order = TORCH_TO_ONNX_GATES if cell == "lstm" else TORCH_TO_ONNX_GRU_GATES
-    gates = len(order)
-    w, r, b = [], [], []
+    gates = {"gru": 3, "cifg": 3}.get(cell, 4)  # torch's blocks: (r, z, n), (f, g, o), else (i, f, g, o)
+    order = TORCH_TO_ONNX_GRU_GATES if cell == "gru" else TORCH_TO_ONNX_GATES
+
+    def to_onnx(a: np.ndarray, H: int) -> np.ndarray:
+        return cifg_gates(a, H) if cell == "cifg" else reorder_gates(a, H, order)
+
+    w, r, b, p = [], [], [], []
     for k in range(num_layers):
         n_in = input_size if k == 0 else H
-        w.append(reorder_gates(array_of(state_dict, f"{cell}.weight_ih_l{k}", (gates * H, n_in)), H, order)[None])
-        r.append(reorder_gates(array_of(state_dict, f"{cell}.weight_hh_l{k}", (gates * H, H)), H, order)[None])
-        b_ih = reorder_gates(array_of(state_dict, f"{cell}.bias_ih_l{k}", (gates * H,)), H, order)
-        b_hh = reorder_gates(array_of(state_dict, f"{cell}.bias_hh_l{k}", (gates * H,)), H, order)
-        b.append(np.concatenate([b_ih, b_hh])[None])  # [1, 2GH]
-    return RNNWeights(cell, H, tuple(w), tuple(r), tuple(b))
+        w.append(to_onnx(array_of(state_dict, f"{cell}.weight_ih_l{k}", (gates * H, n_in)), H)[None])
+        r.append(to_onnx(array_of(state_dict, f"{cell}.weight_hh_l{k}", (gates * H, H)), H)[None])
+        b_ih = to_onnx(array_of(state_dict, f"{cell}.bias_ih_l{k}", (gates * H,)), H)
+        b_hh = to_onnx(array_of(state_dict, f"{cell}.bias_hh_l{k}", (gates * H,)), H)
+        b.append(np.concatenate([b_ih, b_hh])[None])  # [1, 2GH]: G = 4 for the LSTM op, 3 for the GRU
+        if cell == "peephole":
+            peep = array_of(state_dict, f"{cell}.weight_peep_l{k}", (3 * H,))
+            p.append(reorder_gates(peep, H, TORCH_TO_ONNX_PEEPHOLES)[None])  # [1, 3H]
+    return RNNWeights(cell, H, tuple(w), tuple(r), tuple(b), tuple(p))
 
 
 def _weights(state_dict: Mapping, cfg: ModelConfig) -> _Weights:
@@ -139,7 +170,7 @@ def rnn_stack(g: Builder, rnn: RNNWeights, x: str, state_in: tuple[str, ...], st
     """The layers over x [T, B, in]; writes `state_out` ([L, B, H] each, from `state_in`). Returns
     the top layer's last output [B, H] and, with `top_sequence`, its output at every step
     [T, 1, B, H] (zero past each row's length)."""
-    L, op_type = rnn.num_layers, rnn.cell.upper()
+    L, op_type = rnn.num_layers, rnn.op_type
     attrs = {"linear_before_reset": 1} if rnn.cell == "gru" else {}
     finals: list[list[str]] = [[] for _ in state_in]  # per state tensor, each layer's final value
     top_y = None
@@ -154,8 +185,10 @@ def rnn_stack(g: Builder, rnn: RNNWeights, x: str, state_in: tuple[str, ...], st
         last = k == L - 1
         # the top layer's Y is only needed for per-step outputs: the text head reads Y_h
         y = f"layer{k}.Y" if not last else ("top.Y" if top_sequence else "")
+        # P, the peepholes, is the LSTM op's 8th input, after initial_h and initial_c
+        peep = [g.init(f"{rnn.cell}.P_l{k}", rnn.p[k])] if rnn.p else []
         g.op(op_type, [x, g.init(f"{rnn.cell}.W_l{k}", rnn.w[k]), g.init(f"{rnn.cell}.R_l{k}", rnn.r[k]),
-                       g.init(f"{rnn.cell}.B_l{k}", rnn.b[k]), seq_lens, *init],
+                       g.init(f"{rnn.cell}.B_l{k}", rnn.b[k]), seq_lens, *init, *peep],
              [y, *outs], hidden_size=rnn.hidden_size, direction="forward", **attrs)
         if not last:
             # Y [T, 1, B, H] -> [T, B, H]; past a row's length it is zero, and the next layer
@@ -231,7 +264,7 @@ def build_step_graph(state_dict: Mapping, cfg: ModelConfig, opset: int = DEFAULT
     _head(g, wt, top, outs[0])
     state_in, outputs = _text_io(cfg, names)
     tokens = helper.make_tensor_value_info(ins[0], TensorProto.INT64, [BATCH], doc_string="token ids [B]")
-    doc = (f"lstmgen step graph: one token per row -> next-token logits and the new {cfg.cell.upper()} state. "
+    doc = (f"lstmgen step graph: one token per row -> next-token logits and the new {CELL_NAMES[cfg.cell]} state. "
            f"Feed {'/'.join(outs[1:])} back as {'/'.join(ins[1:])}; rows are independent, so a batch is "
            "any stack of states.")
     return make_model(g, "lstmgen_step", doc, [tokens, *state_in], outputs, _text_meta(cfg, "step"), opset)

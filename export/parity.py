@@ -21,10 +21,10 @@ import torch
 
 from lstmgen.bundle import STATE_NAMES, graph_names
 from lstmgen.errors import UsageError, UserError
+from lstmgen.export.config import DEFAULT_STEPS
 from lstmgen.train.model import StackedLSTM
 
 BATCH_SIZES = (1, 7)
-DEFAULT_STEPS = 200
 LOGIT_TOL = 1e-3  # fp32 step graph vs PyTorch, relative to max(1, max |logit|)
 PROMPT_TOL = 1e-4  # fp32 prompt graph vs fp32 step graph (same kernels: usually exactly 0)
 

@@ -110,7 +110,7 @@ class Generator:
 def train(data: str | None, out: str | os.PathLike, config: "TrainConfig | str" = "tiny", *,
           resume: bool = False, overwrite: bool = False, progress: bool | None = None) -> Path:
     """Train on `data` (a path, URL or corpus name such as "tinyshakespeare") into the run folder
-    `out`; `config` is a TrainConfig or a preset name. Returns the best checkpoint's path. The same
+    `out`; `config` is a TrainConfig (a language model), a FrameTrainConfig or a preset name. Returns the best checkpoint's path. The same
     code path as `lstmgen train` (needs torch).
 
     A folder that already holds a run: `resume=True` continues it (data may then be None: the run's
@@ -127,9 +127,7 @@ def train(data: str | None, out: str | os.PathLike, config: "TrainConfig | str" 
 def export(checkpoint: str | os.PathLike, out: str | os.PathLike, config: "ExportConfig | None" = None) -> Path:
     """Export a checkpoint (or run folder) to a verified bundle folder; returns `out` as a Path,
     ready for Generator. The same code path as `lstmgen export` (needs torch and onnx)."""
-    from dataclasses import asdict
-
     from lstmgen.export.bundle import ExportConfig, export_bundle
 
-    export_bundle(checkpoint, out, **asdict(config or ExportConfig()))
+    export_bundle(checkpoint, out, config or ExportConfig())
     return Path(out)

@@ -19,6 +19,12 @@ manifest.json (format_version 1; fields added later have defaults, so older mani
             "sequence_inputs"}
   embedding_size  the width the recurrent stack reads: the token embedding (text), the input
             projection or else D_in (frames)
+  validation_split  kind "text", optional (absent in bundles exported before it, and for checkpoints
+            that do not record it): the text training validated on, {"file": name, "sha256": of the
+            file, "level", "start", "end": chars [start, end) of its text, "fraction": the held-out
+            share of a one-file corpus (absent: a validation file of its own), "path": where training
+            read it, "corpus": a standard corpus name, "url"}; `lstmgen eval BUNDLE` with no --data
+            scores it (lstmgen/text.py ValidationSplit)
 
 Graph contracts (B and T dynamic). In every graph inputs[0] is the token/frame input, the last
 inputs are the state tensors in `state_tensors` order; outputs[0] is the logits / y and outputs[1:]
@@ -45,6 +51,7 @@ from lstmgen.errors import UserError
 # the schema's values live with its checks; imported here too, for the callers of lstmgen.bundle
 from lstmgen.manifest_schema import CELLS, FORMAT_VERSION, KINDS, STATE_NAMES, SchemaError, check_fields, check_model
 from lstmgen.onnx_wire import WireError, external_tensors
+from lstmgen.text import ValidationSplit
 from lstmgen.vocab import Vocab
 
 MANIFEST = "manifest.json"
@@ -118,6 +125,7 @@ class Manifest:
     cell: str = "lstm"  # or "gru"
     state: tuple[StateTensor, ...] = ()  # empty: derived from the cell, [num_layers, hidden_size] each
     frames: FrameSpec | None = None  # kind "frames" only
+    validation_split: ValidationSplit | None = None  # kind "text": what training validated on, if recorded
 
     def __post_init__(self) -> None:
         # Fill what an older (or terser) manifest leaves out, so callers never special-case it
@@ -167,6 +175,10 @@ class Manifest:
         else:
             d["frames"].update(class_names=list(self.frames.class_names),
                                sequence_inputs=list(self.frames.sequence_inputs))
+        if self.validation_split is None:  # optional: a manifest without it reads as before
+            del d["validation_split"]
+        else:
+            d["validation_split"] = self.validation_split.to_dict()
         return d
 
     @classmethod
@@ -185,6 +197,8 @@ class Manifest:
                 if k in f:
                     f[k] = tuple(f[k])
             d["frames"] = FrameSpec(**f)
+        if d.get("validation_split") is not None:
+            d["validation_split"] = ValidationSplit.from_dict(d["validation_split"])
         return cls(**d)
 
 

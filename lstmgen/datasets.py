@@ -91,18 +91,6 @@ def cache_root(folder: str | os.PathLike | None = None) -> Path:
     return Path(xdg) / "lstmgen" / "data"
 
 
-def held_out_start(text: str, level: str, valid_fraction: float) -> int:
-    """Where the validation tail of a one-file corpus starts (the trainer's cut, and the one `lstmgen
-    eval` scores); word level moves it to a line start so no word is cut."""
-    cut = int(len(text) * (1.0 - valid_fraction))
-    if level == "word":
-        nl = text.find("\n", cut)
-        cut = nl + 1 if 0 <= nl < len(text) - 1 else cut
-        while 0 < cut < len(text) and not text[cut - 1].isspace():
-            cut += 1  # no newline left: at least do not split a word
-    return cut
-
-
 def sha256_of(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -1,50 +1,60 @@
 """`lstmgen eval`: a bundle's loss on a text file, through ONNX Runtime (no torch).
 
-The file is encoded as training encodes a held-out split (train/data.py `encode_split`: words as
-`line.split() + [<eos>]` per line, unknown words -> <unk> when the vocabulary has it; chars one by
-one, unknown chars an error unless skipped), cut into `batch_size` contiguous streams like `batchify`, and stepped
-through the single-step graph with (h, c) carried over the whole file. That is what the trainer's
-`evaluate` computes with the same batch size: its bptt chunks carry the state too, so they change
-only the float rounding.
+The text goes through the pipeline training uses (lstmgen/text.py): read as training reads a corpus,
+encoded as training encodes a held-out split (words as `line.split() + [<eos>]` per line, unknown
+words -> <unk> when the vocabulary has it; other unknown symbols an error unless skipped), cut into
+`batch_size` contiguous streams (`batchify`), and stepped through the single-step graph with (h, c)
+carried over the whole file. That is what the trainer's `evaluate` computes with the same batch
+size: its bptt chunks carry the state too, so they change only the float rounding.
 
 Never the text the model was trained on: the bundle's provenance names its training file (path and
 sha256). That file, or a corpus name without a test split (Tiny Shakespeare), is scored only on the
 tail training held out for validation, at the trainer's own cut; any other file is scored whole.
-The result says which part was scored (`part_to_score`).
+Without a file, the bundle's recorded validation split (`Manifest.validation_split`, written at
+export from what training read) is scored: the file found by its recorded path or corpus name and
+checked by its sha256. The result says which part was scored (`part_to_score`, `recorded_part`).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from lstmgen import console
+from lstmgen import config_args, console
+from lstmgen.bundle import Manifest
+from lstmgen.config_args import option
 from lstmgen.console import Console, duration
-from lstmgen.errors import UserError
-from lstmgen.vocab import EOS, Vocab
+from lstmgen.text import (Encoded, TextError, ValidationSplit, batchify, encode, figure_text, figures,
+                          held_out_start, read_text, tail_words)
+from lstmgen.vocab import UnknownTokensError, Vocab
 
 
 # named for both fronts: the flag of `lstmgen eval` and the field of EvalConfig
 _SKIP_HINT = "; --skip-unknown (EvalConfig.skip_unknown) drops them"
 
 
-class EvalError(UserError):
+class EvalError(TextError):
     """The text cannot be evaluated with this bundle; the message names the file and the problem."""
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    batch_size: int = 10  # B contiguous streams (the trainer's eval_batch_size)
-    bptt: int = 35  # steps per chunk of float64 loss work and progress; the figure does not depend on it
-    device: str = "auto"  # auto | cpu | cuda (ONNX Runtime execution provider; auto: CUDA when there)
-    threads: int = 0  # ORT intra-op threads; 0: its default
-    progress: bool = True
-    skip_unknown: bool = False  # drop symbols the vocabulary cannot encode (and <unk> cannot stand for)
+    # B contiguous streams (the trainer's eval_batch_size)
+    batch_size: int = option(10, "contiguous streams (the trainer's eval batch)")
+    # steps per chunk of float64 loss work and progress; the figure does not depend on it
+    bptt: int = option(35, "steps per chunk of loss computation; the state is carried, so the figure does not "
+                           "depend on it")
+    device: str = option("auto", "ONNX Runtime device: auto = CUDA when onnxruntime-gpu finds a GPU, else CPU",
+                         choices=("auto", "cpu", "cuda"))
+    threads: int = option(0, "ONNX Runtime intra-op threads (0: its default)")
+    progress: bool = True  # --no-progress
+    # drop symbols the vocabulary cannot encode (and <unk> cannot stand for)
+    skip_unknown: bool = option(False, "drop characters/words the bundle's vocabulary lacks (and <unk> cannot "
+                                       "stand for) instead of stopping with an error")
 
 
 @dataclass(frozen=True)
@@ -66,37 +76,19 @@ class EvalResult:
         return self.tokens / max(self.seconds, 1e-9)
 
     def figures(self) -> dict[str, float]:
-        """Perplexity for words, bits per char for chars (the trainer's `figures`)."""
-        if self.level == "word":
-            return {"ppl": math.exp(min(self.loss, 700.0))}
-        return {"bpc": self.loss / math.log(2)}
+        """Perplexity for words, bits per char for chars (lstmgen/text.py, as the trainer's)."""
+        return figures(self.level, self.loss)
 
     def to_dict(self) -> dict:
         return {**asdict(self), **self.figures(), "tokens_per_s": self.tokens_per_s}
 
     def line(self) -> str:
-        fig = (f"ppl {self.figures()['ppl']:.3f}" if self.level == "word"
-               else f"{self.figures()['bpc']:.4f} bpc")
+        fig = figure_text(self.level, self.loss, precise=True)
         unk = f" ({self.unk_mapped:,} OOV words as <unk>)" if self.unk_mapped else ""
         unk += f" ({self.skipped:,} unknown symbols skipped)" if self.skipped else ""
         part = f" scored {self.scored} |" if self.scored else ""
         return (f"{self.data}:{part} {self.tokens:,} tokens{unk} | loss {self.loss:.4f} nats/token | {fig} | "
                 f"{self.tokens_per_s:,.0f} tokens/s ({self.seconds:.1f}s, {self.batch_size} streams)")
-
-
-def read_text(path: str | Path) -> str:
-    """UTF-8 with universal newlines and no BOM, exactly as train/data.py reads a corpus."""
-    p = Path(path)
-    if not p.is_file():
-        raise EvalError(f"{p}: file not found" if not p.exists() else f"{p}: not a regular file")
-    try:
-        with open(p, encoding="utf-8-sig", newline=None) as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise EvalError(f"{p}: not UTF-8 text (bad byte {e.object[e.start:e.start + 1]!r} at offset {e.start})") from e
-    if not text.strip():
-        raise EvalError(f"{p}: file is empty")
-    return text
 
 
 @dataclass(frozen=True)
@@ -113,8 +105,6 @@ def part_to_score(path: Path, text: str, level: str, provenance: dict, named=Non
     trainer's own cut, `held_out_start`), or an error when training held none of it out; a corpus
     name without a test split (`named`, a datasets.Corpus) -> that tail even when the provenance
     names no file; any other file -> all of it. Raises EvalError."""
-    from lstmgen.datasets import held_out_start
-
     corpus = provenance.get("corpus") or {}
     files = {s: f for s, f in (corpus.get("files") or {}).items() if isinstance(f, dict)}
     split = _split_of(path, files)
@@ -143,8 +133,7 @@ def part_to_score(path: Path, text: str, level: str, provenance: dict, named=Non
         return Scored(0, len(text), f"the whole of {name} (the bundle's provenance does not name its training "
                                     "text, so whether the model was trained on it cannot be checked)")
     start = held_out_start(text, level, fraction)
-    return Scored(start, len(text), f"the validation tail of {name}, chars {start:,}..{len(text):,} "
-                                    f"({fraction:.0%}), {how}")
+    return Scored(start, len(text), f"{tail_words(name, start, len(text), fraction)}, {how}")
 
 
 def _split_of(path: Path, files: dict[str, dict]) -> str | None:
@@ -160,48 +149,36 @@ def _split_of(path: Path, files: dict[str, dict]) -> str | None:
     return shas.get(sha256_of(path)) if shas else None
 
 
-def encode_text(vocab: Vocab, text: str, source: str, skip_unknown: bool = False) -> tuple[np.ndarray, int, int]:
-    """(ids int64 [N], how many words became <unk>, how many symbols were skipped); unknown
-    symbols that cannot be mapped raise, or with skip_unknown are dropped."""
-    stoi = vocab.stoi
-    if vocab.level == "char":
-        unknown = sorted({ch for ch in set(text) if ch not in stoi})
-        if unknown and not skip_unknown:
-            raise EvalError(f"{source}: {len(unknown)} character(s) not in the bundle's vocabulary: "
-                            f"{', '.join(repr(c) for c in unknown[:10])}"
-                            + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
-                            + _SKIP_HINT)
-        ids = [stoi[ch] for ch in text if ch in stoi]
-        return np.asarray(ids, np.int64), 0, len(text) - len(ids)
-    unk, eos = vocab.unk_id, stoi[EOS]
-    ids: list[int] = []
-    unknown: list[str] = []
-    mapped = 0
-    for line in text.splitlines():  # PTB: line.split() + [<eos>] per line
-        for w in line.split():
-            i = stoi.get(w)
-            if i is None:
-                if unk is None:
-                    unknown.append(w)  # skipped, or an error below
-                    continue
-                i, mapped = unk, mapped + 1
-            ids.append(i)
-        ids.append(eos)
-    if unknown and not skip_unknown:
-        shown = list(dict.fromkeys(unknown))
-        raise EvalError(f"{source}: {len(shown)} word(s) not in the bundle's vocabulary, which has no <unk> "
-                        f"to map them to: {', '.join(repr(w) for w in shown[:10])}"
-                        + (f" and {len(shown) - 10} more" if len(shown) > 10 else "") + _SKIP_HINT)
-    return np.asarray(ids, np.int64), mapped, len(unknown)
+def recorded_part(bundle: str | Path, split: ValidationSplit | None) -> tuple[Path, Scored]:
+    """The file and part the bundle records as its validation split (no --data): found at its
+    recorded path, else (a standard corpus) in the data cache, and only where its sha256 matches.
+    Nothing is downloaded. Raises EvalError saying what was recorded and how to pass --data."""
+    from lstmgen.datasets import cache_root, sha256_of
+
+    if split is None:
+        raise EvalError(f"{bundle}: the bundle records no validation split (exported before lstmgen recorded "
+                        "it); name the text to score with --data FILE, or a corpus name")
+    places = [Path(split.path)] if split.path else []
+    if split.corpus:
+        places.append(cache_root() / split.corpus / split.file)
+    changed = [p for p in places if p.is_file() and sha256_of(p) != split.sha256]
+    for p in places:
+        if p.is_file() and p not in changed:
+            return p, Scored(split.start, split.end, f"{split.describe()}, recorded in the bundle")
+    where = " or ".join(str(p) for p in places) or split.file
+    found = f"{', '.join(map(str, changed))} has changed since training" if changed else f"{where} is not found"
+    raise EvalError(f"{bundle}: the bundle records its validation split as {split.describe()} (sha256 "
+                    f"{split.sha256[:16]}...), and {found}; pass that file with --data FILE (a copy "
+                    f"elsewhere is recognised by its sha256)" + (f" or --data {split.corpus}" if split.corpus else ""))
 
 
-def batchify(ids: np.ndarray, batch_size: int, source: str) -> np.ndarray:
-    """[N_total] -> [N, B]: column b is the b-th contiguous slice (train/data.py batchify)."""
-    n = ids.shape[0] // batch_size
-    if n < 2:
-        raise EvalError(f"{source}: {ids.shape[0]} tokens are too few for {batch_size} streams "
-                        f"(need at least {2 * batch_size})")
-    return np.ascontiguousarray(ids[: n * batch_size].reshape(batch_size, n).T)  # [N, B]
+def encode_text(vocab: Vocab, text: str, source: str, skip_unknown: bool = False) -> Encoded:
+    """The text's ids (lstmgen/text.py `encode`, as training encodes a held-out file); symbols
+    neither the vocabulary nor <unk> covers raise EvalError naming `source`, unless skipped."""
+    try:
+        return encode(vocab, text, skip_unknown=skip_unknown, lines=True)
+    except UnknownTokensError as e:
+        raise EvalError(f"{source}: " + e.describe("the bundle's vocabulary") + _SKIP_HINT) from None
 
 
 def nll_sum(logits: np.ndarray, targets: np.ndarray) -> float:
@@ -212,13 +189,13 @@ def nll_sum(logits: np.ndarray, targets: np.ndarray) -> float:
     return float((lse - x[np.arange(x.shape[0]), targets]).sum())
 
 
-def evaluate_bundle(bundle: str | Path, data: str | Path, cfg: EvalConfig = EvalConfig(),
+def evaluate_bundle(bundle: str | Path, data: str | Path | None = None, cfg: EvalConfig = EvalConfig(),
                     display: Console | None = None) -> EvalResult:
     """Loss of the bundle's model on the text file `data`, or on corpus `data` by name (its test split,
-    else the tail training held out), never on its training text (`part_to_score`). Raises a
-    UserError (EvalError, BundleError, DatasetError, ...). `display` shows the progress (default: a
-    bar on a terminal, plain lines elsewhere)."""
-    from lstmgen.datasets import CORPORA, resolve
+    else the tail training held out), never on its training text (`part_to_score`); `data` None: on
+    the validation split the bundle records (`recorded_part`). Raises a UserError (EvalError,
+    TextError, BundleError, DatasetError, ...). `display` shows the progress (default: a bar on a
+    terminal, plain lines elsewhere)."""
     from lstmgen.serve.engine import Engine, EngineConfig
 
     display = display or Console(progress=cfg.progress)
@@ -228,16 +205,43 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, cfg: EvalConfig = Eval
     if cfg.batch_size < 1 or cfg.bptt < 1:
         raise EvalError(f"batch_size and bptt must be >= 1 (got {cfg.batch_size}, {cfg.bptt})")
     engine = Engine(bundle, EngineConfig(device=cfg.device, intra_op_threads=cfg.threads))
+    name, text, part = _text_to_score(bundle, data, engine.manifest, display)
+    display.event(f"{name}: scoring {part.what}", scored=part.what, span=[part.start, part.end])
+    where = f"{name} ({part.what})" if part.start else name
+    enc = encode_text(engine.manifest.vocab, text[part.start:part.end], where, cfg.skip_unknown)
+    try:
+        source = batchify(enc.ids, cfg.batch_size)  # [N, B]
+    except TextError as e:
+        raise EvalError(f"{where}: {e}") from None
+    total, seconds = _score(engine, source, cfg, display)
+    tokens = (source.shape[0] - 1) * cfg.batch_size
+    return EvalResult(str(bundle), name, engine.manifest.level, tokens, total / tokens, seconds,
+                      enc.unk_mapped, cfg.batch_size, enc.skipped, part.what, (part.start, part.end))
+
+
+def _text_to_score(bundle: str | Path, data: str | Path | None, manifest: Manifest,
+                   display: Console) -> tuple[str, str, Scored]:
+    """(the file read, its text, the part of it to score) for `data`, or without it the bundle's
+    recorded validation split."""
+    from lstmgen.datasets import CORPORA, resolve
+
+    if data is None:
+        path, part = recorded_part(bundle, manifest.validation_split)
+        text = read_text(path)
+        if part.end > len(text):  # a hand-edited manifest: the sha256 matched, so the text is the same
+            raise EvalError(f"{bundle}: the recorded validation split ends at char {part.end:,}, past the "
+                            f"{len(text):,} chars of {path}")
+        return str(path), text, part
     named = CORPORA.get(str(data)) if not Path(data).exists() else None
-    data = resolve(str(data), for_eval=True, log=lambda msg: print(msg, file=display.err))
-    text = read_text(data)
-    part = part_to_score(Path(data), text, engine.manifest.level, engine.manifest.provenance, named)
-    display.event(f"{data}: scoring {part.what}", scored=part.what, span=[part.start, part.end])
-    where = f"{data} ({part.what})" if part.start else str(data)
-    ids, mapped, skipped = encode_text(engine.manifest.vocab, text[part.start:part.end], where, cfg.skip_unknown)
-    source = batchify(ids, cfg.batch_size, where)  # [N, B]
-    n_steps = source.shape[0] - 1
-    state = engine.zeros(cfg.batch_size)  # each [L, B, H]
+    name = resolve(str(data), for_eval=True, log=lambda msg: print(msg, file=display.err))
+    text = read_text(name)
+    return name, text, part_to_score(Path(name), text, manifest.level, manifest.provenance, named)
+
+
+def _score(engine, source: np.ndarray, cfg: EvalConfig, display: Console) -> tuple[float, float]:
+    """(nats summed, seconds) over the [N, B] streams, the state carried from the first row to the last."""
+    n_steps, b = source.shape[0] - 1, cfg.batch_size
+    state = engine.zeros(b)  # each [L, B, H]
     total = 0.0
     t0 = time.perf_counter()
     with display.progress_bar(total=n_steps, unit="step") as bar:
@@ -250,47 +254,43 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, cfg: EvalConfig = Eval
             total += nll_sum(np.concatenate(chunk), source[i + 1:i + 1 + t_len].reshape(-1))
             bar.update(t_len)
             done, spent = i + t_len, time.perf_counter() - t0
-            rate = done * cfg.batch_size / max(spent, 1e-9)
+            rate = done * b / max(spent, 1e-9)
             eta = (n_steps - done) * spent / done
-            display.progress(f"{done * cfg.batch_size:,}/{n_steps * cfg.batch_size:,} tokens ({done / n_steps:.0%}) | "
-                             f"loss {total / (done * cfg.batch_size):.4f} | {rate:,.0f} tokens/s | ETA {duration(eta)}",
-                             tokens=done * cfg.batch_size, total=n_steps * cfg.batch_size,
-                             loss=total / (done * cfg.batch_size), tokens_per_s=rate, eta_s=round(eta, 1))
-    seconds = time.perf_counter() - t0
-    tokens = n_steps * cfg.batch_size
-    return EvalResult(str(bundle), str(data), engine.manifest.level, tokens, total / tokens, seconds,
-                      mapped, cfg.batch_size, skipped, part.what, (part.start, part.end))
+            display.progress(f"{done * b:,}/{n_steps * b:,} tokens ({done / n_steps:.0%}) | "
+                             f"loss {total / (done * b):.4f} | {rate:,.0f} tokens/s | ETA {duration(eta)}",
+                             tokens=done * b, total=n_steps * b, loss=total / (done * b), tokens_per_s=rate,
+                             eta_s=round(eta, 1))
+    return total, time.perf_counter() - t0
 
 
 # -- the subcommand --------------------------------------------------------------------------------
+# EvalConfig fields without a flag of their own -> the flag that sets them (tests/test_config_args.py)
+EVAL_ELSEWHERE = {"progress": "--no-progress"}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = config_args.DefaultsFormatter
     parser.description = (
         "Loss of a bundle on a text file with ONNX Runtime: tokens, nats/token, perplexity (word) or "
         "bits per char (char), and tokens/s. The file is encoded as training encodes held-out text "
         "and read as --batch-size contiguous streams with the LSTM state carried through, which "
         "matches `lstmgen train`'s validation/test figure at the same batch size.")
     parser.add_argument("bundle", metavar="BUNDLE_DIR", help="a bundle folder made by `lstmgen export`")
-    parser.add_argument("--data", required=True, metavar="FILE", default=argparse.SUPPRESS,
+    parser.add_argument("--data", default=None, metavar="FILE",
                         help="text file, e.g. ptb.test.txt, or a corpus name (`lstmgen data list`): its test split, "
                              "or for a corpus of one file (tinyshakespeare) the tail training held out. The file "
                              "the bundle was trained on (its provenance: path or sha256) is scored only on that "
-                             "held-out tail; the result says which part was scored")
-    parser.add_argument("--batch-size", type=int, default=10, help="contiguous streams (the trainer's eval batch)")
-    parser.add_argument("--bptt", type=int, default=35,
-                        help="steps per chunk of loss computation; the state is carried, so the figure does not depend on it")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="ONNX Runtime device: auto = CUDA when onnxruntime-gpu finds a GPU, else CPU")
-    parser.add_argument("--skip-unknown", action="store_true",
-                        help="drop characters/words the bundle's vocabulary lacks (and <unk> cannot stand for) "
-                             "instead of stopping with an error")
-    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+                             "held-out tail; the result says which part was scored. Default: the validation "
+                             "split recorded in the bundle (its file found by path or corpus name, checked by "
+                             "sha256)")
+    config_args.add_dataclass_arguments(parser, EvalConfig, exclude=EVAL_ELSEWHERE)
     parser.add_argument("--json", metavar="FILE", default=argparse.SUPPRESS, help="also write the figures as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     console.add_arguments(parser, quiet_help="only the result line and warnings: no progress")
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = EvalConfig(args.batch_size, args.bptt, args.device, args.threads, not args.no_progress, args.skip_unknown)
+    cfg = config_args.from_args(EvalConfig, args, exclude=EVAL_ELSEWHERE, progress=not args.no_progress)
     display = console.from_args(args)
     result = evaluate_bundle(args.bundle, args.data, cfg, display)  # a UserError exits 2 in lstmgen.cli
     display.result(result.line(), **result.to_dict())

@@ -16,10 +16,12 @@ if TYPE_CHECKING:  # only for the annotation: lstmgen.bundle imports this module
 
 FORMAT_VERSION = 1
 KINDS = ("text", "frames")
-CELLS = ("lstm", "gru")
+# peephole and cifg are LSTMs (the ONNX LSTM op, state h and c) that torch's nn.LSTM cannot train
+# (train/cells.py); a server needs the cell to refuse a provider that lacks it (serve/engine.py)
+CELLS = ("lstm", "gru", "peephole", "cifg")
 TASKS = ("regression", "classification")
 STANDARDIZE_MODES = ("none", "global", "sequence")
-STATE_NAMES = {"lstm": ("h", "c"), "gru": ("h",)}
+STATE_NAMES = {"lstm": ("h", "c"), "gru": ("h",), "peephole": ("h", "c"), "cifg": ("h", "c")}
 
 
 class SchemaError(ValueError):
@@ -39,6 +41,7 @@ _FIELDS: dict[str, str] = {
     "prompt_model_sha256": "a string or null", "quantization": _STR,
     "inputs": _NAMES, "outputs": _NAMES, "prompt_inputs": _NAMES, "provenance": _OBJ,
     "kind": _KIND, "cell": _CELL, "state": _STATE, "frames": _OBJ,
+    "validation_split": _OBJ,
 }
 _REQUIRED = ("num_layers", "hidden_size", "embedding_size", "opset")
 _FRAME_FIELDS: dict[str, str] = {
@@ -49,6 +52,13 @@ _FRAME_FIELDS: dict[str, str] = {
     "sequence_inputs": _NAMES,
 }
 _FRAME_REQUIRED = ("task", "input_size", "output_size")
+# validation_split (optional, kind "text"): the text training validated on (lstmgen/text.py ValidationSplit)
+_SPLIT_FIELDS: dict[str, str] = {
+    "file": _STR, "sha256": _STR, "level": _STR, "start": "an integer", "end": "an integer",
+    "fraction": "a number in (0, 1) or null", "path": "a string or null", "corpus": "a string or null",
+    "url": "a string or null",
+}
+_SPLIT_REQUIRED = ("file", "sha256", "level", "start", "end")
 
 
 def check_fields(raw) -> None:
@@ -72,6 +82,8 @@ def check_fields(raw) -> None:
     if raw.get("frames") is not None:
         _check_object(raw["frames"], _FRAME_FIELDS, _FRAME_REQUIRED, "frames.")
         _check_standardize(raw["frames"])
+    if raw.get("validation_split") is not None:
+        _check_validation_split(raw["validation_split"], kind, (raw.get("vocab") or {}).get("level"))
 
 
 def check_model(raw: dict, m: Manifest) -> None:
@@ -134,6 +146,17 @@ def _check_standardize(frames: dict) -> None:
         raise SchemaError("frames.standardize.std must be positive (it divides the inputs)")
 
 
+def _check_validation_split(split: dict, kind: str, level: str | None) -> None:
+    _check_object(split, _SPLIT_FIELDS, _SPLIT_REQUIRED, "validation_split.")
+    if kind != "text":
+        raise SchemaError(f"validation_split is for kind 'text', not '{kind}'")
+    if split["level"] != level:
+        raise SchemaError(f"validation_split.level {split['level']!r} disagrees with the vocabulary's {level!r}")
+    if not 0 <= split["start"] <= split["end"]:
+        raise SchemaError(f"validation_split: chars {split['start']}..{split['end']} are not a span "
+                          "(0 <= start <= end)")
+
+
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -148,6 +171,8 @@ def _type_ok(want: str, v) -> bool:
         return isinstance(v, str)
     if want == "a string or null":
         return v is None or isinstance(v, str)
+    if want == "a number in (0, 1) or null":
+        return v is None or (_is_number(v) and 0 < v < 1)
     if want == _NAMES:
         return isinstance(v, list) and all(isinstance(x, str) for x in v)
     if want == _OBJ:

@@ -1,7 +1,9 @@
 """Char- and word-level vocabularies, built from training text and saved with every artifact.
 
-Torch-free: training, export, the server and offline sampling all encode and decode through this.
-Word level follows PTB as pytorch/examples reads it: whitespace tokens plus `<eos>` per line.
+Torch-free: training, export, the server and offline sampling all decode through this, and encode
+through lstmgen/text.py (`encode`, which `Vocab.encode` calls): one tokenization and one policy for
+unknown symbols. Word level follows PTB as pytorch/examples reads it: whitespace tokens plus `<eos>`
+per line.
 """
 from __future__ import annotations
 
@@ -20,13 +22,20 @@ EOT_CHAR, EOT_WORD = "\x03", "<eot>"
 
 
 class UnknownTokensError(UserError, ValueError):
-    """The text holds characters/words the vocabulary cannot encode."""
+    """The text holds characters/words the vocabulary cannot encode (nor <unk> stand for)."""
 
-    def __init__(self, unknown: Sequence[str]):
+    def __init__(self, unknown: Sequence[str], level: str | None = None):
         self.unknown = list(dict.fromkeys(unknown))  # unique, in order of appearance
+        self.level = level
+        super().__init__(self.describe())
+
+    def describe(self, vocabulary: str = "the vocabulary") -> str:
+        """"2 word(s) not in <vocabulary>, which has no <unk> to map them to: 'dog', 'ran'"."""
+        noun = {"char": "character(s)", "word": "word(s)"}.get(self.level or "", "symbol(s)")
+        why = ", which has no <unk> to map them to" if self.level == "word" else ""
         shown = ", ".join(repr(u) for u in self.unknown[:10])
         more = f" and {len(self.unknown) - 10} more" if len(self.unknown) > 10 else ""
-        super().__init__(f"{len(self.unknown)} symbol(s) not in the vocabulary: {shown}{more}")
+        return f"{len(self.unknown)} {noun} not in {vocabulary}{why}: {shown}{more}"
 
 
 @dataclass(frozen=True)
@@ -95,48 +104,13 @@ class Vocab:
         return self.stoi.get(EOS) if self.level == "word" else None
 
     # -- encoding -------------------------------------------------------------------------------
-    def split(self, text: str) -> list[str]:
-        """Text -> symbols. Word level: whitespace split, `<eos>` at every line end."""
-        if self.level == "char":
-            return list(text)
-        out: list[str] = []
-        lines = text.split("\n")
-        for i, line in enumerate(lines):
-            out.extend(line.split())
-            if i < len(lines) - 1:  # a newline was there
-                out.append(EOS)
-        return out
+    def encode(self, text: str, *, skip_unknown: bool = False) -> list[int]:
+        """A prompt's ids (lstmgen/text.py `encode`: <eos> at each "\\n", unknown words -> <unk>
+        when the vocabulary has it). Other unknown symbols raise UnknownTokensError, or with
+        `skip_unknown` are dropped."""
+        from lstmgen.text import encode  # lstmgen.text imports this module
 
-    def encode(self, text: str, on_unknown: Literal["error", "skip", "unk"] = "error") -> list[int]:
-        """Text -> ids. Unknown symbols raise UnknownTokensError, are dropped, or map to <unk>."""
-        ids: list[int] = []
-        unknown: list[str] = []
-        unk_id = self.unk_id
-        for sym in self.split(text):
-            i = self.stoi.get(sym)
-            if i is not None:
-                ids.append(i)
-            elif on_unknown == "unk" and unk_id is not None:
-                ids.append(unk_id)
-            elif on_unknown == "skip":
-                continue
-            else:
-                unknown.append(sym)
-        if unknown:
-            raise UnknownTokensError(unknown)
-        return ids
-
-    def encode_corpus(self, text: str) -> list[int]:
-        """Training text -> ids, PTB style for words (`line.split() + [<eos>]` per line)."""
-        if self.level == "char":
-            return [self.stoi[ch] for ch in text]
-        ids: list[int] = []
-        eos, unk = self.stoi[EOS], self.unk_id
-        lookup = self.stoi.__getitem__ if unk is None else (lambda w: self.stoi.get(w, unk))  # rare words: <unk>
-        for line in text.splitlines():
-            ids.extend(lookup(w) for w in line.split())
-            ids.append(eos)
-        return ids
+        return encode(self, text, skip_unknown=skip_unknown).ids.tolist()
 
     # -- decoding -------------------------------------------------------------------------------
     def piece(self, token_id: int) -> str:

@@ -16,6 +16,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from lstmgen import config_args
 from lstmgen.offline.jobs import CheckedInput, SampleConfig, check_input, iter_jobs
 from lstmgen.offline.lock import OutputLock, lock_path
 from lstmgen.offline.outputs import DurableAppender, dump_line, journal_path, journal_to_parquet, output_format
@@ -26,26 +27,28 @@ from lstmgen.offline.resume import (ResumeError, check_same_run, extra_lines_war
 from lstmgen.serve.params import Limits, SamplingParams
 
 
+# Config fields without a flag of their own -> the flag that sets them (tests/test_config_args.py):
+# --seed (unset: a random base seed) gives SampleConfig.seed, from which each sample's SamplingParams.seed
+# derives; --logprobs N turns logprobs on with N alternatives.
+SAMPLE_ELSEWHERE = {"seed": "--seed", "logprobs": "--logprobs", "top_logprobs": "--logprobs"}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from lstmgen.serve.engine import EngineConfig
+
+    p.formatter_class = config_args.DefaultsFormatter
+    add = config_args.add_dataclass_arguments
     p.add_argument("bundle", metavar="BUNDLE_DIR", help="bundle folder made by `lstmgen export`")
     p.add_argument("--prompts", required=True, help="prompts: .jsonl/.json (objects), .parquet, else text (one a line)")
     p.add_argument("--out", required=True, help="samples: .jsonl (default), .parquet, or .txt/.tsv (tab-separated)")
     g = p.add_argument_group("sampling (defaults; a JSONL prompt's own fields override them)")
-    g.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
-    g.add_argument("--max-new-tokens", type=int, default=200, help="tokens per sample")
-    g.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (0 = greedy)")
-    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1] (1: off)")
-    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability (0: off)")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help="HF-style penalty over seen tokens (1: off)")
-    g.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI-style, x count (0: off)")
-    g.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI-style, once seen (0: off)")
-    g.add_argument("--greedy", action="store_true", help="argmax decoding")
-    g.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    add(g, SampleConfig, only=("num_samples", "max_new_tokens"))
+    add(g, SamplingParams, exclude=SAMPLE_ELSEWHERE)
+    add(g, SampleConfig, only=("stop",))
     g.add_argument("--logprobs", type=int, default=None, metavar="N",
                    help="record each token's log-probability and the N most likely alternatives (0: none)")
     g.add_argument("--seed", type=int, default=None, help="base seed; each sample's seed derives from it")
-    g.add_argument("--skip-unknown", action="store_true", help="drop prompt characters the model does not know")
+    add(g, SampleConfig, only=("skip_unknown",))
     r = p.add_argument_group("running")
     r.add_argument("--batch-size", type=int, default=256, help="rows generated together")
     r.add_argument("--window", type=int, default=0,
@@ -53,9 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--ordered", action="store_true", help="write samples in input order")
     r.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
     r.add_argument("--overwrite", action="store_true", help="replace an existing --out instead of refusing")
-    r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="execution provider")
-    r.add_argument("--threads", type=int, default=0,
-                   help="ONNX Runtime intra-op threads (0: ORT's default; with --ray: per actor, default 1)")
+    add(r, EngineConfig, only=("device", "intra_op_threads"), helps={
+        "intra_op_threads": "ONNX Runtime intra-op threads (0: ORT's default; with --ray: per actor, default 1)"})
     r.add_argument("--quiet", action="store_true", help="no progress display")
     r.add_argument("--progress-interval", type=float, default=None,
                    help="seconds between progress lines when stderr is not a terminal (default 10)")
@@ -71,12 +73,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def sample_config(args: argparse.Namespace, seed: int) -> SampleConfig:
-    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                              repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
-                              presence_penalty=args.presence_penalty, greedy=args.greedy)
-    return SampleConfig(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                        stop=tuple(args.stop), seed=seed, skip_unknown=args.skip_unknown,
-                        logprobs=args.logprobs is not None, top_logprobs=args.logprobs or 0)
+    return config_args.from_args(SampleConfig, args, exclude=SAMPLE_ELSEWHERE, seed=seed,
+                                 logprobs=args.logprobs is not None, top_logprobs=args.logprobs or 0)
 
 
 def _fail(message: str) -> int:
@@ -186,7 +184,7 @@ def _run_locked(args: argparse.Namespace) -> int:
         return 0
     cfg = sample_config(args, settings["seed"])
     try:
-        engine = Engine(args.bundle, EngineConfig(device=args.device, intra_op_threads=args.threads))
+        engine = Engine(args.bundle, config_args.from_args(EngineConfig, args))
     except (ValueError, BundleError, RuntimeError) as e:
         return _fail(str(e))
     journal = journal_path(args.out)

@@ -12,6 +12,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from lstmgen.config_args import option
 from lstmgen.offline.prompts import SAMPLING_FIELDS, Fingerprint, InputError, PromptItem, parse_item, read_records
 from lstmgen.serve.completion import nth_seed
 from lstmgen.serve.errors import InvalidRequest
@@ -22,13 +23,13 @@ from lstmgen.serve.params import GenerationRequest, Limits, SamplingParams, vali
 class SampleConfig:
     """The command's defaults; a prompt's own fields override them."""
 
-    num_samples: int = 1
-    max_new_tokens: int = 200
+    num_samples: int = option(1, "samples per prompt")
+    max_new_tokens: int = option(200, "tokens per sample")
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    stop: tuple[str, ...] = ()
-    seed: int = 0  # base seed: each (prompt, sample) derives its own from it
-    skip_unknown: bool = False
-    logprobs: bool = False
+    stop: tuple[str, ...] = option((), "stop sequence (repeatable)", append=True)
+    seed: int = 0  # base seed: each (prompt, sample) derives its own from it (--seed; unset: a random one)
+    skip_unknown: bool = option(False, "drop prompt characters the model does not know")
+    logprobs: bool = False  # both from --logprobs N
     top_logprobs: int = 0
 
 

@@ -13,12 +13,19 @@ import numpy as np
 import onnxruntime as ort
 
 from lstmgen.bundle import BundleError, Manifest, load_manifest, read_graph
+from lstmgen.config_args import option
 from lstmgen.errors import UsageError
 from lstmgen.serve.state_blob import state_layout
 
 log = logging.getLogger("lstmgen.engine")
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+# Cells whose LSTM nodes ONNX Runtime's CUDA provider does not run. It hands an LSTM node with
+# peepholes (input P) or input_forget != 0 back to the CPU provider (cuDNN has neither:
+# onnxruntime/core/providers/cuda/cuda_execution_provider.cc, RNNNeedFallbackToCPU), so the whole
+# recurrence would run on the CPU, the state copied across at every step, while the engine said
+# CUDA. A cifg bundle is a plain LSTM node (export/onnx_graph.py cifg_gates): cuDNN runs it.
+CUDA_UNSUPPORTED_CELLS = {"peephole": "an LSTM with peepholes (the ONNX LSTM op's input P), which cuDNN lacks"}
 
 
 SPIN_MODES = ("on", "run", "off")
@@ -26,24 +33,33 @@ SPIN_MODES = ("on", "run", "off")
 
 @dataclass(frozen=True)
 class EngineConfig:
-    device: str = "auto"  # auto | cpu | cuda
-    intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per physical core)
+    device: str = option("auto", "execution provider: auto = CUDA when onnxruntime-gpu finds a GPU, else CPU",
+                         choices=("auto", "cpu", "cuda"))
+    # 0: ONNX Runtime's default (one per physical core)
+    intra_op_threads: int = option(0, "ONNX Runtime intra-op threads (0: its default)", flag="--threads")
     # ORT's pool threads busy-wait for work instead of sleeping. "on" (ORT's default): also between
     # calls, which steals the cores an event loop, the sampler's threads and other processes need
     # (offline sampling on the word model lost 12 points of the raw step to it); "run": only inside
     # a call (session.force_spinning_stop), most of the latency gain at batch 1 without the theft;
     # "off": never. The one default of every command, the server's and the API's.
-    spin: str = "run"  # on | run | off
+    spin: str = option("run", "ONNX Runtime threads busy-wait for work: on = also between steps (only with cores "
+                              "to spare, see --threads), run = only inside a step, off = never", choices=SPIN_MODES)
     # IO binding keeps (h, c) on the device between steps: "auto" = on for CUDA.
-    io_binding: str = "auto"  # auto | on | off
-    verify_checksums: bool = True
+    io_binding: str = option("auto", "keep the model's state on the device between steps (ONNX Runtime IO "
+                                     "binding): auto = on for CUDA", choices=("auto", "on", "off"))
+    verify_checksums: bool = option(True, "check each graph's bytes against the manifest's sha256 before ONNX "
+                                          "Runtime loads them")
 
 
-def choose_providers(device: str) -> tuple[list[str], str]:
-    """Providers to ask ONNX Runtime for, and a line saying why."""
+def choose_providers(device: str, cell: str = "lstm") -> tuple[list[str], str]:
+    """Providers to ask ONNX Runtime for a bundle of `cell`, and a line saying why."""
     available = ort.get_available_providers()
     if device == "cpu":
         return [CPU], "CPU requested (--device cpu)"
+    if device == "cuda" and cell in CUDA_UNSUPPORTED_CELLS:
+        raise UsageError(f"--device cuda: this bundle's cell is {cell!r}, {CUDA_UNSUPPORTED_CELLS[cell]}; ONNX "
+                         f"Runtime's {CUDA} does not run its LSTM nodes and would fall back to the CPU for "
+                         "every step. Serve it with --device cpu")
     if device == "cuda":
         if CUDA not in available:
             raise UsageError(f"--device cuda: this onnxruntime build has no CUDA provider "
@@ -51,6 +67,8 @@ def choose_providers(device: str) -> tuple[list[str], str]:
         return [CUDA, CPU], "CUDA requested (--device cuda)"
     if device != "auto":
         raise UsageError(f"device must be auto, cpu or cuda, got {device!r}")
+    if CUDA in available and cell in CUDA_UNSUPPORTED_CELLS:
+        return [CPU], f"auto: CPU because {CUDA} cannot run a {cell!r} cell's LSTM nodes"
     if CUDA in available:
         return [CUDA, CPU], "auto: onnxruntime offers CUDA"
     return [CPU], f"auto: CPU because this onnxruntime build offers no CUDA provider (available: {', '.join(available)})"
@@ -65,7 +83,7 @@ class Engine:
         # The checksums are checked on the bytes ONNX Runtime loads (_open), not on the files before
         self.manifest: Manifest = load_manifest(self.bundle_dir, verify_checksums=False)
         self._verify = cfg.verify_checksums
-        providers, why = choose_providers(cfg.device)
+        providers, why = choose_providers(cfg.device, self.manifest.cell)
         opts = ort.SessionOptions()
         if cfg.intra_op_threads:
             opts.intra_op_num_threads = cfg.intra_op_threads

@@ -36,6 +36,7 @@ from lstmgen.serve.openai_compat import CompletionFormat, CompletionRequest, err
 from lstmgen.serve.params import MIN_TEMPERATURE
 from lstmgen.serve.scheduler import Scheduler
 from lstmgen.serve.service import REQUEST_ID_KEY, ServiceConfig, request_id, status_for
+from lstmgen.text import encode
 
 log = logging.getLogger("lstmgen.http")
 PLAYGROUND = Path(__file__).parent / "playground" / "index.html"
@@ -142,9 +143,10 @@ def example_prompt(vocab) -> str:
     Shakespeare char model, a common word for a word model, else the vocabulary's first symbols."""
     for text in ("ROMEO:", "First Citizen:", "The ", "the", "\n"):
         try:
-            if vocab.encode(text, on_unknown="error"):
-                return text
-        except ValueError:
+            enc = encode(vocab, text)
+        except ValueError:  # UnknownTokensError
             continue
+        if enc.ids.size and not enc.unknown:  # read whole, not as <unk>
+            return text
     pieces = [vocab.piece(i) for i in range(min(len(vocab), 8))]
     return next((p for p in pieces if p.strip()), pieces[0] if pieces else "")

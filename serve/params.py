@@ -10,8 +10,10 @@ import math
 import struct
 from dataclasses import dataclass, field
 
+from lstmgen.config_args import option
 from lstmgen.serve.errors import InvalidRequest
 from lstmgen.serve.state_blob import GenerationState
+from lstmgen.text import encode
 from lstmgen.vocab import UnknownTokensError, Vocab
 
 log = logging.getLogger("lstmgen.params")
@@ -19,26 +21,34 @@ log = logging.getLogger("lstmgen.params")
 
 @dataclass(frozen=True)
 class Limits:
-    max_prompt_chars: int = 16_384
-    max_new_tokens: int = 4_096
-    default_new_tokens: int = 256
-    max_stop_sequences: int = 8
-    max_stop_sequence_chars: int = 64
-    max_concurrent_streams: int = 512
-    max_queued_streams: int = 1_024
+    max_prompt_chars: int = option(16_384, "longest prompt accepted")
+    max_new_tokens: int = option(4_096, "largest max_new_tokens accepted")
+    default_new_tokens: int = option(256, "max_new_tokens when a request leaves it unset")
+    max_stop_sequences: int = option(8, "most stop sequences one request may give")
+    max_stop_sequence_chars: int = option(64, "longest stop sequence accepted, in characters")
+    max_concurrent_streams: int = option(512, "streams generating at once (rows in the batch)",
+                                         flag="--max-concurrent")
+    max_queued_streams: int = option(1_024, "streams waiting for a slot; beyond this: RESOURCE_EXHAUSTED",
+                                     flag="--max-queued")
     # Largest serialized request; gRPC refuses bigger ones before parsing (RESOURCE_EXHAUSTED).
     # 0: the server's default, the longest prompt at 4 UTF-8 bytes per character plus 64 KiB for the
     # rest plus the model's largest state blob (request_bytes_for).
-    max_request_bytes: int = 0
-    max_top_logprobs: int = 20  # most alternatives a request may ask for per token
+    max_request_bytes: int = option(0, "largest request message in bytes; bigger ones get RESOURCE_EXHAUSTED "
+                                       "before they are parsed (0: 4 bytes per --max-prompt-chars + 64 KiB + "
+                                       "the model's largest state)")
+    # most alternatives a request may ask for per token
+    max_top_logprobs: int = option(20, "most alternatives a request may ask for per token (top_logprobs)")
     # Output entries (a token, or one alternative of its logprobs) one request may make the server
     # hold at once where nobody reads it token by token (an HTTP completion that is not streamed):
     # choices x max_new_tokens x (1 + top_logprobs), checked at admission. The default lets 64
     # choices of 4,096 plain tokens through (about 25 MB held at most with logprobs' objects).
-    max_request_output: int = 262_144
+    max_request_output: int = option(262_144, "output entries (tokens, logprobs and each alternative) an HTTP "
+                                              "completion that is not streamed may make the server hold: "
+                                              "choices x max_tokens x (2 + logprobs); more: 400")
     # Entries a stream may hold unread; past it the row leaves the batch (its state kept) until its
     # reader catches up: a client that stops reading stops its generation instead of buffering it.
-    max_unread_output: int = 1_024
+    max_unread_output: int = option(1_024, "entries a stream may hold unread; past it its generation pauses "
+                                           "until the client reads (backpressure)")
 
 
 def request_bytes_for(max_prompt_chars: int, max_state_bytes: int = 0) -> int:
@@ -64,15 +74,17 @@ class SamplingParams:
     """Applied in this order (Hugging Face / TGI): repetition_penalty, frequency and presence
     penalties, temperature, top_k, top_p, min_p; then one draw from the request's generator."""
 
-    temperature: float = 1.0
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1: off
-    min_p: float = 0.0  # 0: off
-    repetition_penalty: float = 1.0  # 1: off (HF: over prompt and generated tokens)
-    frequency_penalty: float = 0.0  # 0: off (OpenAI: x count in generated tokens)
-    presence_penalty: float = 0.0  # 0: off (OpenAI: once a token was generated)
-    greedy: bool = False
-    seed: int = 0
+    temperature: float = option(1.0, "softmax temperature (0 = greedy)")
+    top_k: int = option(0, "keep the k most likely tokens (0: off)")
+    top_p: float = option(1.0, "nucleus mass in (0, 1] (1: off)")
+    min_p: float = option(0.0, "drop tokens below min_p x the top probability (0: off)")
+    # HF: over prompt and generated tokens
+    repetition_penalty: float = option(1.0, "HF-style penalty over seen tokens (1: off)")
+    # OpenAI: x count in generated tokens; once a token was generated
+    frequency_penalty: float = option(0.0, "OpenAI-style, x count (0: off)")
+    presence_penalty: float = option(0.0, "OpenAI-style, once seen (0: off)")
+    greedy: bool = option(False, "argmax decoding")
+    seed: int = option(0, "the request's random seed")
 
     @property
     def is_greedy(self) -> bool:
@@ -197,27 +209,24 @@ def output_entries(max_new_tokens: int, top_logprobs: int, logprobs: bool) -> in
 
 
 def encode_prompt(req: GenerationRequest, vocab: Vocab) -> list[int]:
-    """Prompt -> ids with the request's unknown-symbol policy; an empty result is an error
-    (unless the request continues from a state: an empty prompt is then a pure continuation)."""
+    """Prompt -> ids with the one unknown-symbol policy (lstmgen/text.py `encode`: unknown words ->
+    <unk> when the vocabulary has it, other unknown symbols an error or with skip_unknown dropped);
+    an empty result is an error (unless the request continues from a state: an empty prompt is then
+    a pure continuation)."""
     if not req.prompt:
         return []
-    if vocab.level == "word" and vocab.unk_id is not None:
-        policy = "unk"
-    else:
-        policy = "skip" if req.skip_unknown else "error"
     try:
-        ids = vocab.encode(req.prompt, on_unknown=policy)
+        enc = encode(vocab, req.prompt, skip_unknown=req.skip_unknown)
     except UnknownTokensError as e:
         kind = "characters" if vocab.level == "char" else "words"
         raise InvalidRequest("prompt", f"{e}; the model's vocabulary has {len(vocab)} {kind}; "
                                        "skip_unknown drops them (--skip-unknown on the command line)") from e
-    if policy == "unk" and vocab.unk_id in ids:  # said once per request: the reply has no field for it
-        unknown = [w for w in vocab.split(req.prompt) if w not in vocab.stoi]
-        if unknown:  # not only `<unk>` typed as such
-            shown = ", ".join(shown_value(w) for w in list(dict.fromkeys(unknown))[:5])
-            log.info("prompt request_id=%s: %d unknown word(s) read as <unk>: %s%s", req.request_id or "-",
-                     len(unknown), shown, ", ..." if len(set(unknown)) > 5 else "",
-                     extra={"request_id": req.request_id})
+    if enc.unk_mapped:  # said once per request: the reply has no field for it (`<unk>` typed is a known word)
+        shown = ", ".join(shown_value(w) for w in enc.unknown[:5])
+        log.info("prompt request_id=%s: %d unknown word(s) read as <unk>: %s%s", req.request_id or "-",
+                 enc.unk_mapped, shown, ", ..." if len(enc.unknown) > 5 else "",
+                 extra={"request_id": req.request_id})
+    ids = enc.ids.tolist()
     if not ids and req.state is None:
         raise InvalidRequest("prompt", "encodes to no tokens (every symbol was unknown and skipped)")
     return ids

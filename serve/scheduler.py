@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 
+from lstmgen.config_args import option
 from lstmgen.serve.admission import admit
 from lstmgen.serve.completion import CompletionSink
 from lstmgen.serve.decode import DecodeRows, StepResult
@@ -38,21 +39,27 @@ log = logging.getLogger("lstmgen.scheduler")
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    prefill_chunk: int = 512  # prompt tokens per row per priming call (bounds others' stall)
-    max_prefill_rows: int = 64  # prompts primed together in one call
+    # prompt tokens per row per priming call (bounds others' stall)
+    prefill_chunk: int = option(512, "prompt tokens primed per call per request")
+    max_prefill_rows: int = option(64, "prompts primed together in one prompt call")
     state_key: bytes | None = None  # the edge's state codec signs and checks blobs (--state-key); None: check only
     # States after prompt prefixes, kept at every `prefix_cache_every` tokens (serve/prefix_cache.py):
     # prompts are then primed in chunks ending there. 0 MiB: off.
-    prefix_cache_mb: float = 64.0
-    prefix_cache_every: int = 64
+    prefix_cache_mb: float = option(64.0, "memory for states after prompt prefixes, so a prompt that begins "
+                                          "like an earlier one skips that part (0: off)")
+    prefix_cache_every: int = option(64, "keep a prefix state every this many prompt tokens (prompts are "
+                                         "primed in chunks ending there)")
     # While a decode batch runs, new prompts wait up to this many decode steps for company (or
     # until `prime_together` of them wait): a prompt call costs about what a whole decode step
     # does even for one short prompt (1.3 ms for 3 characters on char-rnn at 2 cores), and at 64
     # streams requests end one by one (one call per request cost char-rnn 11-13% at 64 streams).
     # As TGI's max_waiting_tokens, at a smaller scale. A prompt already begun (chunks, a prefix
     # cache hit, a continued state) never waits.
-    prime_wait_steps: int = 8
-    prime_together: int = 8
+    prime_wait_steps: int = option(8, "while a decode batch runs, a new prompt waits up to this many decode "
+                                      "steps for others to be read in the same prompt call: fewer, a sooner "
+                                      "first token; more, fewer calls (docs/benchmark.md)")
+    prime_together: int = option(8, "waiting prompts are read at once when this many wait "
+                                    "(before --prime-wait-steps is up)")
 
 
 def _ids(gens) -> str:

@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from lstmgen.errors import UsageError, UserError
 from lstmgen.serve.auth import TokenAuth, read_token
 from lstmgen.bundle import load_manifest
+from lstmgen.config_args import option
 from lstmgen.serve.engine import Engine, EngineConfig
 from lstmgen.serve.frame_engine import FrameEngine
 from lstmgen.serve.frame_service import FrameService, frame_model_info
@@ -41,36 +42,68 @@ class BindError(UserError, OSError):
 
 @dataclass(frozen=True)
 class ServerConfig:
-    bundle: str
-    host: str = "0.0.0.0"
-    port: int = 50051  # 0: any free port (the bound one is logged and printed)
-    grace_s: float = 10.0  # in-flight streams get this long to finish on SIGTERM
-    frame_idle_timeout_s: float = 300.0  # a frame stream whose client neither sends nor reads this long ends; 0: never
-    # ORT threads spin inside a step only: spinning between steps too steals the cores the event
-    # loop, gRPC and the clients need (measured in docs/benchmark.md).
+    bundle: str = option(help="bundle folder made by `lstmgen export`", metavar="BUNDLE_DIR")
+    host: str = option("0.0.0.0", "address to bind")
+    # 0: any free port (the bound one is logged and printed)
+    port: int = option(50051, "port to bind; 0 picks a free one")
+    grace_s: float = option(10.0, "seconds in-flight streams get on SIGTERM", flag="--grace", metavar="SECONDS")
+    # a frame stream whose client neither sends nor reads this long ends; 0: never (one default: FrameLimits')
+    frame_idle_timeout_s: float = option(
+        FrameLimits.idle_timeout_s, "frame models: end a stream whose client has neither sent a frame nor read an "
+        "output for this long, with DEADLINE_EXCEEDED, freeing its slot (0: never)", flag="--frame-idle-timeout",
+        metavar="SECONDS")
     engine: EngineConfig = field(default_factory=EngineConfig)
     limits: Limits = field(default_factory=Limits)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
-    tls_cert: str | None = None  # PEM certificate chain; with tls_key, the port speaks TLS only
-    tls_key: str | None = None  # PEM private key
-    auth_token_file: str | None = None  # calls need `authorization: Bearer <token>` (health stays open)
-    state_key_file: str | None = None  # replicas' shared secret: state blobs are signed and checked
-    metrics_port: int | None = None  # Prometheus /metrics over HTTP; None: off, 0: any free port
-    metrics_host: str | None = None  # None: the same address as the gRPC port
-    http_port: int | None = None  # OpenAI-compatible HTTP API + playground (serve/http_api.py); None: off
-    http_host: str | None = None  # None: the same address as the gRPC port
-    http_read_timeout_s: float = 30.0  # a request's head and body must arrive within this (serve/http_server.py)
-    http_max_connections: int = 1024  # open HTTP connections; fewer if the descriptor limit leaves less room
-    served_model_name: str | None = None  # the model's name on the HTTP API; None: the bundle folder's name
-    chat_template: str | None = None  # JSON file for /v1/chat/completions (serve/openai_chat.py); None: the default
-    inject_step_failure_every: int = 0  # TEST HOOK (serve/faults.py): every Nth decode step fails
-    inject_worker_crash_at_step: int = 0  # TEST HOOK (serve/faults.py): the Nth decode step kills the worker
+    # PEM certificate chain; with tls_key, the port speaks TLS only
+    tls_cert: str | None = option(None, "certificate chain: serve TLS only (needs --tls-key)", metavar="PEM")
+    tls_key: str | None = option(None, "private key of --tls-cert", metavar="PEM")  # PEM private key
+    # calls need `authorization: Bearer <token>` (health stays open)
+    auth_token_file: str | None = option(None, "require 'authorization: Bearer <token>' (the file's content) on "
+                                               "every call but health", metavar="FILE")
+    # replicas' shared secret: state blobs are signed and checked
+    state_key_file: str | None = option(None, "sign the state blobs this server returns and accept only signed "
+                                              "ones (HMAC-SHA256 with the file's content, at least 16 bytes); give "
+                                              "every replica the same file", flag="--state-key", metavar="FILE")
+    # Prometheus /metrics over HTTP; None: off, 0: any free port
+    metrics_port: int | None = option(None, "serve Prometheus metrics on http://HOST:PORT/metrics (0: any free "
+                                            "port; unset: off)", metavar="PORT")
+    # None: the same address as the gRPC port
+    metrics_host: str | None = option(None, "address for the metrics port (unset: --host's)", metavar="HOST")
+    # OpenAI-compatible HTTP API + playground (serve/http_api.py); None: off
+    http_port: int | None = option(None, "also serve an OpenAI-compatible HTTP API (/v1/completions, /v1/models, "
+                                         "/health) and the playground page (/) on this port, sharing the model and "
+                                         "batch; TLS and token as for gRPC (0: any free port; unset: off)",
+                                   metavar="PORT")
+    # None: the same address as the gRPC port
+    http_host: str | None = option(None, "address for the HTTP port (unset: --host's)", metavar="HOST")
+    # a request's head and body must arrive within this (serve/http_server.py)
+    http_read_timeout_s: float = option(30.0, "an HTTP request's head and body must arrive within this, from "
+                                              "connecting or from the previous response; slower: 408 and the "
+                                              "connection is closed", flag="--http-read-timeout", metavar="SECONDS")
+    # open HTTP connections; fewer if the descriptor limit leaves less room
+    http_max_connections: int = option(1024, "open HTTP connections; past it the longest-idle one is closed, or "
+                                             "the new one gets 503 (fewer when the descriptor limit, less a "
+                                             "reserve for gRPC and metrics, leaves less room)", metavar="N")
+    # the model's name on the HTTP API; None: the bundle folder's name
+    served_model_name: str | None = option(None, "the model's name on the HTTP API (\"model\" in requests, GET "
+                                                 "/v1/models; unset: the bundle folder's name)", metavar="NAME")
+    # JSON file for /v1/chat/completions (serve/openai_chat.py); None: the default
+    chat_template: str | None = option(None, "JSON {\"message\", \"assistant\", \"stop\"} writing a "
+                                             "/v1/chat/completions conversation as the prompt (docs/http.md; unset: "
+                                             "role-tagged lines, 'user: ...')", metavar="FILE")
+    # TEST HOOKS (serve/faults.py), hidden from --help: every Nth decode step fails; the Nth decode
+    # step kills the worker
+    inject_step_failure_every: int = option(0, "every Nth decode step fails", hidden=True)
+    inject_worker_crash_at_step: int = option(0, "the Nth decode step kills the worker", hidden=True)
     # The scheduler thread's Python/numpy work keeps the GIL for up to this long while the event loop
     # and gRPC's poller thread wait for it. On 2 contended cores, 1 ms instead of Python's 5 ms took
     # the p99 of rejections at a full server from 130-290 ms to 30-55 ms; neutral on a quiet machine
     # (docs/hardening.md). Process-wide: set by run_until_signal.
-    switch_interval_s: float = 0.001
+    switch_interval_s: float = option(0.001, "longest the model's thread keeps Python's GIL while the event loop "
+                                             "and gRPC wait for it (sys.setswitchinterval; docs/hardening.md)",
+                                      flag="--switch-interval-ms", scale=1000, metavar="MS")
 
 
 class Server:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.message import DecodeError
 
+from lstmgen.config_args import option
 from lstmgen.serve.errors import (GenerationError, InvalidRequest, Overloaded, StepFailed, Unauthenticated,
                                   Unavailable, WrongModel)
 from lstmgen.serve.metrics import Metrics
@@ -102,13 +103,16 @@ class ServiceConfig:
     # them). Each message costs the event loop, gRPC and the client CPU that the model's threads
     # need on a small machine: 2,000/s held a word model at 64 streams to 73% of its raw step rate,
     # 500/s to 87% (docs/benchmark.md).
-    message_budget_per_s: float = 500.0
+    message_budget_per_s: float = option(500.0, "messages per second aimed at across all streams; more active "
+                                                "streams -> more tokens per message", flag="--message-budget")
     # Floor on the gap between one stream's messages after its first: a char model makes a token
     # every ~0.1-0.2 ms and a word model one every ~2 ms at batch 1, far faster than anyone reads,
     # and each message costs the server and the client more CPU than a model step. 16 ms (a 60 Hz
     # display's frame) lifted one stream by 11-14% on a word model and 55% on a char model over
     # 2 ms on 2 cores (docs/benchmark.md); a reader sees no difference. 0: send every token.
-    min_message_interval_s: float = 0.016
+    min_message_interval_s: float = option(0.016, "least time between one stream's messages after its first "
+                                                  "token (0: no floor)", flag="--min-message-interval-ms",
+                                           scale=1000, metavar="MS")  # the flag in ms, the field in s
 
 
 async def pace(scheduler: Scheduler, cfg: ServiceConfig, stream: Stream) -> None:

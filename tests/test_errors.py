@@ -39,13 +39,14 @@ def test_user_facing_errors_share_one_base():
     from lstmgen.export.bundle import ExportError
     from lstmgen.export.parity import ParityError
     from lstmgen.serve.server import BindError
+    from lstmgen.text import TextError
     from lstmgen.train.checkpoint import CheckpointError
     from lstmgen.train.data import DataError
     from lstmgen.train.trainer import TrainError
     from lstmgen.vocab import UnknownTokensError
 
     for cls in (BundleError, EvalError, ExportError, ParityError, CheckpointError, DataError, TrainError,
-                UnknownTokensError, GenerationError, BindError):
+                UnknownTokensError, GenerationError, BindError, TextError):
         assert issubclass(cls, UserError), cls
 
 

@@ -12,8 +12,9 @@ import pytest
 
 from conftest import CHAR_TEXT, export, make_checkpoint
 from lstmgen.cli import main
-from lstmgen.datasets import CORPORA, Corpus, File, held_out_start
+from lstmgen.datasets import CORPORA, Corpus, File
 from lstmgen.evaluate import EvalConfig, EvalError, evaluate_bundle
+from lstmgen.text import held_out_start
 from lstmgen.train.checkpoint import load_checkpoint, save_checkpoint
 from lstmgen.train.data import load_corpus
 

@@ -17,7 +17,7 @@ from lstmgen.export import onnx_graph
 from lstmgen.export.bundle import export_bundle
 from lstmgen.export.parity import ParityError
 from lstmgen.train.checkpoint import FrameCheckpoint, save_checkpoint
-from lstmgen.train.config import TrainConfig
+from lstmgen.train.config import FrameTrainConfig
 from lstmgen.train.frame_model import FrameModel, FrameModelConfig
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -46,8 +46,8 @@ def frame_model(task: str, cell: str, proj: int, layers: int, seed: int = 0) -> 
 def frame_run(run_dir, task="regression", cell="lstm", proj=0, layers=1):
     model = frame_model(task, cell, proj, layers)
     names = ["down", "up", "left", "right"] if task == "classification" else []
-    ck = FrameCheckpoint(model.cfg, TrainConfig(task=task, cell=cell, hidden_size=H, num_layers=layers,
-                                                projection_size=proj),
+    ck = FrameCheckpoint(model.cfg, FrameTrainConfig(task=task, cell=cell, hidden_size=H, num_layers=layers,
+                                                     projection_size=proj),
                          model.state_dict(), class_names=names, standardize=dict(GLOBAL),
                          data={"spec": "tests", "stream": False},
                          metrics={"val_mse": 0.5, "history": [{"epoch": 1}]})

@@ -1,4 +1,4 @@
-"""Frame models (train/frame_model.py, frame_trainer.py): masking and packing, the last valid frame,
+"""Frame models (train/frame_model.py, frame_task.py): masking and packing, the last valid frame,
 state carried across stream batches, short real runs, the checkpoint and the CLI."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from lstmgen.train.checkpoint import CheckpointError, load_checkpoint, load_fram
 from lstmgen.train.config import preset
 from lstmgen.train.frame_model import (FrameModel, FrameModelConfig, classification_loss, last_valid,
                                        regression_loss)
-from lstmgen.train.frame_trainer import _Split, evaluate_frames
+from lstmgen.train.frame_task import _Split, evaluate_frames
 from lstmgen.train.frames import load_frames
 from lstmgen.train.trainer import train
 
@@ -243,10 +243,12 @@ def test_global_standardisation_statistics_reach_the_checkpoint(tmp_path):
     (["--data", "builtin:sin-cos"], "builtin:sin-cos is frame data, not text; train it with --task regression"),
     (["--task", "classification", "--data", "builtin:sin-cos"], "builtin:sin-cos is regression data"),
     (["--task", "regression", "--data", "builtin:sin-cos", "--preset", "sin-cos", "--resume"],
-     "--resume is for text runs"),
+     "nothing to resume"),
     (["--task", "classification", "--data", "{npz}", "--stream"], "continuous-stream mode is for regression"),
     (["--data", "{text}", "--targets", "{npz}"], "--targets is for frame data"),
-    (["--data", "{text}", "--standardize", "global"], "apply to --task regression or classification"),
+    (["--data", "{text}", "--standardize", "global"], "--standardize applies to --task regression or classification"),
+    (["--task", "regression", "--data", "{npz}", "--level", "word", "--min-count", "2"],
+     "--level, --min-count apply to --task lm, not --task regression"),
     (["--task", "regression", "--data", "{npz}", "--cell", "rnn"], None),  # argparse: invalid choice
     (["--task", "regression", "--data", "{tmp}/none.npz"], "none.npz: file not found"),
 ])
@@ -274,3 +276,26 @@ def test_help_shows_the_frame_flags_and_presets(capsys):
     for word in ("--task", "--cell", "--targets", "--standardize", "--stream", "--projection-size",
                  "builtin:sin-cos", "builtin:digits", "mnist:DIR", "sin-cos", "row-digits"):
         assert word in out, word
+
+
+@pytest.mark.parametrize("spec, name", [("builtin:sin-cos", "sin-cos"), ("builtin:digits", "row-digits")])
+def test_a_frame_run_stopped_mid_epoch_resumes_exactly(tmp_path, spec, name):
+    """One training loop for every task: a frame run stopped at an update inside an epoch (the
+    state carried on a stream; the epoch's shuffled order for sequences) continues with resume=True
+    to the weights an uninterrupted run reaches."""
+    from lstmgen.train.checkpoint import load_frame_checkpoint
+    from lstmgen.train.config import preset
+
+    task = "regression" if name == "sin-cos" else "classification"
+    quiet = dict(log=lambda s: None, progress_bar=False)
+    cfg = preset(name, task=task, epochs=0, max_steps=7, hidden_size=8, projection_size=8, batch_size=16,
+                 save_every=0)
+    train(cfg, spec, tmp_path / "whole", **quiet)
+    train(preset(name, task=task, epochs=0, max_steps=3, hidden_size=8, projection_size=8, batch_size=16,
+                 save_every=0), spec, tmp_path / "split", **quiet)
+    assert load_frame_checkpoint(tmp_path / "split" / "last.pt").progress["step_in_epoch"] == 3
+    train(cfg, None, tmp_path / "split", resume=True, **quiet)
+    whole, split = (load_frame_checkpoint(tmp_path / r / "last.pt") for r in ("whole", "split"))
+    assert split.progress["global_step"] == 7
+    for k, t in whole.state_dict.items():
+        assert torch.equal(split.state_dict[k], t), k

@@ -12,7 +12,7 @@ from lstmgen.cli import main
 from lstmgen.train.checkpoint import load_checkpoint
 from lstmgen.train.config import ModelConfig, TrainConfig
 from lstmgen.train.model import StackedLSTM
-from lstmgen.train.trainer import saved_config
+from lstmgen.train.rundir import saved_config
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 SMALL = ["--preset", "tiny", "--embedding-size", "16", "--hidden-size", "24", "--batch-size", "4",
@@ -97,8 +97,11 @@ def test_checkpoint_written_before_the_cell_field_still_loads(tmp_path):
 
 
 def test_config_json_of_an_older_run_still_reads(tmp_path):
-    old = {k: v for k, v in TrainConfig().__dict__.items()
-           if k not in ("task", "cell", "projection_size", "standardize", "stream")}
+    old = {k: v for k, v in TrainConfig().__dict__.items() if k not in ("task", "cell")}
     (tmp_path / "config.json").write_text(json.dumps({"train": old}))
     cfg = saved_config(tmp_path)
-    assert (cfg.task, cfg.cell, cfg.standardize, cfg.stream) == ("lm", "lstm", "none", False)
+    assert (type(cfg), cfg.task, cfg.cell) == (TrainConfig, "lm", "lstm")
+    # the one flat TrainConfig of earlier versions held the frame tasks' fields too
+    flat = {**TrainConfig().__dict__, "projection_size": 0, "standardize": "none", "stream": False}
+    (tmp_path / "config.json").write_text(json.dumps({"train": flat}))
+    assert saved_config(tmp_path) == TrainConfig()

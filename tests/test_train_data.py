@@ -1,4 +1,5 @@
-"""train/data.py: reading, split layouts, encoding of held-out splits, downloads and TBPTT batches."""
+"""train/data.py: split layouts, encoding of held-out splits, the recorded validation split, downloads
+and TBPTT batches as tensors. Reading, encoding and numpy batching themselves: tests/test_text_pipeline.py."""
 from __future__ import annotations
 
 import functools
@@ -9,8 +10,7 @@ import threading
 import pytest
 import torch
 
-from lstmgen.train.data import (DataError, batchify, find_splits, get_batch, load_corpus,
-                                num_batches, read_text)
+from lstmgen.train.data import DataError, batchify, find_splits, get_batch, load_corpus, num_batches
 from lstmgen.vocab import EOS, UNK
 
 
@@ -24,20 +24,6 @@ def write(path, text: str | bytes):
 
 
 # -- reading --------------------------------------------------------------------------------------
-def test_read_text_universal_newlines_and_bom(tmp_path):
-    f = write(tmp_path / "a.txt", b"\xef\xbb\xbfone\r\ntwo\rthree\n")
-    assert read_text(f) == "one\ntwo\nthree\n"
-
-
-@pytest.mark.parametrize("content, match", [(b"", "empty"), (b"  \n\n", "empty"),
-                                            (b"ok\n\xff\xfe bad", "not UTF-8")])
-def test_read_text_errors_name_the_file(tmp_path, content, match):
-    f = write(tmp_path / "bad.txt", content)
-    with pytest.raises(DataError, match=match) as e:
-        read_text(f)
-    assert str(f) in str(e.value)
-
-
 def test_missing_path_and_empty_directory(tmp_path):
     with pytest.raises(DataError, match="not found") as e:
         load_corpus(str(tmp_path / "nope.txt"), "char")
@@ -130,16 +116,7 @@ def test_download_caches_and_records_sha256(tmp_path):
 
 
 # -- TBPTT batching -------------------------------------------------------------------------------
-def test_batchify_makes_contiguous_streams_and_drops_the_rest():
-    ids = torch.arange(103)
-    s = batchify(ids, 4)
-    assert s.shape == (25, 4) and s.is_contiguous()
-    for b in range(4):
-        assert torch.equal(s[:, b], torch.arange(25 * b, 25 * b + 25))
-    with pytest.raises(DataError, match="too few"):
-        batchify(torch.arange(7), 4)
-
-
+# the streams themselves: tests/test_text_pipeline.py (numpy, and this tensor edge)
 def test_get_batch_shapes_and_stream_continuity():
     s = batchify(torch.arange(4 * 50), 4)  # [50, 4]
     bptt = 8

@@ -108,15 +108,15 @@ def test_a_signal_saves_last_pt_and_resume_continues_exactly(tmp_path, sig, code
 
 
 def test_an_interrupt_before_the_first_update_keeps_nothing_and_says_why(tmp_path, monkeypatch, capsys):
-    from lstmgen.train import trainer
+    from lstmgen.train import lm_task
 
-    real = trainer.load_corpus
+    real = lm_task.load_corpus
 
     def interrupted_load(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the corpus loads
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "load_corpus", interrupted_load)
+    monkeypatch.setattr(lm_task, "load_corpus", interrupted_load)
     out = tmp_path / "run"
     rc = main(["train", "--data", str(corpus_file(tmp_path / "c.txt")), "--out", str(out), "--preset", "tiny",
                *flags(**SMALL), "--no-progress"])
@@ -270,17 +270,17 @@ def test_demo_says_when_it_trained_too_briefly(tmp_path):
 def test_a_signal_during_the_closing_validation_at_max_steps_is_finished_by_resume(tmp_path, monkeypatch):
     """Ctrl-C while the run validates at max_steps: last.pt is at the limit with no validation;
     --resume does that validation (best.pt, the metrics row) instead of saying "nothing to do"."""
-    from lstmgen.train import trainer
     from lstmgen.train.interrupt import TrainInterrupted
+    from lstmgen.train.loop import Loop
 
     data = str(corpus_file(tmp_path / "c.txt"))
     out = tmp_path / "run"
     cfg = preset("tiny", **SMALL, max_steps=6, epochs=0)
-    real = trainer._Run._validate
-    monkeypatch.setattr(trainer._Run, "_validate", lambda self: None)  # as when a signal cuts it short
+    real = Loop._validate
+    monkeypatch.setattr(Loop, "_validate", lambda self: None)  # as when a signal cuts it short
     with pytest.raises(TrainInterrupted):
         lstmgen.train(data, out, cfg, progress=False)
     assert load_checkpoint(out / "last.pt").progress["global_step"] == 6 and not (out / "best.pt").exists()
-    monkeypatch.setattr(trainer._Run, "_validate", real)
+    monkeypatch.setattr(Loop, "_validate", real)
     best = lstmgen.train(data, out, cfg, resume=True, progress=False)
     assert best.is_file() and [r["step"] for r in metrics_rows(out)] == ["6"]

@@ -12,6 +12,7 @@ import pytest
 
 from lstmgen.cli import main
 from lstmgen.console import Console
+from lstmgen.text import encode
 from lstmgen.vocab import UNK, Vocab
 
 SMALL = ["--preset", "tiny", "--embedding-size", "16", "--hidden-size", "32", "--batch-size", "4",
@@ -95,7 +96,7 @@ def test_vocab_limits_keep_frequent_words():
     assert Vocab.build("word", [text], min_count=2).tokens == ("<eos>", UNK, "a", "b", "d")
     assert Vocab.build("word", [text], max_vocab=4).tokens == ("<eos>", UNK, "a", "d")
     v = Vocab.build("word", [text], min_count=3)
-    assert v.encode_corpus("a b z\n") == [v.stoi["a"], v.unk_id, v.unk_id, v.stoi["<eos>"]]
+    assert encode(v, "a b z\n", lines=True).ids.tolist() == [v.stoi["a"], v.unk_id, v.unk_id, v.stoi["<eos>"]]
 
 
 def test_min_count_trains_a_word_model_on_plain_text(tmp_path, text_file, capsys):

@@ -1,4 +1,4 @@
-"""train/trainer.py and train/checkpoint.py: schedule, a tiny real run, checkpoints, resume."""
+"""train/trainer.py, loop.py, lm_task.py and checkpoint.py: schedule, a tiny real run, checkpoints, resume."""
 from __future__ import annotations
 
 import csv
@@ -13,7 +13,9 @@ from lstmgen.train.checkpoint import CheckpointError, load_checkpoint
 from lstmgen.train.config import PRESETS, preset
 from lstmgen.train.data import batchify, load_corpus
 from lstmgen.train.model import StackedLSTM
-from lstmgen.train.trainer import TrainError, check_config, evaluate, lr_at, train
+from lstmgen.train.lm_task import evaluate
+from lstmgen.train.setup import TrainError, check_config, lr_at
+from lstmgen.train.trainer import train
 
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")

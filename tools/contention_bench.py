@@ -44,7 +44,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    raw = RawStep(args.bundle, EngineConfig(device="cpu", intra_op_threads=args.threads, spin="run"))
+    raw = RawStep(args.bundle, EngineConfig(device="cpu", intra_op_threads=args.threads))  # the server's spin
     step_ms(raw, args.batch, 1.0)  # warm up
     loads = [(0.0, 0.0), (0.05, 0.002), (0.1, 0.002), (0.2, 0.002), (0.1, 0.0005)]
     times: dict[tuple, list[float]] = {load: [] for load in loads}

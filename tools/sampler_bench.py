@@ -68,14 +68,14 @@ def trained_logits(checkpoint: str, text_file: str, b: int = 64, steps: int = 20
     consecutive stretches of the text."""
     import torch
 
+    from lstmgen.text import encode, read_text
     from lstmgen.train.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     model = ckpt.build_model()
     model.load_state_dict(ckpt.state_dict)
     model.eval()
-    with open(text_file, encoding="utf-8") as f:
-        ids = ckpt.vocab.encode_corpus(f.read())[: b * steps]
+    ids = encode(ckpt.vocab, read_text(text_file), lines=True).ids[: b * steps].tolist()
     if len(ids) < b * steps:
         raise SystemExit(f"{text_file}: {len(ids)} tokens, need {b * steps}")
     tokens = torch.tensor(ids).view(b, steps).t().contiguous()  # [T, B]: the model is time-major

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from lstmgen.errors import UserError
-from lstmgen.train.config import ModelConfig, TrainConfig
+from lstmgen.train.config import FrameTrainConfig, ModelConfig, TrainConfig, config_from_dict
 from lstmgen.train.frame_model import FrameModel, FrameModelConfig
 from lstmgen.train.model import StackedLSTM
 from lstmgen.vocab import Vocab
@@ -54,7 +54,7 @@ class FrameCheckpoint:
     """A frame model (train/frame_model.py): what export needs besides the weights is here."""
 
     model_config: FrameModelConfig  # task, input_size, output_size, hidden_size, num_layers, cell, ...
-    train_config: TrainConfig
+    train_config: FrameTrainConfig
     state_dict: dict[str, torch.Tensor]
     class_names: list[str] = field(default_factory=list)  # classification: class index -> name
     # frames.Standardizer.describe(): {"mode": none|global|sequence, "applies_to": "inputs",
@@ -140,7 +140,7 @@ def load_any(path: str | os.PathLike) -> Checkpoint | FrameCheckpoint:
         if task != "lm":
             return FrameCheckpoint(
                 model_config=FrameModelConfig(**raw["model_config"]),
-                train_config=TrainConfig(**raw["train_config"]),
+                train_config=config_from_dict(raw["train_config"]),
                 state_dict=raw["state_dict"],
                 class_names=list(raw.get("class_names", [])),
                 standardize=raw.get("standardize", {"mode": "none"}),
@@ -150,7 +150,7 @@ def load_any(path: str | os.PathLike) -> Checkpoint | FrameCheckpoint:
             )
         return Checkpoint(
             model_config=ModelConfig(**raw["model_config"]),
-            train_config=TrainConfig(**raw["train_config"]),
+            train_config=config_from_dict(raw["train_config"]),
             vocab=Vocab.from_dict(raw["vocab"]),
             state_dict=raw["state_dict"],
             progress=raw.get("progress", {}),

@@ -6,13 +6,13 @@ is imported when the command runs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
-from dataclasses import fields, replace
 from pathlib import Path
 
-from lstmgen import console
-from lstmgen.train.config import PRESETS, TrainConfig
+from lstmgen import config_args, console
+from lstmgen.train.config import PRESETS, FrameTrainConfig, RunConfig, TrainConfig, for_task, task_fields
 
 DEFAULT_PRESET = "tiny"
 # --sample-every when stdout is a terminal and the flag is not given (elsewhere: no samples)
@@ -21,49 +21,14 @@ TERMINAL_SAMPLE_EVERY = 500
 # deeper stack at lr 3e-3 never leaves MSE 0.5 on builtin:sin-cos (nor does a plain torch loop).
 TASK_PRESETS = {"regression": "sin-cos", "classification": "row-digits"}
 
-# TrainConfig field -> help. Each becomes an optional --flag that overrides the preset's value.
-_OVERRIDES: dict[str, str] = {
-    "task": "lm: a language model on text; regression or classification: a frame model on float "
-            "sequences (--data builtin:sin-cos, builtin:digits, mnist:DIR, FILE.npz or FILE.npy)",
-    "cell": "the recurrent cell: lstm or gru (torch's nn.LSTM / nn.GRU)",
-    "epochs": "number of passes over the training text (0: no limit; --max-steps or --max-seconds ends the run)",
-    "max_steps": "stop after this many updates in all (0: no limit); still validates and saves",
-    "max_seconds": "train this long: this session's wall time, the closing validation and saves included "
-                   "(not loading the corpus); without --epochs the preset's epoch count no longer applies "
-                   "(0: no limit)",
-    "batch_size": "B: contiguous streams trained side by side",
-    "bptt": "T: steps of truncated backpropagation through time per update",
-    "eval_batch_size": "streams for the validation/test pass",
-    "optimizer": "sgd (Zaremba) or adam (char-RNN tutorials)",
-    "lr": "learning rate",
-    "lr_decay": "multiply lr by this every epoch after --decay-after (Zaremba's schedule)",
-    "decay_after": "epochs at the full learning rate before the decay starts",
-    "weight_decay": "L2 penalty",
-    "clip_norm": "clip the global gradient norm to this (0: no clipping)",
-    "loss_sum_over_time": "gradient of the loss summed over the bptt steps (Zaremba, TF ptb_word_lm) "
-                          "rather than averaged",
-    "embedding_size": "embedding width E",
-    "hidden_size": "LSTM width H",
-    "num_layers": "stacked LSTM layers L",
-    "dropout": "dropout on the non-recurrent connections (Zaremba)",
-    "tie_weights": "share the embedding and output weights (needs E == H)",
-    "init_scale": "uniform init in [-s, s] (Zaremba); 0: PyTorch's defaults",
-    "level": "char or word tokens (word: whitespace split plus <eos> per line, PTB style)",
-    "min_count": "word level: words seen fewer times in the training text become <unk>",
-    "max_vocab": "word level: keep the most frequent words, the vocabulary (with <eos> and <unk>) "
-                 "at most this size; the rest become <unk> (0: no limit)",
-    "valid_fraction": "share of a single-file corpus held out (from its end) for validation",
-    "seed": "random seed (torch.manual_seed)",
-    "log_interval": "log the training loss, lr and tokens/s (steps.csv, progress) every this many updates",
-    "save_every": "also write last.pt every this many updates (0: only at validations)",
-    "device": "auto (cuda when available), cpu or cuda",
-    "amp": "bf16: autocast the forward pass to bfloat16 on CUDA (ignored, with a message, on CPU)",
-    "projection_size": "frame tasks: a linear input layer of this width before the recurrent stack (0: none)",
-    "standardize": "frame tasks: standardise the inputs per feature, by each sequence's own mean and std "
-                   "(sequence, as the audio->articulation seed), by the training frames' (global), or not",
-    "stream": "regression: the sequences end to end as one continuous stream, cut into --batch-size "
-              "streams walked --bptt frames at a time with the state carried (builtin:sin-cos always is)",
-}
+# The cell's help lives here: train/config.py's `cell` line carries only its type, whose Literal
+# gives the choices (so a new cell shows up in --help by itself).
+CELL_HELP = "the recurrent cell: lstm and gru are torch's nn.LSTM and nn.GRU, the others LSTM variants (train/cells.py)"
+
+
+# each task's own settings, in field order (the rest, RunConfig's, every task has)
+_OWN = {task: [f.name for f in dataclasses.fields(cls) if f.name not in RunConfig.__dataclass_fields__]
+        for task, cls in (("lm", TrainConfig), ("regression", FrameTrainConfig))}
 
 
 def _preset_table() -> str:
@@ -79,13 +44,8 @@ def _preset_table() -> str:
     return "\n".join(lines)
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+class _Formatter(config_args.DefaultsFormatter, argparse.RawDescriptionHelpFormatter):
     """Shows real defaults only (not None/False), and keeps the preset table's lines as written."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -132,32 +92,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     console.add_arguments(parser, quiet_help="only the best checkpoint's path and warnings: no progress, "
                                              "no log lines")
-    types = {f.name: f.type for f in fields(TrainConfig)}
-    for name, help_ in _OVERRIDES.items():
-        flag, typ = "--" + name.replace("_", "-"), types[name]
-        # SUPPRESS: an absent flag leaves no attribute, so the preset's value stands
-        kw: dict = {"default": argparse.SUPPRESS, "help": help_, "dest": name}
-        if typ == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif typ.startswith("Literal"):
-            choices = [c.strip(" '\"") for c in typ[len("Literal["):-1].split(",")]
-            parser.add_argument(flag, choices=choices, **kw)
-        else:
-            parser.add_argument(flag, type={"int": int, "float": float}[typ], **kw)
+    # SUPPRESS: an absent flag leaves no attribute, so the preset's value stands
+    config_args.add_dataclass_arguments(
+        parser, RunConfig, defaults=argparse.SUPPRESS, helps={"cell": CELL_HELP},
+        group="training configuration, every task (each flag overrides the preset's value: the table below)")
+    config_args.add_dataclass_arguments(parser, TrainConfig, defaults=argparse.SUPPRESS, only=_OWN["lm"],
+                                        group="language models (--task lm)")
+    config_args.add_dataclass_arguments(parser, FrameTrainConfig, defaults=argparse.SUPPRESS,
+                                        only=_OWN["regression"], group="frame models (--task regression|classification)")
 
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
     """Preset (or, resuming without --preset, the run's saved config) plus the flags given. A time
     limit given without --epochs is the only limit on a preset: its epoch count is dropped."""
-    from lstmgen.train.trainer import saved_config
+    from lstmgen.train.rundir import saved_config
+    from lstmgen.train.setup import TrainError
 
-    given = {k: getattr(args, k) for k in _OVERRIDES if hasattr(args, k)}
+    given = {**config_args.given(RunConfig, args), **config_args.given(TrainConfig, args, exclude=["task"]),
+             **config_args.given(FrameTrainConfig, args, exclude=["task"])}
     if args.preset is None and args.resume:
-        return replace(saved_config(args.out), **given)  # the run's own plan, epochs included
-    base = PRESETS[args.preset or TASK_PRESETS.get(getattr(args, "task", "lm"), DEFAULT_PRESET)]
-    if given.get("max_seconds", 0) > 0 and "epochs" not in given:
-        given["epochs"] = 0
-    return replace(base, **given)
+        base = saved_config(args.out)  # the run's own plan, epochs included
+    else:
+        base = PRESETS[args.preset or TASK_PRESETS.get(given.get("task", "lm"), DEFAULT_PRESET)]
+        if given.get("max_seconds", 0) > 0 and "epochs" not in given:
+            given["epochs"] = 0
+    task = given.pop("task", base.task)
+    foreign = [k for k in given if k not in task_fields(task)]
+    if foreign:
+        cls = FrameTrainConfig if task == "lm" else TrainConfig
+        flags = ", ".join(config_args.flag_of(cls, k) for k in foreign)
+        raise TrainError(f"{flags} appl{'y' if len(foreign) > 1 else 'ies'} to --task "
+                         f"{'regression or classification' if task == 'lm' else 'lm'}, not --task {task}")
+    return for_task(base, task, **given)
 
 
 def sample_every(args: argparse.Namespace, stdout=None) -> int:
@@ -169,7 +135,7 @@ def sample_every(args: argparse.Namespace, stdout=None) -> int:
     return TERMINAL_SAMPLE_EVERY if at_terminal and not args.quiet and args.log_format == "text" else 0
 
 
-def interrupted_message(e: KeyboardInterrupt, out: Path, task: str = "lm") -> str:
+def interrupted_message(e: KeyboardInterrupt, out: Path) -> str:
     """What an interrupted `lstmgen train` says: where it saved, or why nothing was kept."""
     sig = getattr(e, "signal_name", "SIGINT")
     saved = getattr(e, "checkpoint", None)
@@ -179,7 +145,7 @@ def interrupted_message(e: KeyboardInterrupt, out: Path, task: str = "lm") -> st
     last = out / "last.pt"
     if last.is_file():
         return (f"lstmgen train: interrupted ({sig}); {last} holds the last save"
-                + (" - continue with --resume" if task == "lm" else ""))
+                + " - continue with --resume")
     return (f"lstmgen train: interrupted ({sig}) before the first update finished: there was nothing to "
             "save, so nothing was kept")
 
@@ -191,19 +157,17 @@ def run(args: argparse.Namespace) -> int:
     display = console.from_args(args)
     if args.sample_every is not None and args.sample_every < 0:
         raise TrainError(f"--sample-every must be >= 0 (got {args.sample_every})")
-    task = getattr(args, "task", "lm")
     try:
         if args.data is None and not args.resume:
             raise TrainError("--data is required (a file, directory, split prefix, http(s) URL or corpus name)")
         cfg = resolve_config(args)
-        task = cfg.task
         best = train(cfg, args.data, args.out, resume=args.resume, overwrite=args.overwrite, console=display,
                      targets=args.targets, sample_every=sample_every(args))
     except RunExistsError as e:  # worded for the command: its flags, not the Python keywords
         raise RunExistsError(e.out, resumable=e.resumable, flags=True) from None
     except KeyboardInterrupt as e:  # a UserError or OSError (RUN_DIR not writable, disk full) exits 2 in lstmgen.cli
         if os.environ.get("RANK", "0") == "0":
-            print(interrupted_message(e, Path(args.out), task), file=sys.stderr)
+            print(interrupted_message(e, Path(args.out)), file=sys.stderr)
         return EXIT_CODES.get(getattr(e, "signal_name", "SIGINT"), 130)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
         display.result(f"best checkpoint: {best}", best_checkpoint=str(best))

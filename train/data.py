@@ -6,9 +6,13 @@ as pytorch/examples ships it (`train.txt`, `valid.txt`, `test.txt`); anything el
 last `valid_fraction` becomes validation. The vocabulary is built from the training text only, so a
 validation figure never benefits from symbols the model could not have seen.
 
-Batching is pytorch/examples word_language_model's: the id stream is cut into B contiguous streams
-(`batchify`) and walked `bptt` steps at a time (`get_batch`), so row b of one batch continues row b of
-the previous one and the LSTM state can be carried across batches.
+Reading, encoding, the held-out cut and the figures are the text pipeline's (lstmgen/text.py), the
+same functions `lstmgen eval` and serving call; this module finds the files, builds the vocabulary,
+records the validation split (`source["validation"]`, a text.ValidationSplit that export writes into
+the bundle) and keeps what needs torch. Batching is pytorch/examples word_language_model's: the id
+stream is cut into B contiguous streams (`batchify`, text.batchify as a tensor) and walked `bptt`
+steps at a time (`get_batch`), so row b of one batch continues row b of the previous one and the
+LSTM state can be carried across batches.
 """
 from __future__ import annotations
 
@@ -23,20 +27,22 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
+import lstmgen.text as pipeline
 from lstmgen.bundle import sha256_file
-from lstmgen.datasets import held_out_start
-from lstmgen.errors import UserError
-from lstmgen.vocab import EOS, Level, Vocab
+from lstmgen.text import TextError, ValidationSplit, encode, held_out_start, read_text
+from lstmgen.vocab import Level, UnknownTokensError, Vocab
 
 SPLITS = ("train", "valid", "test")
 _EXTS = ("txt", "tokens")  # WikiText's own zips name the splits wiki.train.tokens etc.
 _URL_TIMEOUT_S = 60
 
 
-class DataError(UserError):
-    """A corpus that cannot be used; the message names the file (or URL) and the problem."""
+# A corpus that cannot be used; the message names the file (or URL) and the problem. The text
+# pipeline's own error, so one `except DataError` also catches what reading or batching raise.
+DataError = TextError
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: tensors do not compare to one bool
@@ -50,24 +56,7 @@ class Corpus:
     source: dict = field(default_factory=dict)
 
 
-# -- reading --------------------------------------------------------------------------------------
-def read_text(path: str | os.PathLike) -> str:
-    """UTF-8 text with universal newlines (CRLF -> LF), so a corpus reads the same on any OS."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: file not found" if not p.exists() else f"{p}: not a regular file")
-    try:
-        with open(p, encoding="utf-8-sig", newline=None) as f:  # -sig: a BOM is not text
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise DataError(f"{p}: not UTF-8 text (bad byte {e.object[e.start:e.start + 1]!r} at offset {e.start})") from e
-    except OSError as e:
-        raise DataError(f"{p}: cannot be read: {e.strerror or e}") from e
-    if not text.strip():
-        raise DataError(f"{p}: file is empty")
-    return text
-
-
+# -- finding the files ----------------------------------------------------------------------------
 def is_url(data: str) -> bool:
     return urllib.parse.urlparse(data).scheme in ("http", "https")
 
@@ -137,40 +126,33 @@ def find_splits(path: Path) -> tuple[str, dict[str, Path]]:
     raise DataError(f"{path}: file not found")
 
 
-# -- encoding -------------------------------------------------------------------------------------
-def encode_split(vocab: Vocab, text: str, split: str) -> list[int]:
-    """Held-out text -> ids, PTB style for words; unknown words -> <unk> when the vocab has one."""
-    stoi, unknown = vocab.stoi, []
-    if vocab.level == "char":
-        ids = [stoi.get(ch, -1) for ch in text]
-        if -1 in ids:
-            unknown = sorted({ch for ch in text if ch not in stoi})
-            raise DataError(f"{split} split holds {len(unknown)} character(s) that the training text "
-                            f"lacks: {', '.join(repr(c) for c in unknown[:10])} "
-                            "(clean the text, or put them in the training text)")
-        return ids
-    unk, eos = vocab.unk_id, stoi[EOS]
-    ids = []
-    for line in text.splitlines():  # PTB: line.split() + [<eos>] per line, like encode_corpus
-        for w in line.split():
-            i = stoi.get(w, unk)
-            if i is None:
-                unknown.append(w)
-            else:
-                ids.append(i)
-        ids.append(eos)
-    if unknown:
-        shown = ", ".join(repr(w) for w in list(dict.fromkeys(unknown))[:10])
-        raise DataError(f"{split} split holds {len(set(unknown))} word(s) not in the training vocabulary, "
-                        f"which has no <unk> to map them to: {shown}; train with --min-count N or "
-                        "--max-vocab N to map rare words to <unk>")
-    return ids
-
-
+# -- loading --------------------------------------------------------------------------------------
 def load_corpus(data: str, level: Level, valid_fraction: float = 0.1,
                 cache_dir: str | os.PathLike | None = None, *, min_count: int = 1, max_vocab: int = 0) -> Corpus:
     """Read, split and encode a corpus from a path, a split prefix or an http(s) URL. Word level:
     `min_count` / `max_vocab` keep the frequent training words and map the rest to <unk>."""
+    path, source = _locate(data, cache_dir)
+    layout, files = find_splits(path)
+    texts = {s: read_text(p) for s, p in files.items()}
+    files_info = {s: {"path": str(p.resolve()), "sha256": sha256_file(p), "bytes": p.stat().st_size}
+                  for s, p in files.items()}
+    validation = _validation_split(texts, files, files_info, level, valid_fraction, source)
+    # chars: the alphabet of the whole corpus, as char-rnn and nanoGPT build it (a held-out tail may
+    # hold a symbol the training text lacks, e.g. Anna Karenina's licence text); words: PTB style,
+    # the training vocabulary, held-out words -> <unk>
+    vocab = Vocab.build(level, texts.values() if level == "char" else [texts["train"]],
+                        min_count=min_count, max_vocab=max_vocab)
+    ids = {s: _encode_split(vocab, t, s, files.get(s, files["train"])) for s, t in texts.items()}
+    source.update(layout=layout, level=level, vocab_size=len(vocab), files=files_info,
+                  tokens={s: len(v) for s, v in ids.items()}, validation=validation.to_dict())
+    source["sha256"] = files_info["train"]["sha256"]  # the training text's identity
+    tensors = {s: torch.from_numpy(v) for s, v in ids.items()}  # int64 -> long
+    return Corpus(vocab, tensors["train"], tensors["valid"], tensors.get("test"), source)
+
+
+def _locate(data: str, cache_dir: str | os.PathLike | None) -> tuple[Path, dict]:
+    """The local path `data` names (a URL downloaded, a corpus name fetched) and the start of its
+    provenance: data, kind, url or name, path."""
     source: dict = {"data": data}
     if is_url(data):
         if cache_dir is None:
@@ -183,49 +165,47 @@ def load_corpus(data: str, level: Level, valid_fraction: float = 0.1,
             source.update(kind="named", name=data)
         path = Path(resolve(data, log=lambda msg: print(msg, file=sys.stderr))).expanduser()
         source.setdefault("kind", "dir" if path.is_dir() else "file" if path.is_file() else "prefix")
-    layout, files = find_splits(path)
     source["path"] = str(path.resolve())
-    texts = {s: read_text(p) for s, p in files.items()}
-    if "valid" not in texts:  # single file, or a layout without a valid file: carve the tail off
-        if not 0.0 < valid_fraction < 1.0:
-            raise DataError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
-        whole = texts["train"]
-        cut = held_out_start(whole, level, valid_fraction)  # the tail `lstmgen eval` scores too
-        texts["train"], texts["valid"] = whole[:cut], whole[cut:]
-        source["valid_fraction"] = valid_fraction
-        if not texts["train"].strip() or not texts["valid"].strip():
-            raise DataError(f"{files['train']}: too little text to hold out {valid_fraction:.0%} for validation")
-    # chars: the alphabet of the whole corpus, as char-rnn and nanoGPT build it (a held-out tail may
-    # hold a symbol the training text lacks, e.g. Anna Karenina's licence text); words: PTB style,
-    # the training vocabulary, held-out words -> <unk>
-    vocab = Vocab.build(level, texts.values() if level == "char" else [texts["train"]],
-                        min_count=min_count, max_vocab=max_vocab)
-    ids = {"train": vocab.encode_corpus(texts["train"])}
-    for split in ("valid", "test"):
-        if split in texts:
-            try:
-                ids[split] = encode_split(vocab, texts[split], split)
-            except DataError as e:
-                raise DataError(f"{files.get(split, files['train'])}: {e}") from None
-    source.update(
-        layout=layout, level=level, vocab_size=len(vocab),
-        files={s: {"path": str(p.resolve()), "sha256": sha256_file(p), "bytes": p.stat().st_size}
-               for s, p in files.items()},
-        tokens={s: len(v) for s, v in ids.items()},
-    )
-    source["sha256"] = source["files"]["train"]["sha256"]  # the training text's identity
-    tensors = {s: torch.tensor(v, dtype=torch.long) for s, v in ids.items()}
-    return Corpus(vocab, tensors["train"], tensors["valid"], tensors.get("test"), source)
+    return path, source
+
+
+def _validation_split(texts: dict[str, str], files: dict[str, Path], files_info: dict[str, dict], level: str,
+                      valid_fraction: float, source: dict) -> ValidationSplit:
+    """The text validation reads: the valid file, or (none in the layout) the tail of the training
+    file, carved off `texts` here at the cut `lstmgen eval` scores too. Returns its record."""
+    named = {"corpus": source.get("name"), "url": source.get("url")}
+    if "valid" in texts:
+        info = files_info["valid"]
+        return ValidationSplit(files["valid"].name, info["sha256"], level, 0, len(texts["valid"]),
+                               path=info["path"], **named)
+    if not 0.0 < valid_fraction < 1.0:
+        raise DataError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
+    whole = texts["train"]
+    cut = held_out_start(whole, level, valid_fraction)
+    texts["train"], texts["valid"] = whole[:cut], whole[cut:]
+    source["valid_fraction"] = valid_fraction
+    if not texts["train"].strip() or not texts["valid"].strip():
+        raise DataError(f"{files['train']}: too little text to hold out {valid_fraction:.0%} for validation")
+    info = files_info["train"]
+    return ValidationSplit(files["train"].name, info["sha256"], level, cut, len(whole), valid_fraction,
+                           path=info["path"], **named)
+
+
+def _encode_split(vocab: Vocab, text: str, split: str, path: Path) -> np.ndarray:
+    """A split's ids [N] (text.encode, a file's lines); a symbol neither the vocabulary nor <unk>
+    covers is a DataError naming the file, the split and the symbols."""
+    try:
+        return encode(vocab, text, lines=True).ids
+    except UnknownTokensError as e:
+        hint = ("; train with --min-count N or --max-vocab N to map rare words to <unk>" if vocab.level == "word"
+                else " (clean the text, or put them in the training text)")
+        raise DataError(f"{path}: {split} split holds {e.describe('the training vocabulary')}{hint}") from None
 
 
 # -- TBPTT batching (pytorch/examples word_language_model) ------------------------------------------
 def batchify(ids: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """[N] -> [N // B, B]: column b is the b-th contiguous slice of the stream; the rest is dropped."""
-    n = ids.size(0) // batch_size
-    if n < 2:
-        raise DataError(f"{ids.size(0)} tokens are too few for {batch_size} streams (need at least "
-                        f"{2 * batch_size}); use a smaller batch size or more text")
-    return ids[: n * batch_size].view(batch_size, n).t().contiguous()  # [N, B]
+    """[N] -> [N // B, B] on the device of `ids`: text.batchify's contiguous streams as a tensor."""
+    return torch.from_numpy(pipeline.batchify(ids.cpu().numpy(), batch_size)).to(ids.device)  # [N, B]
 
 
 def get_batch(source: torch.Tensor, i: int, bptt: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""The frame model: [linear input layer] -> N x LSTM or GRU -> linear head.
+"""The frame model: [linear input layer] -> N x LSTM, GRU or an LSTM variant -> linear head.
 
 Regression predicts D_out values at every frame; classification reads the head's output at each
 sequence's last valid frame (the row-by-row MNIST tutorial's "last output"). Sequences of different
@@ -25,7 +25,7 @@ class FrameModelConfig:
     output_size: int  # D_out (regression) or the number of classes
     hidden_size: int = 128
     num_layers: int = 2
-    cell: Literal["lstm", "gru"] = "lstm"
+    cell: Literal["lstm", "gru", "peephole", "cifg"] = "lstm"
     projection_size: int = 0  # > 0: linear D_in -> P before the recurrent stack (no activation)
     dropout: float = 0.0
 
@@ -37,7 +37,7 @@ class FrameModel(nn.Module):
         width = cfg.projection_size or cfg.input_size
         self.proj = nn.Linear(cfg.input_size, cfg.projection_size) if cfg.projection_size else None
         self.drop = nn.Dropout(cfg.dropout)
-        # named after the cell, as in StackedLSTM: weights under lstm.* or gru.*
+        # named after the cell, as in StackedLSTM: weights under lstm.*, gru.*, peephole.* or cifg.*
         setattr(self, cfg.cell, make_rnn(cfg.cell, width, cfg.hidden_size, cfg.num_layers, cfg.dropout))
         self.head = nn.Linear(cfg.hidden_size, cfg.output_size)
 

@@ -1,10 +1,12 @@
-"""The stacked recurrent language model: embedding -> N x LSTM or GRU (dropout between) -> linear to vocab."""
+"""The stacked recurrent language model: embedding -> N x LSTM, GRU or an LSTM variant (dropout
+between) -> linear to vocab."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from lstmgen.manifest_schema import STATE_NAMES  # the manifest's names, one definition
+from lstmgen.train.cells import VARIANTS, VariantLSTM
 from lstmgen.train.config import ModelConfig
 
 # The recurrent state as a tuple of named tensors, each [L, B, H]: (h, c) for an LSTM, (h,) for a GRU.
@@ -12,18 +14,22 @@ State = tuple[torch.Tensor, ...]
 
 
 def make_rnn(cell: str, input_size: int, hidden_size: int, num_layers: int, dropout: float) -> nn.Module:
-    """nn.LSTM or nn.GRU, sequence first. Kept as torch's own modules, not hand-written cells:
-    export maps them onto the ONNX LSTM op, and nn.GRU onto ONNX GRU with linear_before_reset=1
-    (torch applies the reset gate after the recurrent matmul)."""
+    """nn.LSTM or nn.GRU, sequence first, or for "peephole" / "cifg" the hand-written VariantLSTM
+    (train/cells.py) with nn.LSTM's interface. torch's own modules where they exist: export maps
+    nn.LSTM and the variants onto the ONNX LSTM op, and nn.GRU onto ONNX GRU with
+    linear_before_reset=1 (torch applies the reset gate after the recurrent matmul)."""
     if cell not in STATE_NAMES:
         raise ValueError(f"cell must be one of {', '.join(STATE_NAMES)} (got {cell!r})")
+    dropout = dropout if num_layers > 1 else 0.0
+    if cell in VARIANTS:
+        return VariantLSTM(cell, input_size, hidden_size, num_layers, dropout)
     kind = nn.LSTM if cell == "lstm" else nn.GRU
-    return kind(input_size, hidden_size, num_layers, dropout=dropout if num_layers > 1 else 0.0)
+    return kind(input_size, hidden_size, num_layers, dropout=dropout)
 
 
 def run_rnn(rnn: nn.Module, cell: str, x, state: State) -> tuple[object, State]:
     """One call of the recurrent stack with the state as a tuple whatever the cell."""
-    if cell == "lstm":
+    if len(STATE_NAMES[cell]) == 2:  # (h, c): the LSTM and its variants
         y, (h, c) = rnn(x, state)
         return y, (h, c)
     y, h = rnn(x, state[0])
@@ -32,7 +38,8 @@ def run_rnn(rnn: nn.Module, cell: str, x, state: State) -> tuple[object, State]:
 
 class StackedLSTM(nn.Module):
     """The language model. The name stays for the checkpoints and imports that use it; with
-    cell="gru" the stack is a GRU (its weights under `gru.*` instead of `lstm.*`)."""
+    cell="gru" the stack is a GRU (its weights under `gru.*` instead of `lstm.*`), with "peephole"
+    or "cifg" that LSTM variant (under `peephole.*` / `cifg.*`)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

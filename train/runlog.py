@@ -12,6 +12,8 @@ import math
 import os
 from pathlib import Path
 
+from lstmgen.text import figure_text
+
 METRICS_CSV, STEPS_CSV, CURVES_PNG = "metrics.csv", "steps.csv", "curves.png"
 
 
@@ -75,8 +77,7 @@ def _best_note(level: str, metrics: list[dict[str, str]], best: float) -> str:
     if level == "classification":
         _, acc = _floats(metrics, "step", "val_accuracy")
         return f"best val loss {best:.4f}" + (f" (accuracy up to {max(acc):.2%})" if acc else "")
-    unit = f"ppl {math.exp(best):.2f}" if level == "word" else f"{best / math.log(2):.4f} bpc"
-    return f"best val {best:.4f} ({unit})"
+    return f"best val {best:.4f} ({figure_text(level, best)})"
 
 
 def plot_curves(run_dir: Path, level: str, title: str = "") -> Path | None:

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from lstmgen.train.config import PRESETS, TrainConfig
 from lstmgen.train.data import batchify, get_batch, load_corpus
 from lstmgen.train.model import StackedLSTM
-from lstmgen.train.trainer import make_optimizer, resolve_device, train
+from lstmgen.train.setup import make_optimizer, resolve_device
+from lstmgen.train.trainer import train
 
 
 @dataclass(frozen=True)

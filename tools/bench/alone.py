@@ -22,7 +22,7 @@ def scheduler_alone(bundle: Path, streams: int, seconds: float, prompt: str, max
     from lstmgen.serve.service import ServiceConfig, pace
     from lstmgen.tools.loadgen import request_seed, staggered_length
 
-    engine = Engine(bundle, EngineConfig(device="cpu", intra_op_threads=threads, spin="run"))  # serve's
+    engine = Engine(bundle, EngineConfig(device="cpu", intra_op_threads=threads))  # serve's spin
     settings = SAMPLING_MODES[mode]
     cfg = ServiceConfig()
 

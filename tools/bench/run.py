@@ -63,8 +63,8 @@ def raw_sections(cfg: BenchConfig, bundle: Path, vocab_size: int, ceiling: float
     batches = sorted(set(cfg.batches) | {n for n in cfg.concurrency if n <= max(cfg.batches)})
     # the raw step with ORT's default session options, at the server's thread count: with --threads N
     # the server's N-thread step is paired with an N-thread raw step, not with one on every core
-    raw_step = RawStep(bundle, EngineConfig(device="cpu", intra_op_threads=cfg.threads))
-    served = RawStep(bundle, EngineConfig(device="cpu", intra_op_threads=cfg.threads, spin="run"))
+    raw_step = RawStep(bundle, EngineConfig(device="cpu", intra_op_threads=cfg.threads, spin="on"))  # ORT's own
+    served = RawStep(bundle, EngineConfig(device="cpu", intra_op_threads=cfg.threads))  # the server's spin
     ort, steps = ort_steps(raw_step, batches, modes=cfg.sampling, served=served)
     del served  # its session's memory
     log("3. ORT step: " + ", ".join(f"B={b}: {v:,.0f} tok/s ({share(v, ceiling, CEILING)})" for b, v in ort.items()))
