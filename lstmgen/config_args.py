@@ -23,6 +23,7 @@ command line:
     hidden   True: the flag works but --help does not show it (a test hook)
     flag     its public name where that differs from --field-name ("--threads" for intra_op_threads);
              the namespace attribute follows the flag (args.threads)
+    aliases  older names the flag still answers to (a renamed setting keeps its users' command lines)
     scale    flag value = field value x scale: "--min-message-interval-ms" with scale 1000 fills a
              field in seconds, and shows its default in milliseconds
     metavar, choices    as argparse's (choices for a field typed str)
@@ -179,7 +180,7 @@ def add_dataclass_arguments(parser, cls, *, defaults: Any = None, only: Iterable
             elif fl.how == "append":
                 # argparse appends to a given default list; None here, and an absent flag keeps the field's
                 kw["action"], kw["default"] = "append", SUPPRESS if default is SUPPRESS else None
-        actions[fl.field.name] = container.add_argument(fl.name, **kw)
+        actions[fl.field.name] = container.add_argument(fl.name, *meta.get("aliases", ()), **kw)
     return actions
 
 

@@ -88,7 +88,7 @@ class Progress:
             rate, left = self.samples / max(now - self.t0, 1e-9), self.total - self.already - self.samples
         else:
             # the rate since tokens first came: the engine's warm-up and the first prompts'
-            # priming are paid once, and would make the first minutes' ETA far too long
+            # prefill are paid once, and would make the first minutes' ETA far too long
             t, n = self._first or (now, self.tokens)
             rate, left = (self.tokens - n) / max(now - t, 1e-9), max(self.budget - self.tokens, 0)
         return left / rate if rate > 0 else (0.0 if left <= 0 else None)

@@ -91,7 +91,7 @@ def _describe_text(cfg) -> str:
              + (f"{lim.max_request_bytes:,} bytes" if lim.max_request_bytes else "bytes: prompt and state limits")
              + f", output {lim.max_request_output:,} entries a request, {lim.max_unread_output:,} unread a stream",
              f"prefill chunk {cfg.scheduler.prefill_chunk}, a new prompt waits up to "
-             f"{cfg.scheduler.prime_wait_steps} decode steps for company",
+             f"{cfg.scheduler.prefill_wait_steps} decode steps for company",
              "prefix cache " + (f"{cfg.scheduler.prefix_cache_mb:g} MiB, every {cfg.scheduler.prefix_cache_every} tokens"
                                 if cfg.scheduler.prefix_cache_mb > 0 else "off"),
              f"messages {s.message_budget_per_s:g}/s, at least {s.min_message_interval_s * 1e3:g} ms apart"]
@@ -142,8 +142,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     for flag, value, least in (("--max-request-output", args.max_request_output, 1),
                                ("--max-unread-output", args.max_unread_output, 1),
-                               ("--prime-wait-steps", args.prime_wait_steps, 0),
-                               ("--prime-together", args.prime_together, 1),
+                               ("--prefill-wait-steps", args.prefill_wait_steps, 0),
+                               ("--prefill-together", args.prefill_together, 1),
                                ("--max-prefill-rows", args.max_prefill_rows, 1),
                                ("--max-stop-sequences", args.max_stop_sequences, 0),
                                ("--max-stop-sequence-chars", args.max_stop_sequence_chars, 1),

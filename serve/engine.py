@@ -188,7 +188,7 @@ class Engine:
         logits, *new = io.get_outputs()
         return logits.numpy(), tuple(new)
 
-    def prime(self, tokens: np.ndarray, lengths: np.ndarray, state: tuple) -> tuple[np.ndarray, tuple]:
+    def prefill(self, tokens: np.ndarray, lengths: np.ndarray, state: tuple) -> tuple[np.ndarray, tuple]:
         """Right-padded prompts tokens int64 [B, T], lengths [B] (1..T), the state to start from
         -> logits at each row's last token [B, V], and the state after it."""
         if self.prompt_session is not None:
@@ -196,9 +196,9 @@ class Engine:
             logits, *new = self.prompt_session.run(None, {
                 names[0]: tokens, names[1]: lengths.astype(np.int32), **dict(zip(names[2:], state))})
             return logits, tuple(new)
-        return self._prime_by_steps(tokens, lengths, state)
+        return self._prefill_by_steps(tokens, lengths, state)
 
-    def _prime_by_steps(self, tokens, lengths, state):
+    def _prefill_by_steps(self, tokens, lengths, state):
         """Fallback for bundles without a prompt graph: one step call per prompt position."""
         logits = None
         for t in range(tokens.shape[1]):

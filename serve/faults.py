@@ -54,5 +54,5 @@ class FaultyEngine:
             raise InjectedFault(f"injected step failure (test hook: every {self.every} steps; call {self.calls})")
         return self.engine.step(tokens, state)
 
-    def __getattr__(self, name):  # manifest, prime, zeros, provider, prompt_session: the real engine's
+    def __getattr__(self, name):  # manifest, prefill, zeros, provider, prompt_session: the real engine's
         return getattr(self.engine, name)

@@ -1,6 +1,6 @@
 """One request inside the engine: what it asked for, how far it has got, where its output goes.
 
-A `Generation` is made at admission (serve/admission.py), primed (serve/priming.py), then holds a
+A `Generation` is made at admission (serve/admission.py), prefilled (serve/prefill.py), then holds a
 row of the decode pool (serve/decode.py) until it finishes, fails, is cancelled or is parked.
 """
 from __future__ import annotations
@@ -50,8 +50,8 @@ class Generation:
     draws: Draws
     stopper: StopChecker
     sink: object  # where its output goes: a Stream or a CompletionSink (push/park/seq); opaque here
-    primed: int = 0  # prompt tokens consumed so far
-    # State after `primed` tokens while a long prompt is primed in chunks: each state tensor [L, H]
+    prefilled: int = 0  # prompt tokens consumed so far
+    # State after `prefilled` tokens while a long prompt is prefilled in chunks: each state tensor [L, H]
     partial: tuple[np.ndarray, ...] | None = None
     cancelled: bool = False  # set by the consumer's thread; read by the worker between steps
     released: bool = False  # its admission count was given back (Scheduler._release): once only
@@ -76,7 +76,7 @@ class Generation:
 
     @property
     def prompt_left(self) -> int:
-        return len(self.prompt_ids) - self.primed
+        return len(self.prompt_ids) - self.prefilled
 
     @property
     def per_token(self) -> bool:

@@ -1,7 +1,7 @@
 """Streamed completions (`"stream": true`): every choice's Stream merged into server-sent events.
 
-Each choice is a Stream read chunk by chunk and paced as a gRPC stream is (service.pace), so
-tokens made meanwhile ride in one event. `events` writes one OpenAI chunk per Stream chunk, then
+Each choice is a Stream read delta by delta and paced as a gRPC stream is (service.pace), so
+tokens made meanwhile ride in one event. `events` writes one OpenAI chunk per Stream delta, then
 the usage (when asked) and `[DONE]`; `EventStream` is the ASGI response that sends them and stops
 their source as soon as the client disconnects. Completions that are not streamed do not come
 here: they read each choice whole (serve/http_completions.py).
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, AsyncIterator
 import anyio
 
 from lstmgen.serve.openai_compat import CompletionRequest, usage_json
-from lstmgen.serve.records import Chunk
+from lstmgen.serve.records import Delta
 from lstmgen.serve.service import pace
 from lstmgen.serve.stream import Stream
 
@@ -36,17 +36,17 @@ def sse(obj: dict) -> bytes:
     return b"data: " + dumps(obj) + b"\n\n"
 
 
-async def merged(call: Call) -> AsyncIterator[tuple[int, Chunk]]:
-    """(choice index, chunk) from every choice's stream as they come. The queue is bounded: a
+async def merged(call: Call) -> AsyncIterator[tuple[int, Delta]]:
+    """(choice index, delta) from every choice's stream as they come. The queue is bounded: a
     client that stops reading stops the pumps, so its streams' rows park (Stream)."""
     queue: asyncio.Queue = asyncio.Queue(maxsize=2 * len(call.choices))
     scheduler, cfg = call.edge.scheduler, call.edge.cfg
 
     async def pump(i: int, stream: Stream) -> None:
         try:
-            async for chunk in stream:
-                await queue.put((i, chunk, None))
-                if chunk.finished is None:
+            async for delta in stream:
+                await queue.put((i, delta, None))
+                if delta.finished is None:
                     await pace(scheduler, cfg, stream)
             await queue.put((i, None, None))
         except Exception as e:  # the stream's error: the whole completion ends with it
@@ -56,31 +56,31 @@ async def merged(call: Call) -> AsyncIterator[tuple[int, Chunk]]:
     try:
         left = len(tasks)
         while left:
-            i, chunk, error = await queue.get()
+            i, delta, error = await queue.get()
             if error is not None:
                 raise error
-            if chunk is None:
+            if delta is None:
                 left -= 1
                 continue
-            call.took(chunk.token_count)
-            yield i, chunk
+            call.took(delta.token_count)
+            yield i, delta
     finally:
         for t in tasks:
             t.cancel()
 
 
 async def events(call: Call, creq: CompletionRequest, fmt) -> AsyncIterator[bytes]:
-    """Server-sent events: one per chunk, then the usage (when asked) and `[DONE]`. An error
+    """Server-sent events: one per delta, then the usage (when asked) and `[DONE]`. An error
     after the stream started arrives as an event holding the error body."""
     finished: list = [None] * len(call.choices)
     offsets = [0] * len(call.choices)
-    chunks = merged(call)
+    deltas = merged(call)
     try:
-        async for i, chunk in chunks:
-            finished[i] = chunk.finished
-            lps = list(chunk.logprobs) if creq.logprobs is not None else None
-            choice = fmt.delta(i, chunk.text, lps, offsets[i], chunk.finished)
-            offsets[i] += len(chunk.text)
+        async for i, delta in deltas:
+            finished[i] = delta.finished
+            lps = list(delta.logprobs) if creq.logprobs is not None else None
+            choice = fmt.delta(i, delta.text, lps, offsets[i], delta.finished)
+            offsets[i] += len(delta.text)
             yield sse({**call.head(fmt, fmt.chunk), "choices": [choice]})
         if creq.include_usage:
             yield sse({**call.head(fmt, fmt.chunk), "choices": [], "usage": usage_json(finished, creq.n)})
@@ -90,7 +90,7 @@ async def events(call: Call, creq: CompletionRequest, fmt) -> AsyncIterator[byte
         _status, body = call.failed(e, fmt.param)
         yield sse(body)
     finally:
-        await chunks.aclose()
+        await deltas.aclose()
         call.end()
 
 

@@ -1,7 +1,7 @@
 """Prometheus metrics, served over HTTP on their own port (`lstmgen serve --metrics-port`).
 
 Hot-path rule: the scheduler's worker thread reports once per model call (`on_decode`,
-`on_prime`), never per row or token. Row and queue gauges and the token counters are read from
+`on_prefill`), never per row or token. Row and queue gauges and the token counters are read from
 the scheduler only when /metrics is scraped. The edge (event loop) reports once per stream.
 Each server owns its registry: no module-level state, several servers per process are fine.
 """
@@ -82,7 +82,7 @@ class _SchedulerCollector:
 
     def collect(self):
         st = self.scheduler.stats()
-        yield GaugeMetricFamily("lstmgen_active_rows", "Rows in the model: priming plus generating",
+        yield GaugeMetricFamily("lstmgen_active_rows", "Rows in the model: prefill plus generating",
                                 value=st.active_rows)
         yield GaugeMetricFamily("lstmgen_generating_rows", "Rows in the decode batch", value=st.generating_rows)
         yield GaugeMetricFamily("lstmgen_parked_streams", "Streams whose generation waits for their reader to take "
@@ -91,7 +91,7 @@ class _SchedulerCollector:
         yield GaugeMetricFamily("lstmgen_streams_in_system", "Accepted streams not finished yet (queued + active)",
                                 value=self.scheduler.in_system)
         yield CounterMetricFamily("lstmgen_generated_tokens", "Tokens generated", value=st.tokens_generated)
-        yield CounterMetricFamily("lstmgen_prompt_tokens", "Prompt tokens primed", value=st.prompt_tokens)
+        yield CounterMetricFamily("lstmgen_prompt_tokens", "Prompt tokens prefilled", value=st.prompt_tokens)
         yield CounterMetricFamily("lstmgen_decode_steps", "Decode steps run", value=st.steps)
         yield self.itl.family("lstmgen_inter_token_latency_seconds",
                               "Gap between a row's consecutive tokens (per decode step, weighted by its rows)")
@@ -102,7 +102,7 @@ class _SchedulerCollector:
                                       value=pc.hits)
             yield CounterMetricFamily("lstmgen_prefix_cache_misses", "Prompts that found no cached prefix state",
                                       value=pc.misses)
-            yield CounterMetricFamily("lstmgen_prefix_cache_tokens_saved", "Prompt tokens not primed thanks to "
+            yield CounterMetricFamily("lstmgen_prefix_cache_tokens_saved", "Prompt tokens not prefilled thanks to "
                                       "the prefix cache", value=pc.tokens_saved)
             yield CounterMetricFamily("lstmgen_prefix_cache_evictions", "Prefix states dropped to stay in budget",
                                       value=pc.evictions)
@@ -128,16 +128,16 @@ class Metrics:
                              registry=r)
         self._rejections = {s: rejections.labels(s) for s in REASONS}
         self.ttft = Histogram("lstmgen_time_to_first_token_seconds",
-                              "From the call's arrival to its first token (queueing and priming included)",
+                              "From the call's arrival to its first token (queueing and prefill included)",
                               buckets=TTFT_BUCKETS, registry=r)
         step = Histogram("lstmgen_step_seconds", "Duration of one model call", ["kind"], buckets=STEP_BUCKETS,
                          registry=r)
         rows = Histogram("lstmgen_batch_rows", "Rows in one model call", ["kind"], buckets=ROW_BUCKETS, registry=r)
-        self._step_decode, self._step_prime = step.labels("decode"), step.labels("prompt")
+        self._step_decode, self._step_prefill = step.labels("decode"), step.labels("prompt")
         # beside the decode step: what choosing its tokens adds to each inter-token gap
         self._sampling = Histogram("lstmgen_sampling_seconds", "Choosing the next tokens of one decode step "
                                    "(penalties and the sampler, all rows)", buckets=STEP_BUCKETS, registry=r)
-        self._rows_decode, self._rows_prime = rows.labels("decode"), rows.labels("prompt")
+        self._rows_decode, self._rows_prefill = rows.labels("decode"), rows.labels("prompt")
         self.itl = WeightedHistogram(ITL_BUCKETS)
         self._http = None
 
@@ -154,9 +154,9 @@ class Metrics:
         if gap_s is not None:
             self.itl.observe(gap_s, rows)
 
-    def on_prime(self, rows: int, tokens: int, seconds: float) -> None:
-        self._step_prime.observe(seconds)
-        self._rows_prime.observe(rows)
+    def on_prefill(self, rows: int, tokens: int, seconds: float) -> None:
+        self._step_prefill.observe(seconds)
+        self._rows_prefill.observe(rows)
 
     def on_sample(self, rows: int, seconds: float) -> None:
         self._sampling.observe(seconds)

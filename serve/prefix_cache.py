@@ -1,5 +1,5 @@
 """A bounded cache of LSTM states after prompt prefixes, so a prompt that starts like an earlier one
-skips priming the part they share.
+skips prefill the part they share.
 
 An LSTM's whole memory after reading tokens t[0:n] is its state (today (h, c), each [L, H]; the
 cache takes any tuple of arrays). States are kept only at checkpoints, multiples of `every` tokens,
@@ -39,7 +39,7 @@ State = tuple[np.ndarray, ...]
 class PrefixCacheStats:
     hits: int  # lookups that found a cached prefix
     misses: int  # lookups that found none (every lookup counts while the cache is on)
-    tokens_saved: int  # prompt tokens not primed thanks to hits
+    tokens_saved: int  # prompt tokens not prefilled thanks to hits
     bytes_held: int  # entries' bytes, overheads included; never above the budget
     entries: int
     evictions: int  # entries dropped to make room
@@ -76,7 +76,7 @@ class PrefixCache:
 
     # -- chunk planning --------------------------------------------------------------------------
     def boundaries(self, start: int, n: int) -> range:
-        """Checkpoints p with start < p <= n - 1 for a prompt of n tokens primed up to `start`,
+        """Checkpoints p with start < p <= n - 1 for a prompt of n tokens prefilled up to `start`,
         in order (the first is the next one); empty when the cache is off."""
         if not self.enabled:
             return range(0)

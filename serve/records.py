@@ -31,12 +31,14 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True)
-class Chunk:
+class Delta:
+    """What a stream's reader takes at once: the text (and tokens) made since its last read."""
+
     text: str
     token_count: int
     finished: Finished | None = None
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when the request asked for them
-    state: GenerationState | None = None  # the state right after this chunk's last token
+    state: GenerationState | None = None  # the state right after this delta's last token
 
 
 class Emitted(NamedTuple):
@@ -52,7 +54,7 @@ class Emitted(NamedTuple):
 
 @dataclass(frozen=True)
 class Stats:
-    active_rows: int  # priming + generating
+    active_rows: int  # prefill + generating
     generating_rows: int
     queued: int
     steps: int
@@ -69,8 +71,8 @@ class StepObserver(Protocol):
         """One decode step for `rows` rows took `seconds`; `gap_s` is the time since the previous
         step's end (what each continuing row waited between tokens), None after an idle spell."""
 
-    def on_prime(self, rows: int, tokens: int, seconds: float) -> None:
-        """One prompt call primed `tokens` prompt tokens over `rows` rows in `seconds`."""
+    def on_prefill(self, rows: int, tokens: int, seconds: float) -> None:
+        """One prompt call prefilled `tokens` prompt tokens over `rows` rows in `seconds`."""
 
     def on_sample(self, rows: int, seconds: float) -> None:
         """Choosing the next tokens of one decode step's `rows` rows (penalties, the sampler) took
@@ -81,7 +83,7 @@ class NoObserver:
     def on_decode(self, rows: int, seconds: float, gap_s: float | None) -> None:
         pass
 
-    def on_prime(self, rows: int, tokens: int, seconds: float) -> None:
+    def on_prefill(self, rows: int, tokens: int, seconds: float) -> None:
         pass
 
     def on_sample(self, rows: int, seconds: float) -> None:

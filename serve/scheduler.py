@@ -2,7 +2,7 @@
 
 A worker thread owns the model, the prompts being read and the decode rows. Each iteration it
 (1) admits waiting requests, (2) reads new prompts a chunk at a time through the prompt graph
-(serve/priming.py), (3) runs ONE step for every decode row and turns its output into a StepResult
+(serve/prefill.py), (3) runs ONE step for every decode row and turns its output into a StepResult
 (serve/decode.py), then (4) hands each row's output to its sink and wakes the event loop once, for
 the readers that wait (serve/stream.py). Requests join and leave between steps, one row each
 (serve/pool.py); cancelled ones leave at the next. The event loop never blocks on the model: ONNX
@@ -28,7 +28,7 @@ from lstmgen.serve.errors import GenerationError, Overloaded, StepFailed
 from lstmgen.serve.generation import Generation
 from lstmgen.serve.params import GenerationRequest, Limits
 from lstmgen.serve.prefix_cache import PrefixCache
-from lstmgen.serve.priming import Primer
+from lstmgen.serve.prefill import Prefiller
 from lstmgen.serve.records import Emitted, NoObserver, Stats, StepObserver
 from lstmgen.serve.sampling import warm_up
 from lstmgen.serve.stream import Stream, wake_all
@@ -39,27 +39,28 @@ log = logging.getLogger("lstmgen.scheduler")
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    # prompt tokens per row per priming call (bounds others' stall)
-    prefill_chunk: int = option(512, "prompt tokens primed per call per request")
-    max_prefill_rows: int = option(64, "prompts primed together in one prompt call")
+    # prompt tokens per row per prefill call (bounds others' stall)
+    prefill_chunk: int = option(512, "prompt tokens read per prompt call per request")
+    max_prefill_rows: int = option(64, "prompts prefilled together in one prompt call")
     state_key: bytes | None = None  # the edge's state codec signs and checks blobs (--state-key); None: check only
     # States after prompt prefixes, kept at every `prefix_cache_every` tokens (serve/prefix_cache.py):
-    # prompts are then primed in chunks ending there. 0 MiB: off.
+    # prompts are then prefilled in chunks ending there. 0 MiB: off.
     prefix_cache_mb: float = option(64.0, "memory for states after prompt prefixes, so a prompt that begins "
                                           "like an earlier one skips that part (0: off)")
     prefix_cache_every: int = option(64, "keep a prefix state every this many prompt tokens (prompts are "
-                                         "primed in chunks ending there)")
+                                         "prefilled in chunks ending there)")
     # While a decode batch runs, new prompts wait up to this many decode steps for company (or
-    # until `prime_together` of them wait): a prompt call costs about what a whole decode step
+    # until `prefill_together` of them wait): a prompt call costs about what a whole decode step
     # does even for one short prompt (1.3 ms for 3 characters on char-rnn at 2 cores), and at 64
     # streams requests end one by one (one call per request cost char-rnn 11-13% at 64 streams).
     # As TGI's max_waiting_tokens, at a smaller scale. A prompt already begun (chunks, a prefix
     # cache hit, a continued state) never waits.
-    prime_wait_steps: int = option(8, "while a decode batch runs, a new prompt waits up to this many decode "
+    prefill_wait_steps: int = option(8, "while a decode batch runs, a new prompt waits up to this many decode "
                                       "steps for others to be read in the same prompt call: fewer, a sooner "
-                                      "first token; more, fewer calls (docs/benchmark.md)")
-    prime_together: int = option(8, "waiting prompts are read at once when this many wait "
-                                    "(before --prime-wait-steps is up)")
+                                      "first token; more, fewer calls (docs/benchmark.md)",
+                                      aliases=("--prime-wait-steps",))
+    prefill_together: int = option(8, "waiting prompts are read at once when this many wait "
+                                    "(before --prefill-wait-steps is up)", aliases=("--prime-together",))
 
 
 def _ids(gens) -> str:
@@ -85,7 +86,7 @@ class Scheduler(Worker):
         self.prefix_cache = (PrefixCache(int(cfg.prefix_cache_mb * 2**20), cfg.prefix_cache_every,
                                          f"{m.model_sha256}/{m.prompt_model_sha256}".encode())
                              if cfg.prefix_cache_mb > 0 else None)
-        self._primer = Primer(engine, cfg.prefill_chunk, self.prefix_cache)
+        self._prefiller = Prefiller(engine, cfg.prefill_chunk, self.prefix_cache)
         self._rows = DecodeRows(engine.state_shapes, limits.max_concurrent_streams,
                                 [self.vocab.piece(i) for i in range(len(self.vocab))], self.vocab.eot_id)
         warm_up()  # the sampler's kernels compile (or load) now, not on the first request
@@ -95,13 +96,13 @@ class Scheduler(Worker):
         self._open = 0  # accepted and not yet closed by its reader (Stream.close); guarded by _cv
         # owned by the worker thread
         self._waiting: deque[Generation] = deque()
-        self._priming: list[Generation] = []
+        self._prefilling: list[Generation] = []
         self._parked: list[Generation] = []  # out of the pool until their reader takes (Stream.park)
         self._over: list[Generation] = []  # rows whose stream passed max_unread in the last delivery
         self._fresh: list[Generation] = []  # rows that joined since the last decode step: their first token is next
         self._steps = self._tokens_generated = self._prompt_tokens = 0
         self._last_step_end: float | None = None  # None: no decode step since the pool was empty
-        self._prime_waited = 0  # decode steps the waiting prompts have waited for company
+        self._prefill_waited = 0  # decode steps the waiting prompts have waited for company
 
     @property
     def in_system(self) -> int:
@@ -126,13 +127,13 @@ class Scheduler(Worker):
 
     def stats(self) -> Stats:
         generating = len(self._rows)
-        return Stats(generating + len(self._priming), generating, len(self._waiting) + len(self._incoming),
+        return Stats(generating + len(self._prefilling), generating, len(self._waiting) + len(self._incoming),
                      self._steps, self._tokens_generated, self._prompt_tokens, len(self._parked))
 
     # -- submission (any thread but the worker) -------------------------------------------------------
     def submit(self, req: GenerationRequest, whole: bool = False) -> Stream:
         """Validate and enqueue; raises InvalidRequest, Overloaded or Unavailable at once. With
-        `whole`, the stream yields one chunk holding everything once generation ends (Stream)."""
+        `whole`, the stream yields one delta holding everything once generation ends (Stream)."""
         stream = Stream(on_close=self._stream_closed, whole=whole, max_unread=self.limits.max_unread_output,
                         on_room=self._room)
         stream.seq = admit(req, self.limits, self.vocab, stream, quiet=whole)
@@ -165,7 +166,7 @@ class Scheduler(Worker):
 
     # -- the worker thread ----------------------------------------------------------------------------
     def _has_work(self) -> bool:
-        return bool(self._incoming or self._unparked or self._waiting or self._priming or len(self._rows))
+        return bool(self._incoming or self._unparked or self._waiting or self._prefilling or len(self._rows))
 
     def _take_incoming(self) -> None:
         self._unpark(self._unparked)
@@ -179,27 +180,27 @@ class Scheduler(Worker):
             self._park()
         if not len(self._rows):
             self._last_step_end = None  # an idle spell is not an inter-token gap
-        room = self.limits.max_concurrent_streams - len(self._priming) - len(self._rows)
+        room = self.limits.max_concurrent_streams - len(self._prefilling) - len(self._rows)
         rejoining, joining = [], []
         while room > 0 and self._waiting:
             gen = self._waiting.popleft()
             if gen.rejoin is not None:
                 rejoining.append(gen)
             else:
-                self._primer.start(gen)
-                (joining if gen.prompt_left == 1 else self._priming).append(gen)
+                self._prefiller.start(gen)
+                (joining if gen.prompt_left == 1 else self._prefilling).append(gen)
             room -= 1
         if rejoining:
             self._charged(rejoining, "state restore", self._rejoin)
         if joining:
-            self._charged(joining, "prompt step", lambda rows: self._join(rows, self._primer.states(rows)))
-        if self._priming and (not len(self._rows) or len(self._priming) >= self.cfg.prime_together
-                              or self._prime_waited >= self.cfg.prime_wait_steps
-                              or any(g.partial is not None for g in self._priming)):  # mid-prompt: go on
-            self._prime_waited = 0
-            self._charged(self._priming[: self.cfg.max_prefill_rows], "prompt step", self._prime_chunk)
-        elif self._priming:
-            self._prime_waited += 1
+            self._charged(joining, "prompt step", lambda rows: self._join(rows, self._prefiller.states(rows)))
+        if self._prefilling and (not len(self._rows) or len(self._prefilling) >= self.cfg.prefill_together
+                              or self._prefill_waited >= self.cfg.prefill_wait_steps
+                              or any(g.partial is not None for g in self._prefilling)):  # mid-prompt: go on
+            self._prefill_waited = 0
+            self._charged(self._prefilling[: self.cfg.max_prefill_rows], "prompt step", self._prefill_step)
+        elif self._prefilling:
+            self._prefill_waited += 1
         if len(self._rows):
             self._isolated(list(self._rows.gens), "decode step", self._decode_step)
 
@@ -218,13 +219,13 @@ class Scheduler(Worker):
         # row dropped is a row released and vice versa (reading it twice, a cancel landing in
         # between released a row that stayed in the pool, and released it again a step later).
         gone: list[Generation] = []
-        if self._waiting or self._priming:
+        if self._waiting or self._prefilling:
             waiting = [(g, g.cancelled) for g in self._waiting]
-            priming = [(g, g.cancelled) for g in self._priming]
-            dropped = [g for g, c in waiting + priming if c]
+            prefill = [(g, g.cancelled) for g in self._prefilling]
+            dropped = [g for g, c in waiting + prefill if c]
             if dropped:
                 self._waiting = deque(g for g, c in waiting if not c)
-                self._priming = [g for g, c in priming if not c]
+                self._prefilling = [g for g, c in prefill if not c]
                 gone += dropped
         if self._parked:  # Stream.cancel hands a parked row back; this is the guard behind it
             parked = [(g, g.cancelled) for g in self._parked]
@@ -281,27 +282,27 @@ class Scheduler(Worker):
         """Assignments and row writes only: `rows` (built into `joining`) are in the decode rows."""
         self._rows.commit(joining)
         for g in rows:
-            g.primed, g.partial = len(g.prompt_ids), None
+            g.prefilled, g.partial = len(g.prompt_ids), None
         self._prompt_tokens += len(rows)  # each one's last prompt token, read by the next step
         self._fresh += rows
 
-    def _prime_chunk(self, rows: list[Generation]) -> None:
+    def _prefill_step(self, rows: list[Generation]) -> None:
         """One prompt-graph call advancing `rows` (up to max_prefill_rows prompts) by a chunk each;
         a row with one prompt token left joins the decode rows."""
-        chunk = self._primer.read(rows)  # a failure up to the commit changes nothing (_charged)
-        done = chunk.joining()
+        call = self._prefiller.read(rows)  # a failure up to the commit changes nothing (_charged)
+        done = call.joining()
         idx = np.asarray(done, dtype=np.int64)
         joined = (self._rows.joining([rows[i] for i in done], [rows[i].prompt_ids[-1] for i in done],
-                                     tuple(x[:, idx] for x in chunk.state)) if done else None)
+                                     tuple(x[:, idx] for x in call.state)) if done else None)
         # commit: assignments and row writes only
-        self._primer.commit(chunk, set(done))
-        n_tokens = int(chunk.lengths.sum())
+        self._prefiller.commit(call, set(done))
+        n_tokens = int(call.lengths.sum())
         self._prompt_tokens += n_tokens
-        self.observer.on_prime(len(rows), n_tokens, chunk.seconds)
-        self._primer.keep_prefixes(chunk)
+        self.observer.on_prefill(len(rows), n_tokens, call.seconds)
+        self._prefiller.keep_prefixes(call)
         if done:
             finished = {id(rows[i]) for i in done}
-            self._priming = [g for g in self._priming if id(g) not in finished]
+            self._prefilling = [g for g in self._prefilling if id(g) not in finished]
             self._commit_join([rows[i] for i in done], joined)
 
     # -- the decode step -----------------------------------------------------------------------------------
@@ -342,12 +343,12 @@ class Scheduler(Worker):
     # -- delivery ----------------------------------------------------------------------------------------------
     def _fail(self, gens: list[Generation], error: GenerationError) -> None:
         ids = {id(g) for g in gens}
-        self._priming = [g for g in self._priming if id(g) not in ids]
+        self._prefilling = [g for g in self._prefilling if id(g) not in ids]
         self._release(gens)
         self._deliver([Emitted(g, "", 0) for g in gens], error)
 
     def _abort_all(self, error: GenerationError) -> None:
-        gens = list(self._waiting) + self._priming + list(self._rows.gens) + self._parked
+        gens = list(self._waiting) + self._prefilling + list(self._rows.gens) + self._parked
         with self._cv:
             gens += self._incoming
             self._incoming.clear()

@@ -22,7 +22,7 @@ from lstmgen.serve.errors import (GenerationError, InvalidRequest, Overloaded, S
                                   Unavailable, WrongModel)
 from lstmgen.serve.metrics import Metrics
 from lstmgen.serve.params import MIN_TEMPERATURE, GenerationRequest, SamplingParams
-from lstmgen.serve.records import Chunk
+from lstmgen.serve.records import Delta
 from lstmgen.serve.scheduler import Scheduler
 from lstmgen.serve.stream import Stream
 from lstmgen.serve.state_blob import StateCodec
@@ -142,16 +142,16 @@ def request_from_pb(msg: pb.GenerateRequest, codec: StateCodec, request_id: str 
                              logit_bias=tuple(sorted(msg.logit_bias.items())))
 
 
-def chunk_to_pb(chunk: Chunk, codec: StateCodec) -> pb.GenerateResponse:
-    resp = pb.GenerateResponse(text=chunk.text, token_count=chunk.token_count)
-    f = chunk.finished
+def delta_to_pb(delta: Delta, codec: StateCodec) -> pb.GenerateResponse:
+    resp = pb.GenerateResponse(text=delta.text, token_count=delta.token_count)
+    f = delta.finished
     if f is not None:
         resp.finished.CopyFrom(pb.Finished(reason=_REASON[f.reason], prompt_tokens=f.prompt_tokens,
                                            generated_tokens=f.generated_tokens, seed=f.seed,
                                            stop_sequence=f.stop_sequence, held_text=f.held_text))
-    if chunk.state is not None:
-        resp.state = codec.encode(chunk.state)
-    for lp in chunk.logprobs:
+    if delta.state is not None:
+        resp.state = codec.encode(delta.state)
+    for lp in delta.logprobs:
         resp.logprobs.append(pb.TokenLogprob(
             token_id=lp.token_id, text=lp.text, logprob=lp.logprob,
             top=[pb.TopLogprob(token_id=t, text=text, logprob=v) for t, text, v in lp.top]))
@@ -215,12 +215,12 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             stream = self.scheduler.submit(request_from_pb(request, self.codec, rid))
             # Only once admitted: a rejection stays one cheap write (the id rides in the trailers).
             await context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
-            async for chunk in stream:
-                if tokens == 0 and chunk.token_count:
+            async for delta in stream:
+                if tokens == 0 and delta.token_count:
                     self.metrics.ttft.observe(time.perf_counter() - t0)
-                tokens += chunk.token_count
-                await context.write(chunk_to_pb(chunk, self.codec))
-                if chunk.finished is None:
+                tokens += delta.token_count
+                await context.write(delta_to_pb(delta, self.codec))
+                if delta.finished is None:
                     await pace(self.scheduler, self.cfg, stream)
             status = "OK"
         except grpc.aio.InternalError:  # a send failed in core: the client is gone (status stays CANCELLED)

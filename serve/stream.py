@@ -1,6 +1,6 @@
 """The consumer's end of one streamed request: output piles up under a lock, the reader takes it.
 
-Pacing, backpressure and the state cuts are described on `Stream`; `whole` streams (one chunk at
+Pacing, backpressure and the state cuts are described on `Stream`; `whole` streams (one delta at
 the end) serve readers that want the finished text only (serve/completion.py has the lighter
 sink for callers without an event loop).
 """
@@ -12,7 +12,7 @@ from typing import Callable
 
 from lstmgen.serve.errors import GenerationError
 from lstmgen.serve.generation import Generation
-from lstmgen.serve.records import Chunk, Finished, TokenLogprob
+from lstmgen.serve.records import Delta, Finished, TokenLogprob
 from lstmgen.serve.state_blob import GenerationState
 
 
@@ -27,14 +27,14 @@ class Stream:
     reader asks past the end only once the last message is written, so a client that stops
     reading keeps its slot (and its unread output is bounded by the admission limits).
 
-    With `whole`, the reader gets one chunk with everything, once the stream has ended: offline
+    With `whole`, the reader gets one delta with everything, once the stream has ended: offline
     sampling reads no text token by token, and at batch 256 a wake-up per token per row would
     take the cores ONNX Runtime needs.
 
-    A state pushed with the output (state_every) cuts the pile there: the reader's chunk ends at
+    A state pushed with the output (state_every) cuts the pile there: the reader's delta ends at
     the newest state and carries it, and what came after waits for the next read (the stream's end
-    included). So a chunk with a state holds exactly the text up to that state, which is what a
-    resuming client needs, and every chunk that spans a state_every boundary carries one.
+    included). So a delta with a state holds exactly the text up to that state, which is what a
+    resuming client needs, and every delta that spans a state_every boundary carries one.
 
     Backpressure: past `max_unread` entries unread (a token, a logprob and each alternative
     count one), `push` says so and the worker parks the row (its state kept, out of the batch);
@@ -97,7 +97,7 @@ class Stream:
             self.parked = self._unread > self._max_unread // 2 and not self.seq.cancelled
             return self.parked
 
-    def _take(self) -> Chunk | None:
+    def _take(self) -> Delta | None:
         """Everything since the last read, or None (and the reader marked waiting) when empty."""
         with self._lock:
             error = self._error
@@ -105,7 +105,7 @@ class Stream:
                 if not (self._tokens or self._text or self._finished) or (self.whole and not self._finished):
                     self._reader_waiting = True
                     return None
-                chunk = self._chunk()
+                delta = self._delta()
                 room = self.parked and self._unread <= self._max_unread // 2
                 self.parked = self.parked and not room
         if error is not None:
@@ -114,33 +114,33 @@ class Stream:
             raise error
         if room:
             self._on_room(self.seq)
-        self.done = chunk.finished is not None
-        return chunk
+        self.done = delta.finished is not None
+        return delta
 
-    def _chunk(self) -> Chunk:
+    def _delta(self) -> Delta:
         """Under _lock: everything piled up, or up to the newest state (see the class docstring)."""
         cut, self._cut = self._cut, None
         at_end = cut is not None and cut[:3] == (len(self._text), self._tokens, len(self._logprobs))
-        # an ended stream's pile is cut too (its end comes in the next chunk): a reader that fell
+        # an ended stream's pile is cut too (its end comes in the next delta): a reader that fell
         # behind must still get the latest state (only `whole` readers take everything at once)
         if cut is None or at_end or (self._finished is not None and self.whole):
-            chunk = Chunk("".join(self._text), self._tokens, self._finished, tuple(self._logprobs),
+            delta = Delta("".join(self._text), self._tokens, self._finished, tuple(self._logprobs),
                           cut[3] if at_end else None)
             self._text, self._tokens, self._logprobs, self._unread = [], 0, [], 0
-            return chunk
+            return delta
         n_text, n_tokens, n_logprobs, state = cut
-        chunk = Chunk("".join(self._text[:n_text]), n_tokens, None, tuple(self._logprobs[:n_logprobs]), state)
+        delta = Delta("".join(self._text[:n_text]), n_tokens, None, tuple(self._logprobs[:n_logprobs]), state)
         self._text, self._logprobs = self._text[n_text:], self._logprobs[n_logprobs:]
         self._tokens -= n_tokens
         self._unread = self._tokens + sum(1 + len(lp.top) for lp in self._logprobs)
-        return chunk
+        return delta
 
-    async def next(self) -> Chunk | None:
-        """The next chunk of output; None once the stream has ended. Raises the request's error."""
+    async def next(self) -> Delta | None:
+        """The next delta of output; None once the stream has ended. Raises the request's error."""
         while not self.done:
-            chunk = self._take()
-            if chunk is not None:
-                return chunk
+            delta = self._take()
+            if delta is not None:
+                return delta
             await self._ready.wait()
             self._ready.clear()
         self.close()  # asked past the last message: the reader has all of it
@@ -166,11 +166,11 @@ class Stream:
     def __aiter__(self):
         return self
 
-    async def __anext__(self) -> Chunk:
-        chunk = await self.next()
-        if chunk is None:
+    async def __anext__(self) -> Delta:
+        delta = await self.next()
+        if delta is None:
             raise StopAsyncIteration
-        return chunk
+        return delta
 
     def cancel(self) -> None:
         """The consumer went away: the row leaves the batch at the next step (a parked row is

@@ -120,7 +120,7 @@ class Worker:
         raise NotImplementedError
 
     def _charged(self, rows: list, what: str, part: Callable[[list], None]) -> None:
-        """`_isolated` for a part that brings `rows` into a shared call (priming, joining the pool),
+        """`_isolated` for a part that brings `rows` into a shared call (prefill, joining the pool),
         where one request's value can fail the call for all. On a failure the rows are tried in
         halves and the failing half is split again, so the failure ends only the request that
         caused it (about 2 log2(N) calls); when both halves fail the cause is shared (a model that

@@ -75,8 +75,8 @@ def test_a_finished_stream_does_not_wait_out_its_pacing_interval(bundles, tmp_pa
 
 
 def test_the_prompt_wait_reaches_the_server(bundles, tmp_path):
-    """--prime-wait-steps is the server's setting: its logged config says so, and it serves."""
-    chunks, _ = timed_stream(bundles["char"], tmp_path / "srv.log", ("--prime-wait-steps", "0"), max_new_tokens=5)
+    """--prefill-wait-steps is the server's setting: its logged config says so, and it serves."""
+    chunks, _ = timed_stream(bundles["char"], tmp_path / "srv.log", ("--prefill-wait-steps", "0"), max_new_tokens=5)
     assert sum(ch.token_count for ch in chunks) == 5 and chunks[-1].finished is not None
     assert "a new prompt waits up to 0 decode steps" in (tmp_path / "srv.log").read_text()
 

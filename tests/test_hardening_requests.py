@@ -35,7 +35,7 @@ def rss_mb(metrics_url: str) -> float:
 
 def test_an_out_of_range_integer_ends_nobody_else(server):
     """top_k = 10^20 over HTTP failed inside the prompt call it shared and ended the gRPC streams
-    primed with it (8 of 30). Now it is refused at admission, and all 30 streams finish."""
+    prefilled with it (8 of 30). Now it is refused at admission, and all 30 streams finish."""
     target, base, _, log = server
     results, bad = {}, []
 

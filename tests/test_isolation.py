@@ -68,11 +68,11 @@ def test_every_numeric_field_is_range_checked(field, value):
     assert e.value.field == field
 
 
-@pytest.mark.parametrize("prompt", ["First Citizen", "F"])  # primed through the prompt graph / joined at once
+@pytest.mark.parametrize("prompt", ["First Citizen", "F"])  # prefilled through the prompt graph / joined at once
 def test_a_value_that_fails_a_shared_call_ends_only_its_request(engine, monkeypatch, prompt):
     """A request whose value passed validation but fails inside the call it shares with others
     (as top_k = 10^20 did before validation knew the kernels' range) ends alone, with INTERNAL;
-    the requests primed beside it get exactly the text they get alone."""
+    the requests prefilled beside it get exactly the text they get alone."""
     good = [req(prompt, n=20, seed=i, temperature=0.8, top_k=5) for i in range(7)]
     alone = [run(engine, [r])[0] for r in good]
     monkeypatch.setattr(scheduler_module, "validate", lambda r, limits: r.max_new_tokens)  # a validation gap
@@ -138,7 +138,7 @@ class _BrokenPrime:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def prime(self, *args):
+    def prefill(self, *args):
         self.calls += 1
         raise RuntimeError("the prompt graph cannot run")
 

@@ -72,7 +72,7 @@ def test_logprobs_match_an_offline_log_softmax(bundles, char_server):
 
     engine = Engine(bundles["char"], EngineConfig(device="cpu"))
     ids = engine.manifest.vocab.encode("First")
-    logits, _ = engine.prime(np.array([ids]), np.array([len(ids)]), engine.zeros(1))
+    logits, _ = engine.prefill(np.array([ids]), np.array([len(ids)]), engine.zeros(1))
     x = logits[0].astype(np.float64)
     want = x - (x.max() + np.log(np.exp(x - x.max()).sum()))
     with Client(char_server.target) as c:

@@ -57,7 +57,7 @@ def test_batched_equals_alone_with_staggered_arrivals(engine):
     assert all(fin.generated_tokens == r.max_new_tokens for (_, fin), r in zip(together, reqs))
 
 
-def test_chunked_priming_matches_one_call(engine):
+def test_chunked_prefill_matches_one_call(engine):
     reqs = [req(p * 3, seed=4) for p in PROMPTS]
     whole = run_all(engine, reqs)
     chunked = run_all(engine, reqs, cfg=SchedulerConfig(prefill_chunk=4, max_prefill_rows=2))
@@ -66,7 +66,7 @@ def test_chunked_priming_matches_one_call(engine):
 
 def test_prompt_graph_and_step_fallback_agree(engine, bundles):
     no_prompt_graph = Engine(bundles["char"], EngineConfig(device="cpu"))
-    no_prompt_graph.prompt_session = None  # forces priming through the step graph
+    no_prompt_graph.prompt_session = None  # forces prefill through the step graph
     reqs = [req(p, seed=9) for p in PROMPTS]
     assert run_all(no_prompt_graph, reqs) == run_all(engine, reqs)
 
@@ -125,8 +125,8 @@ class FlakyEngine:
     def zeros(self, b):
         return self.engine.zeros(b)
 
-    def prime(self, *a):
-        return self.engine.prime(*a)
+    def prefill(self, *a):
+        return self.engine.prefill(*a)
 
     def step(self, tokens, state):
         if self.fail_steps:
@@ -283,18 +283,18 @@ class CountingEngine(FlakyEngine):
         super().__init__(engine)
         self.prime_rows: list[int] = []
 
-    def prime(self, tokens, lengths, state):
+    def prefill(self, tokens, lengths, state):
         self.prime_rows.append(len(tokens))
-        return self.engine.prime(tokens, lengths, state)
+        return self.engine.prefill(tokens, lengths, state)
 
 
 @pytest.mark.parametrize("wait_steps", [0, 10_000])
 def test_new_prompts_wait_for_company_while_a_batch_runs(engine, wait_steps):
     """While a decode batch runs, prompts arriving one by one are read in one call once
-    `prime_together` of them wait (or after `prime_wait_steps`); with no wait, one call each.
+    `prefill_together` of them wait (or after `prefill_wait_steps`); with no wait, one call each.
     The text is the same either way."""
     counting = CountingEngine(engine)
-    cfg = SchedulerConfig(prime_wait_steps=wait_steps, prime_together=3)
+    cfg = SchedulerConfig(prefill_wait_steps=wait_steps, prefill_together=3)
     late = [req(p, n=10, seed=i) for i, p in enumerate(["First", "You are", "Before we"])]
 
     async def main():

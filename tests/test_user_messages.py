@@ -40,7 +40,7 @@ def test_serve_logs_a_readable_config_without_unset_test_hooks(char_server):
     plain = described()
     assert "{" not in plain and "inject" not in plain and "bundle b; grpc 0.0.0.0:50051" in plain
     assert "TEST HOOKS inject_step_failure_every 3" in described("--inject-step-failure-every", "3")
-    assert "waits up to 8 decode steps" in plain and "waits up to 2 decode steps" in described("--prime-wait-steps", "2")
+    assert "waits up to 8 decode steps" in plain and "waits up to 2 decode steps" in described("--prefill-wait-steps", "2")
     logged = char_server.log.read_text()
     assert "config: bundle " in logged and "inject" not in logged and "{'" not in logged
 
@@ -93,6 +93,6 @@ def test_eval_defaults_to_auto_and_skips_unknown_chars(tmp_path, bundles, capsys
 
 
 def test_serve_refuses_a_negative_prompt_wait_before_loading_anything(capsys, tmp_path):
-    assert main(["serve", str(tmp_path / "no-bundle"), "--prime-wait-steps", "-1"]) == 2
+    assert main(["serve", str(tmp_path / "no-bundle"), "--prefill-wait-steps", "-1"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--prime-wait-steps must be >= 0 (got -1)" in err
+    assert err.count("\n") == 1 and "--prefill-wait-steps must be >= 0 (got -1)" in err

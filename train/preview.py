@@ -15,7 +15,7 @@ TOKENS = {"char": 160, "word": 40}  # a few lines of text at either level
 TEMPERATURE = 0.8
 
 
-def _prime(vocab: Vocab) -> int:
+def _start_token(vocab: Vocab) -> int:
     """Start where a line starts: after a newline (<eos> for words), else from the first token."""
     return vocab.stoi.get("\n" if vocab.level == "char" else EOS, 0)
 
@@ -35,7 +35,7 @@ def sample_text(model: StackedLSTM, vocab: Vocab, *, seed: int, tokens: int | No
     model.eval()
     try:
         state = model.init_state(1, device)
-        x = torch.tensor([[_prime(vocab)]], device=device)  # [T=1, B=1]
+        x = torch.tensor([[_start_token(vocab)]], device=device)  # [T=1, B=1]
         ids = []
         for _ in range(tokens or TOKENS[vocab.level]):
             logits, state = model(x, state)  # [1, 1, V]
