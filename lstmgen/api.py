@@ -38,7 +38,9 @@ class Completion:
 
 
 @dataclass(frozen=True)
-class ModelInfo:
+class EngineInfo:
+    """The model a Generator runs in this process (GetModelInfo's ModelInfo describes a server's)."""
+
     level: str
     vocab_size: int
     num_layers: int
@@ -47,19 +49,22 @@ class ModelInfo:
     execution_provider: str
 
 
+ModelInfo = EngineInfo  # its earlier name, kept for existing code
+
+
 class Generator:
     """Text from a bundle in this process. `generate` may be called from any thread; `close()` (or
     `with`) stops the worker."""
 
     def __init__(self, bundle: str | os.PathLike, *, device: str = "auto", threads: int = 0, limits=None):
         from lstmgen.serve.engine import Engine, EngineConfig
-        from lstmgen.serve.params import Limits
+        from lstmgen.serve.params import RequestLimits
         from lstmgen.serve.scheduler import Scheduler
 
         engine = Engine(str(bundle), EngineConfig(device=device, intra_op_threads=threads))
-        self._scheduler = Scheduler(engine, limits or Limits())
+        self._scheduler = Scheduler(engine, limits or RequestLimits())
         m = engine.manifest
-        self.info = ModelInfo(m.level, m.vocab_size, m.num_layers, m.hidden_size, m.quantization, engine.provider)
+        self.info = EngineInfo(m.level, m.vocab_size, m.num_layers, m.hidden_size, m.quantization, engine.provider)
         self._scheduler.start()
 
     def generate(self, prompts: str | Sequence[str], *, max_new_tokens: int | None = None,
@@ -84,7 +89,7 @@ class Generator:
                                   sampling=base if seed is None else replace(base, seed=nth_seed(seed, i)),
                                   seed_given=seed is not None, skip_unknown=skip_unknown, logprobs=logprobs,
                                   top_logprobs=top_logprobs) for i, p in enumerate(items)]
-        # Admission is bounded (Limits); more prompts than rows wait here, not in the queue.
+        # Admission is bounded (RequestLimits); more prompts than rows wait here, not in the queue.
         # As they end, not in order: a finished result held behind a long earlier prompt would
         # take a window slot and hold the rest back.
         window = self._scheduler.limits.max_concurrent_streams

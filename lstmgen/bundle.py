@@ -15,7 +15,7 @@ manifest.json (format_version 1; fields added later have defaults, so older mani
   frames    kind "frames" only: {"task": "regression"|"classification", "input_size": D_in,
             "output_size": D_out or the number of classes, "class_names": [...],
             "standardize": {"mode": "none"|"global"|"sequence", ...} (applied to the inputs before the
-            graph, as train/frames.py Standardizer does), "sequence_model_file", "sequence_model_sha256",
+            graph, as train/frame_data.py Standardizer does), "sequence_model_file", "sequence_model_sha256",
             "sequence_inputs"}
   embedding_size  the width the recurrent stack reads: the token embedding (text), the input
             projection or else D_in (frames)
@@ -95,7 +95,7 @@ class FrameSpec:
     input_size: int  # D_in
     output_size: int  # D_out (regression) or the number of classes
     class_names: tuple[str, ...] = ()  # classification: class index -> name
-    # the checkpoint's standardisation of the inputs, applied before the graphs (train/frames.py):
+    # the checkpoint's standardisation of the inputs, applied before the graphs (train/frame_data.py):
     # {"mode": "none"} | {"mode": "global", "mean": [D_in], "std": [D_in], ...} |
     # {"mode": "sequence", "std_floor": ..., "ddof": 0, ...} (each sequence by its own statistics)
     standardize: dict = field(default_factory=lambda: {"mode": "none"})

@@ -2,7 +2,7 @@
 Runtime, no torch), so what is measured is what a server runs: its checksum checks, its contract
 checks of the graphs against the manifest, its provider choice (`device`, as `lstmgen eval`).
 
-The data is read and split exactly as the trainer does (train/frames.py `load_frames`, torch-free:
+The data is read and split exactly as the trainer does (train/frame_data.py `load_frames`, torch-free:
 the same fixed held-out parts, e.g. builtin:digits' every-fifth image, builtin:sin-cos' test wave),
 left unstandardised, then standardised from the *manifest's* `frames.standardize` - what a server
 must do, so the figure also checks that the manifest is enough. Then:
@@ -31,7 +31,7 @@ from lstmgen.bundle import Manifest, load_manifest
 from lstmgen.errors import UsageError, UserError
 from lstmgen.serve.engine import EngineConfig
 from lstmgen.serve.frame_engine import FrameEngine
-from lstmgen.train.frames import Sequences, Standardizer, load_frames, to_streams
+from lstmgen.train.frame_data import Sequences, Standardizer, load_frames, to_streams
 
 GRAPHS = ("sequence", "step")
 

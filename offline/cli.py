@@ -24,7 +24,7 @@ from lstmgen.offline.progress import Progress
 from lstmgen.offline.prompts import INT_RANGES, Fingerprint, InputError, read_items, shown, span
 from lstmgen.offline.resume import (ResumeError, check_same_run, extra_lines_warning, finished_keys, max_tokens_of,
                                     repair, run_file, skip_finished, write_run_file)
-from lstmgen.serve.params import Limits, SamplingParams
+from lstmgen.serve.params import RequestLimits, SamplingParams
 
 
 # Config fields without a flag of their own -> the flag that sets them (tests/test_config_args.py):
@@ -235,7 +235,7 @@ def _finished(journal: Path, fmt: str, checked: CheckedInput, total: int):
     return finished.keys
 
 
-def _sample(engine, limits: Limits, jobs, window: int, ordered: bool, appender: DurableAppender, fmt: str,
+def _sample(engine, limits: RequestLimits, jobs, window: int, ordered: bool, appender: DurableAppender, fmt: str,
             progress: Progress) -> tuple[int, int]:
     from lstmgen.offline.runner import results
     from lstmgen.serve.scheduler import Scheduler

@@ -16,7 +16,7 @@ from lstmgen.config_args import option
 from lstmgen.offline.prompts import SAMPLING_FIELDS, Fingerprint, InputError, PromptItem, parse_item, read_records
 from lstmgen.serve.completion import nth_seed
 from lstmgen.serve.errors import InvalidRequest
-from lstmgen.serve.params import GenerationRequest, Limits, SamplingParams, validate
+from lstmgen.serve.params import GenerationRequest, RequestLimits, SamplingParams, validate
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ class CheckedInput:
     max_tokens: array | None = None  # max_new_tokens per prompt, with `counts` (4 bytes a prompt)
 
 
-def check_input(path: str, cfg: SampleConfig, limits: Limits, counts: bool = False) -> CheckedInput:
+def check_input(path: str, cfg: SampleConfig, limits: RequestLimits, counts: bool = False) -> CheckedInput:
     """Reads the whole input once (streaming) and checks every record's fields, types and ranges;
     raises InputError naming the file and line. `counts`: also keep each prompt's sample count
     (what `--resume` needs to tell a foreign output line from a finished sample) and max_new_tokens

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from lstmgen.offline.jobs import Job
 from lstmgen.serve.completion import Completed, completions
 from lstmgen.serve.errors import GenerationError, InvalidRequest
-from lstmgen.serve.params import Limits
+from lstmgen.serve.params import RequestLimits
 from lstmgen.serve.scheduler import Scheduler
 
 
@@ -26,9 +26,9 @@ class Result:
     retry: bool = False  # a transient failure: not written, so --resume runs it again
 
 
-def offline_limits(batch_size: int, window: int, max_new_tokens: int) -> Limits:
+def offline_limits(batch_size: int, window: int, max_new_tokens: int) -> RequestLimits:
     # The window bounds what is in the system, so the scheduler never refuses a job as overloaded.
-    return Limits(max_new_tokens=max(Limits().max_new_tokens, max_new_tokens),
+    return RequestLimits(max_new_tokens=max(RequestLimits().max_new_tokens, max_new_tokens),
                   max_concurrent_streams=batch_size, max_queued_streams=window + 1)
 
 
@@ -82,7 +82,7 @@ class Sampler:
     """A started Scheduler for callers that sample blocks of jobs (a Ray actor): `run(jobs)`
     blocks until every job has finished."""
 
-    def __init__(self, engine, limits: Limits):
+    def __init__(self, engine, limits: RequestLimits):
         self.scheduler = Scheduler(engine, limits)
         self.scheduler.start()
 

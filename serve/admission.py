@@ -11,14 +11,14 @@ from dataclasses import replace
 import numpy as np
 
 from lstmgen.serve.generation import Draws, Generation
-from lstmgen.serve.params import GenerationRequest, Limits, check_bias_ids, encode_prompt, validate
+from lstmgen.serve.params import GenerationRequest, RequestLimits, check_bias_ids, encode_prompt, validate
 from lstmgen.serve.penalties import TokenHistory
 from lstmgen.serve.state_blob import rng_at
 from lstmgen.serve.stopping import StopChecker
 from lstmgen.vocab import Vocab
 
 
-def admit(req: GenerationRequest, limits: Limits, vocab: Vocab, sink: object, quiet: bool = False) -> Generation:
+def admit(req: GenerationRequest, limits: RequestLimits, vocab: Vocab, sink: object, quiet: bool = False) -> Generation:
     """Raises InvalidRequest naming the field; `sink` receives the output (Stream, CompletionSink)."""
     max_new = validate(req, limits)
     check_bias_ids(req, len(vocab))

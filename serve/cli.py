@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lstmgen import config_args
 from lstmgen.errors import UserError
-from lstmgen.serve.params import Limits
+from lstmgen.serve.params import RequestLimits
 
 
 # Config fields without a flag of their own -> the flag that sets them (tests/test_config_args.py):
@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add(p, ServerConfig, only=("bundle", "host", "port", "grace_s", "frame_idle_timeout_s", "switch_interval_s",
                                "inject_step_failure_every", "inject_worker_crash_at_step"))
     add(p, EngineConfig, group="ONNX Runtime")
-    add(p, Limits, group="limits (reported in GetModelInfo and /v1/models)")
+    add(p, RequestLimits, group="limits (reported in GetModelInfo and /v1/models)")
     add(p, SchedulerConfig, exclude=SERVE_ELSEWHERE, group="prompts and batching")
     add(p, ServiceConfig, group="message pacing")
     add(p, ServerConfig, only=("tls_cert", "tls_key", "auth_token_file", "state_key_file"), group="security")

@@ -11,7 +11,7 @@ import grpc
 
 from lstmgen.serve.errors import GenerationError, InvalidRequest, WrongModel
 from lstmgen.serve.frame_stream import FrameOutput, FrameStream
-from lstmgen.serve.frames import FrameScheduler
+from lstmgen.serve.frame_scheduler import FrameScheduler
 from lstmgen.serve.service import REQUEST_ID_KEY, _abort_gone, _lenient, _not_a_message, request_id, status_for
 from lstmgen.serve.state_blob import StateCodec
 from lstmgen_client.v1 import generator_pb2 as pb

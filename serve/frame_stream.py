@@ -1,5 +1,5 @@
 """One frame stream: the frames a client sent and the model has not run yet, and the outputs it
-has not read yet, each bounded (serve/frames.py runs them)."""
+has not read yet, each bounded (serve/frame_scheduler.py runs them)."""
 from __future__ import annotations
 
 import asyncio

@@ -56,7 +56,7 @@ class WeightedHistogram:
 
 
 class _FrameCollector:
-    """A frame model's scheduler (serve/frames.py), read at scrape time."""
+    """A frame model's scheduler (serve/frame_scheduler.py), read at scrape time."""
 
     def __init__(self, scheduler):
         self.scheduler = scheduler

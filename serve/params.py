@@ -20,7 +20,7 @@ log = logging.getLogger("lstmgen.params")
 
 
 @dataclass(frozen=True)
-class Limits:
+class RequestLimits:
     max_prompt_chars: int = option(16_384, "longest prompt accepted")
     max_new_tokens: int = option(4_096, "largest max_new_tokens accepted")
     default_new_tokens: int = option(256, "max_new_tokens when a request leaves it unset")
@@ -139,7 +139,7 @@ def shown_value(v: object) -> str:
     return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
 
 
-def validate(req: GenerationRequest, limits: Limits) -> int:
+def validate(req: GenerationRequest, limits: RequestLimits) -> int:
     """Check every field against the range the kernels accept, before the request shares a step
     with anyone (a value that fails inside a shared step would end the other rows too); returns
     the effective max_new_tokens."""

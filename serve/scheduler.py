@@ -26,7 +26,7 @@ from lstmgen.serve.decode import DecodeRows, StepResult
 from lstmgen.serve.engine import Engine
 from lstmgen.serve.errors import GenerationError, Overloaded, StepFailed
 from lstmgen.serve.generation import Generation
-from lstmgen.serve.params import GenerationRequest, Limits
+from lstmgen.serve.params import GenerationRequest, RequestLimits
 from lstmgen.serve.prefix_cache import PrefixCache
 from lstmgen.serve.prefill import Prefiller
 from lstmgen.serve.records import Emitted, NoObserver, Stats, StepObserver
@@ -72,7 +72,7 @@ class Scheduler(Worker):
 
     thread_name, what = "lstmgen-scheduler", "generation worker"
 
-    def __init__(self, engine: Engine, limits: Limits = Limits(), cfg: SchedulerConfig = SchedulerConfig(),
+    def __init__(self, engine: Engine, limits: RequestLimits = RequestLimits(), cfg: SchedulerConfig = SchedulerConfig(),
                  observer: StepObserver | None = None,
                  on_fatal: Callable[[BaseException], None] | None = None):
         super().__init__(on_fatal)

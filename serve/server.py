@@ -21,10 +21,10 @@ from lstmgen.config_args import option
 from lstmgen.serve.engine import Engine, EngineConfig
 from lstmgen.serve.frame_engine import FrameEngine
 from lstmgen.serve.frame_service import FrameService, frame_model_info
-from lstmgen.serve.frames import FrameLimits, FrameScheduler
+from lstmgen.serve.frame_scheduler import FrameLimits, FrameScheduler
 from lstmgen.serve.faults import FaultyEngine
 from lstmgen.serve.metrics import Metrics
-from lstmgen.serve.params import Limits, request_bytes_for
+from lstmgen.serve.params import RequestLimits, request_bytes_for
 from lstmgen.serve.reflection import enable_reflection
 from lstmgen.serve.scheduler import Scheduler, SchedulerConfig
 from lstmgen.serve.service import GeneratorService, ServiceConfig
@@ -53,7 +53,7 @@ class ServerConfig:
         "output for this long, with DEADLINE_EXCEEDED, freeing its slot (0: never)", flag="--frame-idle-timeout",
         metavar="SECONDS")
     engine: EngineConfig = field(default_factory=EngineConfig)
-    limits: Limits = field(default_factory=Limits)
+    limits: RequestLimits = field(default_factory=RequestLimits)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
     # PEM certificate chain; with tls_key, the port speaks TLS only
@@ -157,7 +157,7 @@ class Server:
                                    cfg.tls_key, limits=ConnectionLimits(cfg.http_read_timeout_s,
                                                                         cfg.http_max_connections))
 
-    def _text(self, cfg: ServerConfig, sched_cfg: SchedulerConfig) -> Limits:
+    def _text(self, cfg: ServerConfig, sched_cfg: SchedulerConfig) -> RequestLimits:
         """A language model: the continuous-batching scheduler and the Generator service."""
         self.engine = Engine(cfg.bundle, cfg.engine)
         engine = self.engine
@@ -177,8 +177,8 @@ class Server:
                                         cfg.service, self.metrics)
         return limits
 
-    def _frames(self, cfg: ServerConfig, sched_cfg: SchedulerConfig) -> Limits:
-        """A frame model: the frame scheduler and the FrameModel service (serve/frames.py)."""
+    def _frames(self, cfg: ServerConfig, sched_cfg: SchedulerConfig) -> RequestLimits:
+        """A frame model: the frame scheduler and the FrameModel service (serve/frame_scheduler.py)."""
         if cfg.http_port is not None:
             raise UsageError("--http-port: the HTTP API serves text models; this bundle is a frame model")
         self.engine = FrameEngine(cfg.bundle, cfg.engine)

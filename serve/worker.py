@@ -2,7 +2,7 @@
 
 A worker owns one model and its rows on one thread; the event loop (or a caller without one) hands
 it work under `_cv` and never blocks on the model. A kind of model (text: serve/scheduler.py,
-frames: serve/frames.py) says when it has work, takes what arrived, runs one iteration, and ends
+frames: serve/frame_scheduler.py) says when it has work, takes what arrived, runs one iteration, and ends
 everything it holds with an error when it must stop.
 """
 from __future__ import annotations

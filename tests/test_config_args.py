@@ -157,14 +157,14 @@ def configs() -> list[tuple[str, type, dict[str, str]]]:
     from lstmgen.offline.jobs import SampleConfig
     from lstmgen.serve.cli import SERVE_ELSEWHERE
     from lstmgen.serve.engine import EngineConfig
-    from lstmgen.serve.params import Limits, SamplingParams
+    from lstmgen.serve.params import RequestLimits, SamplingParams
     from lstmgen.serve.scheduler import SchedulerConfig
     from lstmgen.serve.server import ServerConfig
     from lstmgen.serve.service import ServiceConfig
     from lstmgen.tools.bench.config import BenchConfig
     from lstmgen.train.config import FrameTrainConfig, TrainConfig
 
-    serving = [("serve", c, SERVE_ELSEWHERE) for c in (ServerConfig, EngineConfig, Limits, SchedulerConfig,
+    serving = [("serve", c, SERVE_ELSEWHERE) for c in (ServerConfig, EngineConfig, RequestLimits, SchedulerConfig,
                                                        ServiceConfig)]
     return [("train", TrainConfig, {}), ("train", FrameTrainConfig, {}), *serving, ("export", ExportConfig, {}),
             ("sample", SampleConfig, SAMPLE_ELSEWHERE), ("sample", SamplingParams, SAMPLE_ELSEWHERE),

@@ -10,7 +10,7 @@ import pytest
 from lstmgen.serve.completion import completions
 from lstmgen.serve.engine import Engine, EngineConfig
 from lstmgen.serve.generation import DRAWS, Draws
-from lstmgen.serve.params import GenerationRequest, Limits, SamplingParams
+from lstmgen.serve.params import GenerationRequest, RequestLimits, SamplingParams
 from lstmgen.serve.pool import RowPool
 from lstmgen.serve.scheduler import Scheduler
 from test_scheduler import collect
@@ -82,7 +82,7 @@ def test_quiet_and_streamed_rows_sharing_steps_give_their_own_text(engine):
             req("Be", 600, 4, top_k=5), req("S", 9, 5, greedy=True)]
 
     def alone(r):
-        s = Scheduler(engine, Limits(max_new_tokens=1000))
+        s = Scheduler(engine, RequestLimits(max_new_tokens=1000))
         s.start()
         try:
             [(_, done)] = completions(s.submit_completion, [(0, r)], 1)
@@ -91,7 +91,7 @@ def test_quiet_and_streamed_rows_sharing_steps_give_their_own_text(engine):
             s.shutdown()
 
     async def mixed():
-        s = Scheduler(engine, Limits(max_new_tokens=1000))
+        s = Scheduler(engine, RequestLimits(max_new_tokens=1000))
         s.start()
         try:
             streamed = [s.submit(r) for r in reqs[::2]]
@@ -142,7 +142,7 @@ def test_results_taken_as_they_end_let_short_requests_pass_a_long_one(engine, or
     come out before it. Taken in order, a finished short one waits behind the long one and holds
     the window, so the rest cannot start until the long one ends: at least 1,000 + 4 x 20 steps.
     (Counts of steps and the order of results, not times: slack of 800 steps either way.)"""
-    s = Scheduler(engine, Limits(max_concurrent_streams=2))
+    s = Scheduler(engine, RequestLimits(max_concurrent_streams=2))
     s.start()
     try:
         reqs = [req("First", 1000, 1)] + [req("All", 20, 2 + i) for i in range(10)]
@@ -172,7 +172,7 @@ def test_quiet_rows_match_stop_strings_as_the_streamed_matcher_does(bundles, kin
             for seed in range(4) for stop in stops]
 
     async def both():
-        s = Scheduler(eng, Limits(max_new_tokens=1000))
+        s = Scheduler(eng, RequestLimits(max_new_tokens=1000))
         s.start()
         try:
             streamed = [s.submit(r) for r in reqs]

@@ -1,4 +1,4 @@
-"""Frame data (train/frames.py, npyio.py, idx.py, frame_sources.py): readers on good and bad files,
+"""Frame data (train/frame_data.py, npyio.py, idx.py, frame_sources.py): readers on good and bad files,
 standardisation, the IDX reader on files written here, the built-in sources and stream cutting."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import types
 import numpy as np
 import pytest
 
-from lstmgen.train.frames import FrameDataError, Standardizer, load_frames, make_sequences, to_streams
+from lstmgen.train.frame_data import FrameDataError, Standardizer, load_frames, make_sequences, to_streams
 from lstmgen.train.idx import IdxError, read_idx, read_mnist_split, write_idx
 from lstmgen.train.npyio import ArrayFileError, read_npz
 from lstmgen.errors import UserError
@@ -340,6 +340,6 @@ def test_gzip_module_reads_what_write_idx_compresses(tmp_path):
 def test_frame_data_modules_do_not_import_torch():
     import subprocess
 
-    code = ("import sys, lstmgen.train.frames, lstmgen.train.frame_sources, lstmgen.train.idx, "
+    code = ("import sys, lstmgen.train.frame_data, lstmgen.train.frame_sources, lstmgen.train.idx, "
             "lstmgen.train.npyio; sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

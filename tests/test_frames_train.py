@@ -16,7 +16,7 @@ from lstmgen.train.config import preset
 from lstmgen.train.frame_model import (FrameModel, FrameModelConfig, classification_loss, last_valid,
                                        regression_loss)
 from lstmgen.train.frame_task import _Split, evaluate_frames
-from lstmgen.train.frames import load_frames
+from lstmgen.train.frame_data import load_frames
 from lstmgen.train.trainer import train
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")

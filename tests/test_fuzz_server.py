@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from lstmgen.bundle import load_manifest
 from lstmgen.serve.errors import InvalidRequest, WrongModel
-from lstmgen.serve.params import Limits, encode_prompt, validate
+from lstmgen.serve.params import RequestLimits, encode_prompt, validate
 from lstmgen.serve.service import request_from_pb
 from lstmgen.serve.state_blob import GenerationState, codec_for, rng_position
 from lstmgen_client.v1 import generator_pb2 as pb
@@ -28,7 +28,7 @@ from tests.conftest import CHAR_TEXT, start_server
 EXAMPLES = int(os.environ.get("LSTMGEN_FUZZ_EXAMPLES", "200"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=[
     HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
-LIMITS = Limits(max_prompt_chars=2000, max_new_tokens=32, default_new_tokens=8, max_request_bytes=16384)
+LIMITS = RequestLimits(max_prompt_chars=2000, max_new_tokens=32, default_new_tokens=8, max_request_bytes=16384)
 CALL_DEADLINE_S = 10.0  # a hang fails the example as DEADLINE_EXCEEDED
 
 

@@ -18,7 +18,7 @@ from lstmgen.serve.http_completions import Completions  # noqa: E402
 from lstmgen.serve.metrics import Metrics  # noqa: E402
 from lstmgen.serve.openai_chat import ChatFormat, ChatTemplate, chat_to_completion  # noqa: E402
 from lstmgen.serve.openai_compat import CompletionFormat, parse_completion  # noqa: E402
-from lstmgen.serve.params import Limits  # noqa: E402
+from lstmgen.serve.params import RequestLimits  # noqa: E402
 from lstmgen.serve.records import Finished, TokenLogprob  # noqa: E402
 from lstmgen.serve.service import ServiceConfig  # noqa: E402
 from lstmgen.serve.stopping import FinishReason  # noqa: E402
@@ -28,7 +28,7 @@ class FakeScheduler:
     """Admits into CompletionSinks the test resolves; counts open slots as the scheduler does."""
 
     def __init__(self, refuse_after: int | None = None):
-        self.limits = Limits(max_new_tokens=300)
+        self.limits = RequestLimits(max_new_tokens=300)
         self.sinks: list[CompletionSink] = []
         self.open = 0
         self.refuse_after = refuse_after

@@ -10,7 +10,7 @@ import pytest
 from lstmgen.serve import admission as scheduler_module
 from lstmgen.serve.engine import Engine, EngineConfig
 from lstmgen.serve.errors import InvalidRequest, StepFailed
-from lstmgen.serve.params import GenerationRequest, Limits, SamplingParams, validate
+from lstmgen.serve.params import GenerationRequest, RequestLimits, SamplingParams, validate
 from lstmgen.serve.scheduler import Scheduler
 from test_scheduler import collect
 
@@ -32,7 +32,7 @@ async def wait_until(cond, timeout: float = 20.0) -> None:
         await asyncio.sleep(0.005)
 
 
-def run(engine, requests, limits=Limits()):
+def run(engine, requests, limits=RequestLimits()):
     async def main():
         s = Scheduler(engine, limits)
         s.start()
@@ -50,7 +50,7 @@ def run(engine, requests, limits=Limits()):
 @pytest.mark.parametrize("top_k", [10**20, -(10**20), 2**31])
 def test_validation_refuses_what_the_kernels_cannot_take(top_k):
     with pytest.raises(InvalidRequest) as e:
-        validate(req("First", top_k=top_k), Limits())
+        validate(req("First", top_k=top_k), RequestLimits())
     assert e.value.field == "top_k" and "0..2147483647" in str(e.value)
 
 
@@ -64,7 +64,7 @@ def test_every_numeric_field_is_range_checked(field, value):
         r = req("First", logprobs=field == "top_logprobs", **{field: value}) if field != "max_new_tokens" else \
             GenerationRequest("First", value)
     with pytest.raises(InvalidRequest) as e:
-        validate(r, Limits())
+        validate(r, RequestLimits())
     assert e.value.field == field
 
 
@@ -86,10 +86,10 @@ def test_a_reader_that_falls_behind_parks_its_row_and_loses_nothing(engine):
     """Past max_unread_output entries unread, the row leaves the batch; once read it rejoins and
     goes on exactly where it was: the text is the same token for token as a reader that kept up."""
     r = req("First Citizen:", n=300, seed=5, temperature=0.9, logprobs=True, top_logprobs=3)
-    (want, fin), = run(engine, [r], Limits(max_unread_output=100_000))
+    (want, fin), = run(engine, [r], RequestLimits(max_unread_output=100_000))
 
     async def main():
-        s = Scheduler(engine, Limits(max_unread_output=40))  # 5 entries a token: parks within ~8 tokens
+        s = Scheduler(engine, RequestLimits(max_unread_output=40))  # 5 entries a token: parks within ~8 tokens
         s.start()
         try:
             stream = s.submit(r)
@@ -112,7 +112,7 @@ def test_a_reader_that_falls_behind_parks_its_row_and_loses_nothing(engine):
 
 def test_cancelling_a_parked_stream_frees_its_row(engine):
     async def main():
-        s = Scheduler(engine, Limits(max_unread_output=10))
+        s = Scheduler(engine, RequestLimits(max_unread_output=10))
         s.start()
         try:
             stream = s.submit(req("First", n=400))
@@ -155,7 +155,7 @@ def test_a_failure_every_row_shares_ends_the_group_in_few_calls(engine, caplog):
 
 def test_a_cancelled_stream_is_never_parked(engine):
     async def main():
-        s = Scheduler(engine, Limits(max_unread_output=4))
+        s = Scheduler(engine, RequestLimits(max_unread_output=4))
         stream = s.submit(req("First", n=50))
         stream.cancel()
         flags = stream.push("abcdefgh", 8, None, None)

@@ -8,7 +8,7 @@ import pytest
 
 from lstmgen.serve.engine import Engine, EngineConfig
 from lstmgen.serve.errors import Overloaded, StepFailed
-from lstmgen.serve.params import GenerationRequest, Limits, SamplingParams
+from lstmgen.serve.params import GenerationRequest, RequestLimits, SamplingParams
 from lstmgen.serve.scheduler import Scheduler, SchedulerConfig
 
 
@@ -24,7 +24,7 @@ async def collect(stream):
     return "".join(parts), fin
 
 
-def run_all(engine, requests, limits=Limits(), cfg=SchedulerConfig(), stagger=0.0):
+def run_all(engine, requests, limits=RequestLimits(), cfg=SchedulerConfig(), stagger=0.0):
     async def main():
         s = Scheduler(engine, limits, cfg)
         s.start()
@@ -101,7 +101,7 @@ def test_cancel_leaves_batch_others_unchanged(engine):
 
 def test_admission_limits(engine):
     async def main():
-        s = Scheduler(engine, Limits(max_concurrent_streams=1, max_queued_streams=1))
+        s = Scheduler(engine, RequestLimits(max_concurrent_streams=1, max_queued_streams=1))
         s.start()
         try:
             a, b = s.submit(req("All", n=50)), s.submit(req("All", n=50))

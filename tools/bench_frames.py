@@ -81,7 +81,7 @@ SHAPES = {  # name: (preset overrides, data, frames per message)
 
 
 def random_frames(path: Path, d: int) -> Path:
-    """64 sequences of 200 random d-dim frames with d-dim targets, as a .npz (train/frames.py)."""
+    """64 sequences of 200 random d-dim frames with d-dim targets, as a .npz (train/frame_data.py)."""
     rng = np.random.default_rng(0)
     np.savez(path, x=rng.normal(size=(64, 200, d)).astype(np.float32),
              y=rng.normal(size=(64, 200, d)).astype(np.float32))

@@ -99,7 +99,7 @@ class FrameTrainConfig(RunConfig):
     task: Literal["regression", "classification"] = option(
         "regression", "regression or classification: a frame model on float sequences")
     # frame tasks only: a linear input layer of this width before the recurrent stack (0: none);
-    # input standardisation (frames.py); stream: the sequences end to end as one continuous stream,
+    # input standardisation (frame_data.py); stream: the sequences end to end as one continuous stream,
     # cut into batch_size streams walked bptt frames at a time with the state carried (regression)
     projection_size: int = option(
         0, "frame tasks: a linear input layer of this width before the recurrent stack (0: none)")

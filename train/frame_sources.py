@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lstmgen.train.frames import FrameDataError, Sequences, make_sequences, spread_indices
+from lstmgen.train.frame_data import FrameDataError, Sequences, make_sequences, spread_indices
 
 BUILTINS = ("sin-cos", "digits")
 SIN_COS_STEP = 1 / (10 * np.pi)  # t advances this much per frame (the tutorial's xs / (10*pi))

@@ -1,5 +1,5 @@
 """The frame tasks of the training loop (train/loop.py): `--task regression|classification` over
-float frames (train/frames.py). Two ways through the data, as the seeds do it:
+float frames (train/frame_data.py). Two ways through the data, as the seeds do it:
 
   sequences  (default) shuffled minibatches of whole sequences, each from a zero state, packed by
              length; regression scores every valid frame, classification the last valid one.
@@ -22,7 +22,7 @@ import torch
 from lstmgen.train.checkpoint import FrameCheckpoint
 from lstmgen.train.config import TrainConfig
 from lstmgen.train.frame_model import FrameModel, FrameModelConfig, classification_loss, regression_loss
-from lstmgen.train.frames import FrameData, Sequences, load_frames, to_streams
+from lstmgen.train.frame_data import FrameData, Sequences, load_frames, to_streams
 from lstmgen.train.loop import State, Step, Validation
 from lstmgen.train.setup import TrainError
 

@@ -48,7 +48,7 @@ def train(cfg: TrainConfig, data: str | None, out_dir: str | os.PathLike, *, res
     A folder that already holds a run needs resume=True or overwrite=True (its run's files are
     replaced once the new data have loaded; anything else in the folder is kept).
     cfg.task regression or classification trains a frame model: `data` is then frame data
-    (frames.py) and `targets` the .npy of targets for .npy inputs.
+    (frame_data.py) and `targets` the .npy of targets for .npy inputs.
 
     Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set) every process calls this; they train one
     language model data-parallel and rank 0 alone logs and writes the run directory.

@@ -11,10 +11,10 @@ from lstmgen_client.frames import AsyncFrameCall, FrameCall, FrameOutput
 from lstmgen_client.errors import (CancelledError, DeadlineExceededError, InternalError, InvalidArgumentError,
                                    FailedPreconditionError, LstmgenError, OverloadedError, RequestTooLargeError,
                                    UnauthenticatedError, UnavailableError)
-from lstmgen_client.types import (Finished, GenerateResult, Limits, ModelInfo, StreamChunk, TokenLogprob,
+from lstmgen_client.types import (Finished, GenerateResult, Limits, ServerLimits, ModelInfo, StreamChunk, TokenLogprob,
                                   TopLogprob)
 
 __all__ = ["AsyncClient", "AsyncConversation", "AsyncFrameCall", "CancelledError", "Client", "Conversation", "DeadlineExceededError", "FailedPreconditionError", "Finished", "FrameCall", "FrameOutput", "GenerateResult",
-           "InternalError", "InvalidArgumentError", "Limits", "LstmgenError", "ModelInfo", "OverloadedError",
+           "InternalError", "InvalidArgumentError", "Limits", "ServerLimits", "LstmgenError", "ModelInfo", "OverloadedError",
            "RequestTooLargeError", "StreamChunk", "TokenLogprob", "TopLogprob", "UnauthenticatedError", "UnavailableError"]
 __version__ = "0.1.0"

@@ -6,7 +6,7 @@ import json
 from typing import Iterable
 
 from lstmgen_client.errors import InvalidArgumentError
-from lstmgen_client.types import (Finished, GenerateResult, Limits, ModelInfo, StreamChunk, TokenLogprob,
+from lstmgen_client.types import (Finished, GenerateResult, ServerLimits, ModelInfo, StreamChunk, TokenLogprob,
                                   TopLogprob)
 from lstmgen_client.v1 import generator_pb2 as pb
 
@@ -82,7 +82,7 @@ def parse_model_info(msg: pb.ModelInfo) -> ModelInfo:
         embedding_size=msg.embedding_size, quantization=msg.quantization,
         execution_provider=msg.execution_provider, model_sha256=msg.model_sha256,
         has_prompt_graph=msg.has_prompt_graph,
-        limits=Limits(**{f.name: getattr(lim, f.name) for f in dataclasses.fields(Limits)}),  # same names
+        limits=ServerLimits(**{f.name: getattr(lim, f.name) for f in dataclasses.fields(ServerLimits)}),  # same names
         provenance=json.loads(msg.provenance_json) if msg.provenance_json else {},
         vocabulary=tuple(msg.vocabulary), state_bytes=msg.state_bytes, state_signed=msg.state_signed,
         kind=msg.kind or "text", cell=msg.cell or "lstm", task=msg.task, input_size=msg.input_size,

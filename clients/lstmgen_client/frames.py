@@ -13,7 +13,7 @@ from typing import Iterable, Iterator, Sequence
 from lstmgen_client.errors import InvalidArgumentError
 from lstmgen_client.v1 import generator_pb2 as pb
 
-STD_FLOOR = 1e-6  # as the trainer's per-sequence standardisation (train/frames.py)
+STD_FLOOR = 1e-6  # as the trainer's per-sequence standardisation (train/frame_data.py)
 
 
 @dataclass(frozen=True)

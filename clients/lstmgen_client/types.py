@@ -59,7 +59,9 @@ class GenerateResult:
 
 
 @dataclass(frozen=True)
-class Limits:
+class ServerLimits:
+    """The limits a server reports (GetModelInfo): what one request may ask of it."""
+
     max_prompt_chars: int
     max_new_tokens: int
     default_new_tokens: int
@@ -76,6 +78,9 @@ class Limits:
     max_unread_output: int = 0  # entries a stream holds unread before its generation waits for the reader
 
 
+Limits = ServerLimits  # its earlier name, kept for existing client code
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     level: str
@@ -87,7 +92,7 @@ class ModelInfo:
     execution_provider: str
     model_sha256: str
     has_prompt_graph: bool
-    limits: Limits
+    limits: ServerLimits
     provenance: dict = field(default_factory=dict)
     vocabulary: tuple[str, ...] = ()
     state_bytes: int = 0  # bytes of one state blob (without penalty history)
