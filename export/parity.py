@@ -22,7 +22,7 @@ import torch
 from lstmgen.bundle import STATE_NAMES, graph_names
 from lstmgen.errors import UsageError, UserError
 from lstmgen.export.config import DEFAULT_STEPS
-from lstmgen.train.model import StackedLSTM
+from lstmgen.train.model import RecurrentLM
 
 BATCH_SIZES = (1, 7)
 LOGIT_TOL = 1e-3  # fp32 step graph vs PyTorch, relative to max(1, max |logit|)
@@ -126,7 +126,7 @@ def default_prompt(vocab_size: int, length: int = 16, seed: int = 0) -> list[int
     return np.random.default_rng(seed).integers(vocab_size, size=length).tolist()
 
 
-def check_step(model: StackedLSTM, sess: ort.InferenceSession, prompts: list[list[int]],
+def check_step(model: RecurrentLM, sess: ort.InferenceSession, prompts: list[list[int]],
                steps: int, strict: bool = True, logit_tol: float = LOGIT_TOL) -> StepParity:
     """Lockstep greedy decoding of PyTorch and ORT; both always get the same (PyTorch's) tokens,
     so the argmax comparison at every position is on identical inputs."""
@@ -209,7 +209,7 @@ def check_prompt(prompt_sess: ort.InferenceSession, step_sess: ort.InferenceSess
     return PromptParity(tuple(int(n) for n in lengths), max_logit, max_state)
 
 
-def check_graphs(model: StackedLSTM, step_path: str | os.PathLike,
+def check_graphs(model: RecurrentLM, step_path: str | os.PathLike,
                  prompt_path: str | os.PathLike | None, first_prompt: Sequence[int],
                  steps: int = DEFAULT_STEPS, batch_sizes: Sequence[int] = BATCH_SIZES,
                  quantization: str = "fp32") -> GraphParity:

@@ -7,7 +7,7 @@ Torch-free. The format is described here; lstmgen/manifest_schema.py checks a ma
 manifest.json (format_version 1; fields added later have defaults, so older manifests still load):
   kind      "text": a language model over tokens (needs "vocab"); "frames": float frames in, one
             output per frame (needs "frames", has no vocab)
-  cell      "lstm" or "gru"
+  cell      "lstm", "gru", "peephole" or "cifg"
   state     [{"name": "h", "shape": [L, H]}, {"name": "c", "shape": [L, H]}]: the state tensors, one
             row's shape [num_layers, hidden_size] each; in the graphs each is float32 [L, B, H],
             batch on axis 1. Absent (older manifests): derived from the cell, h and c for an LSTM.
@@ -122,7 +122,7 @@ class Manifest:
     provenance: dict = field(default_factory=dict)  # corpus or data, steps, validation figures, ...
     format_version: int = FORMAT_VERSION
     kind: str = "text"  # or "frames"
-    cell: str = "lstm"  # or "gru"
+    cell: str = "lstm"  # or "gru", "peephole", "cifg"
     state: tuple[StateTensor, ...] = ()  # empty: derived from the cell, [num_layers, hidden_size] each
     frames: FrameSpec | None = None  # kind "frames" only
     validation_split: ValidationSplit | None = None  # kind "text": what training validated on, if recorded

@@ -22,20 +22,20 @@ WORD_TEXT = "the cat sat on the mat\nthe dog ate the <unk> bone\na cat and a dog
 def make_checkpoint(path: Path, level: str, text: str, *, hidden: int = 16, embedding: int = 16,
                     layers: int = 2, tie: bool = False, seed: int = 0, eot_bias: float = 0.0,
                     cell: str = "lstm", head_scale: float = 1.0) -> Path:
-    """A randomly initialised StackedLSTM (an LSTM or GRU stack) saved as an lstmgen checkpoint (tiny:
+    """A randomly initialised RecurrentLM (an LSTM or GRU stack) saved as an lstmgen checkpoint (tiny:
     exports in ms). head_scale multiplies the output layer: spread logits, as a trained model's."""
     import torch
 
     from lstmgen.train.checkpoint import Checkpoint, save_checkpoint
     from lstmgen.train.config import TrainConfig
-    from lstmgen.train.model import StackedLSTM
+    from lstmgen.train.model import RecurrentLM
     from lstmgen.vocab import Vocab
 
     vocab = Vocab.build(level, [text + ("\x03" if eot_bias and level == "char" else "")])
     cfg = TrainConfig(level=level, embedding_size=embedding, hidden_size=hidden, num_layers=layers, tie_weights=tie,
                       cell=cell)
     torch.manual_seed(seed)
-    model = StackedLSTM(cfg.model_config(len(vocab))).eval()
+    model = RecurrentLM(cfg.model_config(len(vocab))).eval()
     with torch.no_grad():
         if eot_bias:
             model.head.bias[vocab.eot_id] += eot_bias

@@ -22,7 +22,7 @@ from lstmgen.export.onnx_graph import Builder, make_model, rnn_stack, rnn_weight
 from lstmgen.serve import engine
 from lstmgen.train.cells import VariantLSTM
 from lstmgen.train.config import ModelConfig
-from lstmgen.train.model import StackedLSTM
+from lstmgen.train.model import RecurrentLM
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 CELLS = ("peephole", "cifg")
@@ -100,7 +100,8 @@ def exported_stack(rnn: VariantLSTM) -> onnx.ModelProto:
     _, top_y = rnn_stack(g, rnn_weights(sd, cell, I, H, L), "x", ("h", "c"), ("h_out", "c_out"), "lens",
                          top_sequence=True)
     f32 = TensorProto.FLOAT
-    ins = [helper.make_tensor_value_info("x", f32, [T, B, I]), helper.make_tensor_value_info("lens", TensorProto.INT32, [B]),
+    ins = [helper.make_tensor_value_info("x", f32, [T, B, I]),
+           helper.make_tensor_value_info("lens", TensorProto.INT32, [B]),
            *(helper.make_tensor_value_info(n, f32, [L, B, H]) for n in ("h", "c"))]
     outs = [helper.make_tensor_value_info(top_y, f32, [T, 1, B, H]),
             *(helper.make_tensor_value_info(n, f32, [L, B, H]) for n in ("h_out", "c_out"))]
@@ -168,7 +169,7 @@ def test_parameters_are_laid_out_for_export_and_all_trained(cell):
     assert not torch.equal(a, rnn(x)[0])  # dropout between the layers in training
     rnn.eval()
     assert torch.equal(rnn(x)[0], rnn(x)[0])
-    model = StackedLSTM(ModelConfig(10, 8, H, L, init_scale=0.05, cell=cell))  # Zaremba's init reaches them
+    model = RecurrentLM(ModelConfig(10, 8, H, L, init_scale=0.05, cell=cell))  # Zaremba's init reaches them
     assert model.rnn is getattr(model, cell) and all(p.abs().max() <= 0.05 for p in model.parameters())
     assert {k.split(".")[0] for k in model.state_dict()} == {"embed", cell, "head"}
 
@@ -263,4 +264,49 @@ def test_cuda_is_refused_for_a_peephole_bundle(monkeypatch, text_bundles):
     assert providers == [engine.CPU] and "'peephole'" in why
     # cifg is exported as a plain LSTM node (no P, input_forget 0), which cuDNN runs
     for cell in ("cifg", "lstm", "gru"):
-        assert engine.choose_providers("auto", cell)[0] == engine.choose_providers("cuda", cell)[0] == [engine.CUDA, engine.CPU]
+        want = [engine.CUDA, engine.CPU]
+        assert engine.choose_providers("auto", cell)[0] == engine.choose_providers("cuda", cell)[0] == want
+
+
+def _bench(shape: str, updates: int, rounds: int) -> None:  # pragma: no cover - docs/results.md's speed table
+    """Training tokens/s of each cell: embedding -> 2-layer cell -> head, dropout 0.5, Adam, at the
+    char-rnn shape or a small one; rounds interleave the cells, the best round of each counts."""
+    import time
+
+    import torch.nn.functional as F
+    from torch import nn
+
+    V, E, Hs, Ls, Bs, Ts = (65, 128, 512, 2, 100, 100) if shape == "char" else (65, 64, 128, 2, 32, 64)
+    steps, best = {}, {}
+    for cell in ("lstm", "peephole", "cifg", "gru"):
+        torch.manual_seed(0)
+        rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[cell](E, Hs, Ls, dropout=0.5) if cell in ("lstm", "gru") \
+            else VariantLSTM(cell, E, Hs, Ls, 0.5)
+        m = nn.ModuleList([nn.Embedding(V, E), rnn, nn.Linear(Hs, V)])
+        opt = torch.optim.Adam(m.parameters(), 1e-3)
+        x, y = torch.randint(V, (Ts, Bs)), torch.randint(V, (Ts, Bs))
+
+        def step(m=m, opt=opt, cell=cell, x=x, y=y):
+            zeros = torch.zeros(Ls, Bs, Hs)
+            out, _ = m[1](F.dropout(m[0](x), 0.5, True), zeros if cell == "gru" else (zeros, zeros))
+            loss = F.cross_entropy(m[2](F.dropout(out, 0.5, True)).view(-1, V), y.view(-1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        for _ in range(3):  # warm-up
+            step()
+        steps[cell], best[cell] = step, float("inf")
+    for _ in range(rounds):
+        for cell, step in steps.items():
+            t0 = time.perf_counter()
+            for _ in range(updates):
+                step()
+            best[cell] = min(best[cell], time.perf_counter() - t0)
+    for cell in steps:
+        ratio = best[cell] / best["lstm"]
+        print(f"{shape} {cell:9s} {updates * Ts * Bs / best[cell]:>9,.0f} tokens/s ({ratio:.2f}x nn.LSTM's time)")
+
+
+if __name__ == "__main__":  # OMP_NUM_THREADS=2 python tests/test_cells.py
+    _bench("char", 8, 3)
+    _bench("small", 15, 4)

@@ -17,7 +17,7 @@ from lstmgen.export.bundle import ExportError, export_bundle
 from lstmgen.export.parity import ParityError
 from lstmgen.train.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from lstmgen.train.config import ModelConfig, TrainConfig
-from lstmgen.train.model import StackedLSTM
+from lstmgen.train.model import RecurrentLM
 from lstmgen.vocab import Vocab
 
 VOCAB = Vocab.build("char", ["abcdefghijklmnopqrstuvwxyz .,!?\n"])  # 32 symbols
@@ -26,7 +26,7 @@ VOCAB = Vocab.build("char", ["abcdefghijklmnopqrstuvwxyz .,!?\n"])  # 32 symbols
 def make_run(run_dir: Path, tie_weights: bool = False, num_layers: int = 2) -> Path:
     cfg = ModelConfig(len(VOCAB), 16, 16, num_layers, tie_weights=tie_weights)
     torch.manual_seed(0)
-    model = StackedLSTM(cfg)
+    model = RecurrentLM(cfg)
     with torch.no_grad():
         for p in model.parameters():
             p.uniform_(-0.5, 0.5)

@@ -12,7 +12,7 @@ from lstmgen.bundle import PROMPT_INPUTS, STEP_INPUTS, STEP_OUTPUTS
 from lstmgen.export import onnx_graph, parity
 from lstmgen.export.onnx_graph import build_prompt_graph, build_step_graph
 from lstmgen.train.config import ModelConfig
-from lstmgen.train.model import StackedLSTM
+from lstmgen.train.model import RecurrentLM
 
 CONFIGS = {
     "2-layer": ModelConfig(32, 16, 16, 2),
@@ -22,9 +22,9 @@ CONFIGS = {
 }
 
 
-def tiny_model(cfg: ModelConfig, seed: int = 0) -> StackedLSTM:
+def tiny_model(cfg: ModelConfig, seed: int = 0) -> RecurrentLM:
     torch.manual_seed(seed)
-    model = StackedLSTM(cfg).eval()
+    model = RecurrentLM(cfg).eval()
     with torch.no_grad():  # larger than PyTorch's default init, so the logits are not all ~0
         for p in model.parameters():
             p.uniform_(-0.5, 0.5)

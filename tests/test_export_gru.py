@@ -18,17 +18,17 @@ from lstmgen.export.bundle import export_bundle
 from lstmgen.export.parity import ParityError
 from lstmgen.train.checkpoint import Checkpoint, save_checkpoint
 from lstmgen.train.config import ModelConfig, TrainConfig
-from lstmgen.train.model import StackedLSTM
+from lstmgen.train.model import RecurrentLM
 from lstmgen.vocab import Vocab
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 VOCAB = Vocab.build("char", ["abcdefghijklmnopqrstuvwxyz .,!?\n"])  # 32 symbols
 
 
-def gru_model(num_layers: int = 2, tie: bool = False, seed: int = 0) -> StackedLSTM:
+def gru_model(num_layers: int = 2, tie: bool = False, seed: int = 0) -> RecurrentLM:
     cfg = ModelConfig(len(VOCAB), 16, 16, num_layers, tie_weights=tie, cell="gru")
     torch.manual_seed(seed)
-    model = StackedLSTM(cfg).eval()
+    model = RecurrentLM(cfg).eval()
     with torch.no_grad():  # larger than the default init, so greedy decoding is not all one token
         for p in model.parameters():
             p.uniform_(-0.5, 0.5)

@@ -11,7 +11,7 @@ from conftest import CHAR_TEXT, make_checkpoint
 from lstmgen.cli import main
 from lstmgen.train.checkpoint import load_checkpoint
 from lstmgen.train.config import ModelConfig, TrainConfig
-from lstmgen.train.model import StackedLSTM
+from lstmgen.train.model import RecurrentLM
 from lstmgen.train.rundir import saved_config
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -73,7 +73,7 @@ def test_resuming_with_another_cell_is_refused(tmp_path, text_file, capsys):
 
 def test_lstm_default_keeps_its_state_dict_keys():
     assert ModelConfig(10).cell == "lstm" and TrainConfig().cell == "lstm" and TrainConfig().task == "lm"
-    model = StackedLSTM(ModelConfig(10, 8, 8, 2))
+    model = RecurrentLM(ModelConfig(10, 8, 8, 2))
     assert sorted(model.state_dict()) == sorted(LSTM_KEYS)
     assert isinstance(model.lstm, torch.nn.LSTM) and model.rnn is model.lstm
     assert [t.shape for t in model.init_state(3)] == [(2, 3, 8), (2, 3, 8)]  # (h, c)

@@ -12,7 +12,7 @@ import torch
 from lstmgen.train.checkpoint import CheckpointError, load_checkpoint
 from lstmgen.train.config import PRESETS, preset
 from lstmgen.train.data import batchify, load_corpus
-from lstmgen.train.model import StackedLSTM
+from lstmgen.train.model import RecurrentLM
 from lstmgen.train.lm_task import evaluate
 from lstmgen.train.setup import TrainError, check_config, lr_at
 from lstmgen.train.trainer import train
@@ -69,7 +69,7 @@ def test_tiny_run_learns_and_writes_the_run_directory(tmp_path):
     c = load_corpus(str(data), "char")
     valid = batchify(c.valid, 4)  # [N, 4]
     torch.manual_seed(7)
-    untrained = evaluate(StackedLSTM(ck.model_config), valid, 16)  # about ln(V)
+    untrained = evaluate(RecurrentLM(ck.model_config), valid, 16)  # about ln(V)
     assert m["val_loss"] < untrained - 0.5
     assert m["val_bpc"] == pytest.approx(m["val_loss"] / math.log(2))
     assert m["global_step"] == 60 and m["tokens_seen"] == 60 * 4 * 16

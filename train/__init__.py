@@ -1,4 +1,4 @@
-"""Training: corpus -> vocabulary -> TBPTT batches -> StackedLSTM -> checkpoint (needs torch)."""
+"""Training: corpus -> vocabulary -> TBPTT batches -> RecurrentLM -> checkpoint (needs torch)."""
 
 import sys as _sys
 import types as _types

@@ -110,7 +110,8 @@ class VariantLSTM(nn.Module):
             nn.init.uniform_(p, -bound, bound)
 
     def extra_repr(self) -> str:
-        return f"{self.cell}, {self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, dropout={self.dropout}"
+        return (f"{self.cell}, {self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
+                f"dropout={self.dropout}")
 
     def layer(self, k: int) -> dict[str, Tensor]:
         names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh") + (("weight_peep",) if self.cell == "peephole" else ())

@@ -18,7 +18,7 @@ import torch
 from lstmgen.errors import UserError
 from lstmgen.train.config import FrameTrainConfig, ModelConfig, TrainConfig, config_from_dict
 from lstmgen.train.frame_model import FrameModel, FrameModelConfig
-from lstmgen.train.model import StackedLSTM
+from lstmgen.train.model import RecurrentLM
 from lstmgen.vocab import Vocab
 
 FORMAT = "lstmgen-checkpoint"
@@ -43,8 +43,8 @@ class Checkpoint:
     # Where the data came from: corpus path/URL, sha256, token counts, ...
     corpus: dict = field(default_factory=dict)
 
-    def build_model(self) -> StackedLSTM:
-        model = StackedLSTM(self.model_config)
+    def build_model(self) -> RecurrentLM:
+        model = RecurrentLM(self.model_config)
         model.load_state_dict(self.state_dict)
         return model.eval()
 

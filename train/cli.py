@@ -51,7 +51,7 @@ class _Formatter(config_args.DefaultsFormatter, argparse.RawDescriptionHelpForma
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = _Formatter
     parser.description = (
-        "Train a stacked LSTM (--cell gru: GRU) language model with truncated BPTT (Zaremba et al. 2014).\n"
+        "Train a stacked LSTM (--cell: GRU, peephole or CIFG LSTM) language model with truncated BPTT (Zaremba 2014).\n"
         "--data is a text file (the last --valid-fraction is held out), a directory or prefix with\n"
         "PTB (NAME.train.txt/.valid.txt/.test.txt) or WikiText (train.txt/valid.txt/test.txt) splits,\n"
         "an http(s) URL (downloaded into OUT/cache), or a corpus name such as tinyshakespeare or ptb\n"
@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Data-parallel: torchrun --standalone --nproc_per_node N -m lstmgen.cli train ... (gloo on CPU,\n"
         "nccl on CUDA; --batch-size is the global batch, split evenly over the N processes).\n"
         "\n"
-        "Frame models (--task regression|classification, --cell lstm|gru): --data builtin:sin-cos (the\n"
+        "Frame models (--task regression|classification, any --cell): --data builtin:sin-cos (the\n"
         "sine->cosine tutorial, one continuous stream), builtin:digits (scikit-learn's 8x8 digits, 8 rows\n"
         "of 8 pixels; needs scikit-learn), mnist:DIR (MNIST's IDX files in DIR), FILE.npz (arrays x, y\n"
         "[, lengths, x_valid, y_valid, x_test, y_test, class_names]) or FILE.npy with --targets FILE.npy.\n"

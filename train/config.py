@@ -16,7 +16,7 @@ class ModelConfig:
     dropout: float = 0.0
     tie_weights: bool = False
     init_scale: float = 0.0  # > 0: uniform init in [-s, s] (Zaremba); 0: PyTorch defaults
-    # nn.LSTM or nn.GRU; checkpoints written before the field existed load as "lstm"
+    # nn.LSTM, nn.GRU or an LSTM variant (train/cells.py); checkpoints written before the field existed load as "lstm"
     cell: Literal["lstm", "gru", "peephole", "cifg"] = "lstm"
 
 

@@ -37,7 +37,7 @@ class FrameModel(nn.Module):
         width = cfg.projection_size or cfg.input_size
         self.proj = nn.Linear(cfg.input_size, cfg.projection_size) if cfg.projection_size else None
         self.drop = nn.Dropout(cfg.dropout)
-        # named after the cell, as in StackedLSTM: weights under lstm.*, gru.*, peephole.* or cifg.*
+        # named after the cell, as in RecurrentLM: weights under lstm.*, gru.*, peephole.* or cifg.*
         setattr(self, cfg.cell, make_rnn(cfg.cell, width, cfg.hidden_size, cfg.num_layers, cfg.dropout))
         self.head = nn.Linear(cfg.hidden_size, cfg.output_size)
 

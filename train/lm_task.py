@@ -16,13 +16,13 @@ from lstmgen.train.config import TrainConfig
 from lstmgen.train.data import Corpus, DataError, batchify, get_batch, load_corpus, num_batches
 from lstmgen.train.distributed import DistInfo
 from lstmgen.train.loop import State, Step, Validation
-from lstmgen.train.model import StackedLSTM
+from lstmgen.train.model import RecurrentLM
 from lstmgen.train.preview import TEMPERATURE, sample_text
 from lstmgen.train.setup import TrainError
 
 
 @torch.no_grad()
-def evaluate_sum(model: StackedLSTM, source: torch.Tensor, bptt: int, *, chunks: int | None = None,
+def evaluate_sum(model: RecurrentLM, source: torch.Tensor, bptt: int, *, chunks: int | None = None,
                  stop: Callable[[], bool] | None = None) -> tuple[float, int]:
     """(nats summed, tokens predicted) over a whole [N, B] stream, the state carried across
     batches. Chunking by bptt changes nothing but the float rounding: the state flows through.
@@ -46,7 +46,7 @@ def evaluate_sum(model: StackedLSTM, source: torch.Tensor, bptt: int, *, chunks:
     return total.item(), count
 
 
-def evaluate(model: StackedLSTM, source: torch.Tensor, bptt: int) -> float:
+def evaluate(model: RecurrentLM, source: torch.Tensor, bptt: int) -> float:
     """Mean nats per token over a whole [N, B] stream, the state carried across batches."""
     total, count = evaluate_sum(model, source, bptt)
     return total / count
@@ -73,7 +73,7 @@ class TextTask:
     def __init__(self, cfg: TrainConfig, corpus: Corpus, device: torch.device, dist: DistInfo):
         self.cfg, self.corpus, self.device, self.dist = cfg, corpus, device, dist
         self.kind = cfg.level
-        self.model = StackedLSTM(cfg.model_config(len(corpus.vocab))).to(device)
+        self.model = RecurrentLM(cfg.model_config(len(corpus.vocab))).to(device)
         self.shard = dist.shard(cfg.batch_size)  # this rank's streams of the global batch
         self.train = _streams(corpus.train, cfg.batch_size, "train", device)[:, self.shard].contiguous()  # [N, b]
         self.splits = {"valid": _streams(corpus.valid, cfg.eval_batch_size, "valid", device)}  # [Nv, Bv]

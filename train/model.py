@@ -9,7 +9,8 @@ from lstmgen.manifest_schema import STATE_NAMES  # the manifest's names, one def
 from lstmgen.train.cells import VARIANTS, VariantLSTM
 from lstmgen.train.config import ModelConfig
 
-# The recurrent state as a tuple of named tensors, each [L, B, H]: (h, c) for an LSTM, (h,) for a GRU.
+# The recurrent state as a tuple of named tensors, each [L, B, H]: (h, c) for an LSTM (and its
+# variants), (h,) for a GRU.
 State = tuple[torch.Tensor, ...]
 
 
@@ -36,10 +37,10 @@ def run_rnn(rnn: nn.Module, cell: str, x, state: State) -> tuple[object, State]:
     return y, (h,)
 
 
-class StackedLSTM(nn.Module):
-    """The language model. The name stays for the checkpoints and imports that use it; with
-    cell="gru" the stack is a GRU (its weights under `gru.*` instead of `lstm.*`), with "peephole"
-    or "cifg" that LSTM variant (under `peephole.*` / `cifg.*`)."""
+class RecurrentLM(nn.Module):
+    """The language model: embedding -> a stack of the configured cell -> linear to the vocabulary.
+    Its weights sit under the cell's name (`lstm.*`, `gru.*`, `peephole.*`, `cifg.*`), so an LSTM
+    checkpoint's keys are those of nn.LSTM whatever the class is called."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -78,3 +79,6 @@ class StackedLSTM(nn.Module):
         y, state = run_rnn(self.rnn, self.cfg.cell, x, state)  # y [T, B, H]
         logits = self.head(self.drop(y))  # [T, B, V]
         return logits, state
+
+
+StackedLSTM = RecurrentLM  # its earlier name (it may be a GRU), kept for code that imports it

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from lstmgen.train.model import StackedLSTM
+from lstmgen.train.model import RecurrentLM
 from lstmgen.vocab import EOS, Vocab
 
 TOKENS = {"char": 160, "word": 40}  # a few lines of text at either level
@@ -26,7 +26,7 @@ def printable(text: str) -> str:
 
 
 @torch.no_grad()
-def sample_text(model: StackedLSTM, vocab: Vocab, *, seed: int, tokens: int | None = None,
+def sample_text(model: RecurrentLM, vocab: Vocab, *, seed: int, tokens: int | None = None,
                 temperature: float = TEMPERATURE) -> str:
     """`tokens` tokens sampled from `model` with temperature, decoded to text."""
     device = next(model.parameters()).device

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from lstmgen.train.config import PRESETS, TrainConfig
 from lstmgen.train.data import batchify, get_batch, load_corpus
-from lstmgen.train.model import StackedLSTM
+from lstmgen.train.model import RecurrentLM
 from lstmgen.train.setup import make_optimizer, resolve_device
 from lstmgen.train.trainer import train
 
@@ -46,7 +46,7 @@ def plain_loop(cfg: TrainConfig, data: str, steps: int) -> float:
     device = resolve_device(cfg.device)
     corpus = load_corpus(data, cfg.level, cfg.valid_fraction, min_count=cfg.min_count, max_vocab=cfg.max_vocab)
     torch.manual_seed(cfg.seed)
-    model = StackedLSTM(cfg.model_config(len(corpus.vocab))).to(device).train()
+    model = RecurrentLM(cfg.model_config(len(corpus.vocab))).to(device).train()
     opt = make_optimizer(cfg, model.parameters())
     source = batchify(corpus.train, cfg.batch_size).to(device)  # [N, B]
     hidden = model.init_state(cfg.batch_size, device)  # [L, B, H] each

@@ -98,7 +98,7 @@ class ModelInfo:
     state_bytes: int = 0  # bytes of one state blob (without penalty history)
     state_signed: bool = False  # the server signs its states (--state-key)
     kind: str = "text"  # or "frames": float frames in, outputs out (Client.stream_frames)
-    cell: str = "lstm"  # or "gru"
+    cell: str = "lstm"  # or "gru", "peephole", "cifg"
     task: str = ""  # frame models: "regression" or "classification"
     input_size: int = 0  # frame models: floats per input frame
     output_size: int = 0  # ... per output (classes, for classification)

@@ -58,7 +58,7 @@ def make_bundle(cfg: BenchConfig, work: Path):
     from lstmgen.export.bundle import export_bundle
     from lstmgen.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
     from lstmgen.train.config import preset
-    from lstmgen.train.model import StackedLSTM
+    from lstmgen.train.model import RecurrentLM
 
     entropy = None
     if cfg.checkpoint:
@@ -67,7 +67,7 @@ def make_bundle(cfg: BenchConfig, work: Path):
         vocab = bench_vocab(cfg.vocab_size)
         tc = preset(cfg.preset)
         torch.manual_seed(0)
-        model = StackedLSTM(tc.model_config(len(vocab))).eval()
+        model = RecurrentLM(tc.model_config(len(vocab))).eval()
         target = cfg.entropy if cfg.entropy is not None else TARGET_ENTROPY[vocab.level]
         scale, entropy = shape_logits(model, len(vocab), target)
         ckpt = Checkpoint(tc.model_config(len(vocab)), tc, vocab, model.state_dict(),
