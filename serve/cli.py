@@ -16,11 +16,12 @@ from lstmgen.serve.params import RequestLimits
 
 # Config fields without a flag of their own -> the flag that sets them (tests/test_config_args.py):
 # the scheduler's signing key is read at start from the file --state-key names (ServerConfig.state_key_file).
-SERVE_ELSEWHERE = {"state_key": "--state-key"}
+SERVE_ELSEWHERE = {"state_key": "--state-key", "max_streams": "--max-concurrent"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from lstmgen.serve.engine import EngineConfig
+    from lstmgen.serve.frame_stream import FrameLimits
     from lstmgen.serve.scheduler import SchedulerConfig
     from lstmgen.serve.server import ServerConfig
     from lstmgen.serve.service import ServiceConfig
@@ -29,11 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     # service.py), and so is each help text.
     p.formatter_class = config_args.DefaultsFormatter
     add = config_args.add_dataclass_arguments
-    add(p, ServerConfig, only=("bundle", "host", "port", "grace_s", "frame_idle_timeout_s", "switch_interval_s",
+    add(p, ServerConfig, only=("bundle", "host", "port", "grace_s", "switch_interval_s",
                                "inject_step_failure_every", "inject_worker_crash_at_step"))
     add(p, EngineConfig, group="ONNX Runtime")
     add(p, RequestLimits, group="limits (reported in GetModelInfo and /v1/models)")
     add(p, SchedulerConfig, exclude=SERVE_ELSEWHERE, group="prompts and batching")
+    add(p, FrameLimits, exclude=SERVE_ELSEWHERE, group="frame models (a bundle of kind frames)")
     add(p, ServiceConfig, group="message pacing")
     add(p, ServerConfig, only=("tls_cert", "tls_key", "auth_token_file", "state_key_file"), group="security")
     add(p, ServerConfig, only=("metrics_port", "metrics_host", "http_port", "http_host", "http_read_timeout_s",
@@ -63,7 +65,7 @@ def describe(cfg, kind: str = "text") -> str:
              f"device {e.device} (threads {e.intra_op_threads or 'default'}, spin {e.spin})"]
     if kind == "frames":
         request = f"{lim.max_request_bytes:,} bytes" if lim.max_request_bytes else "bytes: frames and state limits"
-        idle = f"after {cfg.frame_idle_timeout_s:g}s" if cfg.frame_idle_timeout_s else "never"
+        idle = f"after {cfg.frames.idle_timeout_s:g}s" if cfg.frames.idle_timeout_s else "never"
         parts += [f"limits: {lim.max_concurrent_streams} concurrent streams, request {request}",
                   f"idle streams end {idle}"]
     else:
@@ -147,7 +149,11 @@ def run(args: argparse.Namespace) -> int:
                                ("--max-prefill-rows", args.max_prefill_rows, 1),
                                ("--max-stop-sequences", args.max_stop_sequences, 0),
                                ("--max-stop-sequence-chars", args.max_stop_sequence_chars, 1),
-                               ("--max-top-logprobs", args.max_top_logprobs, 0)):
+                               ("--max-top-logprobs", args.max_top_logprobs, 0),
+                               ("--frame-max-per-message", args.frame_max_per_message, 1),
+                               ("--frame-max-pending", args.frame_max_pending, 1),
+                               ("--frame-max-unread", args.frame_max_unread, 1),
+                               ("--frame-per-step", args.frame_per_step, 1)):
         if value < least:
             print(f"lstmgen serve: {flag} must be >= {least} (got {value})", file=sys.stderr)
             return 2

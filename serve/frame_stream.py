@@ -10,20 +10,32 @@ from typing import Callable
 
 import numpy as np
 
+from lstmgen.config_args import option
 from lstmgen.serve.errors import GenerationError
 
 
 @dataclass(frozen=True)
 class FrameLimits:
+    """A frame model's streams (`lstmgen serve` flags --frame-*; max_streams is --max-concurrent)."""
+
     max_streams: int = 512  # streams open at once; more get RESOURCE_EXHAUSTED
-    max_frames_per_message: int = 1024
-    max_pending_frames: int = 4096  # per stream: past this the edge stops reading (gRPC flow control)
+    max_frames_per_message: int = option(1024, "frame models: most frames in one message (more: INVALID_ARGUMENT)",
+                                         flag="--frame-max-per-message")
+    # per stream: past this the edge stops reading (gRPC flow control)
+    max_pending_frames: int = option(4096, "frame models: frames a stream holds unread by the model before "
+                                           "the server stops reading its input", flag="--frame-max-pending")
     # Per stream: outputs the client has not read yet. At this many the row is not stepped, so its
     # frames pile up to max_pending_frames and the edge stops reading its input: a client that sends
     # and never reads holds both buffers, no more.
-    max_pending_outputs: int = 4096
-    frames_per_step: int = 64  # most frames of one stream in one model call
-    idle_timeout_s: float = 300.0  # a stream whose client neither sends nor reads this long ends; 0: never
+    max_pending_outputs: int = option(4096, "frame models: outputs a stream holds unread by its client before "
+                                            "its row stops stepping", flag="--frame-max-unread")
+    frames_per_step: int = option(64, "frame models: most frames of one stream in one model call",
+                                  flag="--frame-per-step")
+    # a stream whose client neither sends nor reads this long ends; 0: never
+    idle_timeout_s: float = option(
+        300.0, "frame models: end a stream whose client has neither sent a frame nor read an output for this "
+               "long, with DEADLINE_EXCEEDED, freeing its slot (0: never)", flag="--frame-idle-timeout",
+        metavar="SECONDS")
 
 
 @dataclass(frozen=True)

@@ -47,15 +47,11 @@ class ServerConfig:
     # 0: any free port (the bound one is logged and printed)
     port: int = option(50051, "port to bind; 0 picks a free one")
     grace_s: float = option(10.0, "seconds in-flight streams get on SIGTERM", flag="--grace", metavar="SECONDS")
-    # a frame stream whose client neither sends nor reads this long ends; 0: never (one default: FrameLimits')
-    frame_idle_timeout_s: float = option(
-        FrameLimits.idle_timeout_s, "frame models: end a stream whose client has neither sent a frame nor read an "
-        "output for this long, with DEADLINE_EXCEEDED, freeing its slot (0: never)", flag="--frame-idle-timeout",
-        metavar="SECONDS")
     engine: EngineConfig = field(default_factory=EngineConfig)
     limits: RequestLimits = field(default_factory=RequestLimits)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
+    frames: FrameLimits = field(default_factory=FrameLimits)  # max_streams: limits.max_concurrent_streams
     # PEM certificate chain; with tls_key, the port speaks TLS only
     tls_cert: str | None = option(None, "certificate chain: serve TLS only (needs --tls-key)", metavar="PEM")
     tls_key: str | None = option(None, "private key of --tls-cert", metavar="PEM")  # PEM private key
@@ -185,11 +181,10 @@ class Server:
         codec = codec_for(self.engine.manifest, sched_cfg.state_key)
         limits = cfg.limits
         if not limits.max_request_bytes:  # the largest message of frames and a state, with room for the rest
-            limits = replace(limits, max_request_bytes=4 * FrameLimits.max_frames_per_message
+            limits = replace(limits, max_request_bytes=4 * cfg.frames.max_frames_per_message
                              * self.engine.manifest.frames.input_size + 64 * 1024 + codec.max_bytes)
         self.scheduler = FrameScheduler(self.engine, self.engine.spec_view(),
-                                        FrameLimits(max_streams=limits.max_concurrent_streams,
-                                                    idle_timeout_s=cfg.frame_idle_timeout_s),
+                                        replace(cfg.frames, max_streams=limits.max_concurrent_streams),
                                         on_fatal=self._worker_failed)
         self.service = FrameService(self.scheduler, frame_model_info(self.engine, self.scheduler.limits, limits, codec),
                                     codec, self.metrics)

@@ -157,6 +157,7 @@ def configs() -> list[tuple[str, type, dict[str, str]]]:
     from lstmgen.offline.jobs import SampleConfig
     from lstmgen.serve.cli import SERVE_ELSEWHERE
     from lstmgen.serve.engine import EngineConfig
+    from lstmgen.serve.frame_stream import FrameLimits
     from lstmgen.serve.params import RequestLimits, SamplingParams
     from lstmgen.serve.scheduler import SchedulerConfig
     from lstmgen.serve.server import ServerConfig
@@ -165,7 +166,7 @@ def configs() -> list[tuple[str, type, dict[str, str]]]:
     from lstmgen.train.config import FrameTrainConfig, TrainConfig
 
     serving = [("serve", c, SERVE_ELSEWHERE) for c in (ServerConfig, EngineConfig, RequestLimits, SchedulerConfig,
-                                                       ServiceConfig)]
+                                                       ServiceConfig, FrameLimits)]
     return [("train", TrainConfig, {}), ("train", FrameTrainConfig, {}), *serving, ("export", ExportConfig, {}),
             ("sample", SampleConfig, SAMPLE_ELSEWHERE), ("sample", SamplingParams, SAMPLE_ELSEWHERE),
             ("eval", EvalConfig, EVAL_ELSEWHERE), ("bench", BenchConfig, {})]
