@@ -163,13 +163,15 @@ def configs() -> list[tuple[str, type, dict[str, str]]]:
     from lstmgen.serve.server import ServerConfig
     from lstmgen.serve.service import ServiceConfig
     from lstmgen.tools.bench.config import BenchConfig
+    from lstmgen.tools.loadgen import LoadPlan
     from lstmgen.train.config import FrameTrainConfig, TrainConfig
 
     serving = [("serve", c, SERVE_ELSEWHERE) for c in (ServerConfig, EngineConfig, RequestLimits, SchedulerConfig,
                                                        ServiceConfig, FrameLimits)]
     return [("train", TrainConfig, {}), ("train", FrameTrainConfig, {}), *serving, ("export", ExportConfig, {}),
             ("sample", SampleConfig, SAMPLE_ELSEWHERE), ("sample", SamplingParams, SAMPLE_ELSEWHERE),
-            ("eval", EvalConfig, EVAL_ELSEWHERE), ("bench", BenchConfig, {})]
+            ("eval", EvalConfig, EVAL_ELSEWHERE), ("bench", BenchConfig, {}),
+            ("loadtest", LoadPlan, {"params": "--sampling-json"})]
 
 
 @pytest.mark.parametrize("command, cls, elsewhere", configs(), ids=lambda v: getattr(v, "__name__", None))
@@ -221,7 +223,8 @@ def test_help_shows_the_dataclass_defaults_once(command, cls, elsewhere, monkeyp
 
 def required_args(command: str) -> list[str]:
     return {"train": ["--out", "r"], "serve": ["b"], "export": ["ckpt", "--out", "o"],
-            "sample": ["b", "--prompts", "p", "--out", "o"], "eval": ["b", "--data", "d"]}.get(command, [])
+            "sample": ["b", "--prompts", "p", "--out", "o"], "eval": ["b", "--data", "d"],
+            "loadtest": ["--target", "t"]}.get(command, [])
 
 
 def test_train_choices_come_from_the_literal_types():

@@ -25,6 +25,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from lstmgen import config_args
+from lstmgen.config_args import option
 from lstmgen.tools.scrape import counter_deltas, scrape_or_none, settle
 from lstmgen_client.client import AsyncClient
 from lstmgen_client.errors import LstmgenError
@@ -75,16 +77,23 @@ class LoadResult:
 
 @dataclass(frozen=True)
 class LoadPlan:
-    streams: int
-    seconds: float
-    prompt: str
-    params: dict | list[dict]  # request settings, or a list that streams take in turn
-    warmup: float = 1.0
-    cancel_fraction: float = 0.0  # share of requests abandoned after a random number of tokens
-    max_requests: int = 0  # 0: no cap; else stop issuing once this many were started
-    backoff: float = 0.0  # mean seconds a stream pauses after a failed request (uniform 0.5x-1.5x)
-    probe_rate: float = 0.0  # open-loop calls per second on their own connection (0: none)
-    stagger: bool = True  # first requests of staggered lengths (one_stream)
+    """One load run; each field but `params` is a `lstmgen loadtest` flag (config_args)."""
+
+    streams: int = option(8, "concurrent streams, each issuing requests back to back")
+    seconds: float = option(10.0, "length of the measured window")
+    prompt: str = option("The ", "prompt of every request")
+    # request settings, or a list that streams take in turn (--max-new-tokens, --temperature, --sampling-json)
+    params: dict | list[dict] = field(default_factory=dict)
+    warmup: float = option(1.0, "seconds of load before the window (not counted)")
+    # share of requests abandoned after a random number of tokens
+    cancel_fraction: float = option(0.0, "share of requests the client abandons after a random number of tokens")
+    # 0: no cap; else stop issuing once this many were started
+    max_requests: int = option(0, "stop after this many requests (0: only --seconds)", flag="--requests")
+    backoff: float = option(0.0, "mean seconds a stream pauses after a failed request (jittered 0.5x-1.5x)")
+    probe_rate: float = option(0.0, "also fire this many 1-token calls per second on a fixed schedule, on their "
+                                    "own connection, and report their latency by status")
+    stagger: bool = option(True, "first requests of staggered lengths, so requests end and start at a steady rate "
+                                 "(--no-stagger: every stream starts with a full-length request)")
 
 
 def staggered_length(longest: int, index: int, streams: int) -> int:
@@ -184,7 +193,7 @@ async def run_load(target: str, streams: int, seconds: float, prompt: str, param
     """Returns the result and extra report sections: "server" (its state before and after, with
     metrics_url) and "probe" (with probe_rate)."""
     plan = LoadPlan(streams, seconds, prompt, params, warmup, cancel_fraction, max_requests, backoff, probe_rate,
-                    stagger)
+                    stagger)  # positional: the field order above
     extra: dict = {}
     async with AsyncClient(target, timeout=seconds + warmup + 60, **client_kw) as client:
         await client.model_info()  # connected and serving before the clock starts
@@ -250,23 +259,10 @@ async def readings(tasks: list[asyncio.Task], read) -> list[tuple]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from lstmgen_client.cli import add_connection_arguments
 
+    p.formatter_class = config_args.DefaultsFormatter
     p.add_argument("--target", required=True, help="HOST:PORT of the server")
-    p.add_argument("--streams", type=int, default=8, help="concurrent streams, each issuing requests back to back")
-    p.add_argument("--seconds", type=float, default=10.0, help="length of the measured window")
-    p.add_argument("--requests", type=int, default=0, help="stop after this many requests (0: only --seconds)")
-    p.add_argument("--warmup", type=float, default=1.0, help="seconds of load before the window (not counted)")
-    p.add_argument("--no-stagger", dest="stagger", action="store_false",
-                   help="start every stream with a full-length request (by default the first requests have "
-                        "staggered lengths, so requests end and start at a steady rate)")
-    p.add_argument("--cancel-fraction", type=float, default=0.0,
-                   help="share of requests the client abandons after a random number of tokens")
-    p.add_argument("--backoff", type=float, default=0.0,
-                   help="mean seconds a stream pauses after a failed request (jittered 0.5x-1.5x)")
-    p.add_argument("--probe-rate", type=float, default=0.0,
-                   help="also fire this many 1-token calls per second on a fixed schedule, on their own connection, "
-                        "and report their latency by status")
+    config_args.add_dataclass_arguments(p, LoadPlan, exclude=["params"])
     p.add_argument("--metrics", metavar="URL", help="the server's /metrics: report RSS and rows before and after")
-    p.add_argument("--prompt", default="The ", help="prompt of every request")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens each request asks for")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of every request")
     p.add_argument("--sampling-json", metavar="JSON", default=None,
@@ -288,10 +284,11 @@ def run(args: argparse.Namespace) -> int:
             print("lstmgen loadtest: --sampling-json must be a non-empty JSON list of objects", file=sys.stderr)
             return 2
         params = [{"max_new_tokens": args.max_new_tokens, **d} for d in settings]
+    plan = config_args.from_args(LoadPlan, args, exclude=["params"], params=params)
     res, extra = asyncio.run(run_load(
-        args.target, args.streams, args.seconds, args.prompt, params, args.warmup,
-        cancel_fraction=args.cancel_fraction, max_requests=args.requests, backoff=args.backoff,
-        probe_rate=args.probe_rate, metrics_url=args.metrics, stagger=args.stagger, **connection_kwargs(args)))
+        args.target, plan.streams, plan.seconds, plan.prompt, params, plan.warmup,
+        cancel_fraction=plan.cancel_fraction, max_requests=plan.max_requests, backoff=plan.backoff,
+        probe_rate=plan.probe_rate, metrics_url=args.metrics, stagger=plan.stagger, **connection_kwargs(args)))
     out = json.dumps({**res.summary(), **extra})
     if args.json == "-":
         print(out)
