@@ -299,3 +299,33 @@ def test_a_frame_run_stopped_mid_epoch_resumes_exactly(tmp_path, spec, name):
     assert split.progress["global_step"] == 7
     for k, t in whole.state_dict.items():
         assert torch.equal(split.state_dict[k], t), k
+
+
+def test_a_frame_run_resumes_from_another_directory_and_by_another_name(tmp_path, monkeypatch):
+    """The checkpoint records the data by resolved path and content: a run trained on a relative
+    path resumes from elsewhere without --data, or with the same file named another way; a
+    last.pt with no resume state (an earlier version's frame run) is refused by name."""
+    import torch as _torch
+
+    from lstmgen.train.config import preset
+    from lstmgen.train.setup import TrainError
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _first_frame_classes(tmp_path / "a" / "c.npz", n=40)
+    quiet = dict(log=lambda s: None, progress_bar=False)
+    cfg = preset("row-digits", epochs=0, max_steps=2, hidden_size=8, projection_size=8, batch_size=8, save_every=0)
+    monkeypatch.chdir(tmp_path / "a")
+    train(cfg, "c.npz", tmp_path / "run", **quiet)
+    monkeypatch.chdir(tmp_path / "b")
+    train(preset("row-digits", epochs=0, max_steps=3, hidden_size=8, projection_size=8, batch_size=8,
+                 save_every=0), None, tmp_path / "run", resume=True, **quiet)
+    train(preset("row-digits", epochs=0, max_steps=4, hidden_size=8, projection_size=8, batch_size=8,
+                 save_every=0), str(tmp_path / "a" / "c.npz"), tmp_path / "run", resume=True, **quiet)
+    last = tmp_path / "run" / "last.pt"
+    ck = _torch.load(last, weights_only=True)
+    assert ck["progress"]["global_step"] == 4
+    ck["progress"] = {"epoch": 1, "global_step": 4}  # what the frame trainer before this version saved
+    _torch.save(ck, last)
+    with pytest.raises(TrainError, match="holds no resume state"):
+        train(cfg, None, tmp_path / "run", resume=True, **quiet)

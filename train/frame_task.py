@@ -139,7 +139,8 @@ class FrameTask:
     def check_prior(self, prior, data: str, last: Path) -> None:
         if not isinstance(prior, FrameCheckpoint):
             raise TrainError(f"{last}: holds a language model, not a frame model")
-        digests = [[f.get("sha256") for f in d.get("files", [])] + [d.get("spec")] for d in (prior.data, self.source)]
+        # files by their content (the same file under another name is the same data); builtin data by name
+        digests = [[f.get("sha256") for f in d.get("files", [])] or [d.get("spec")] for d in (prior.data, self.source)]
         if digests[0] != digests[1] or prior.train_config.stream != self.cfg.stream:
             raise TrainError(f"{data}: the frame data differ from the data {last} was trained on")
 

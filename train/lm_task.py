@@ -85,6 +85,11 @@ class TextTask:
         if prior.vocab != self.corpus.vocab or prior.corpus.get("sha256", self.corpus.source["sha256"]) \
                 != self.corpus.source["sha256"]:
             raise TrainError(f"{data}: the training text differs from the one {last} was trained on")
+        if prior.corpus.get("tokens", self.corpus.source["tokens"]) != self.corpus.source["tokens"]:
+            # the same text read into other tokens (an earlier version split word-level lines on
+            # more characters than "\n"): the batches would not continue the run's
+            raise TrainError(f"{data}: this version reads the text into {self.corpus.source['tokens']} tokens, "
+                             f"{last} was trained on {prior.corpus['tokens']}; start the run over (--overwrite)")
 
     @property
     def source(self) -> dict:

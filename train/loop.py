@@ -447,7 +447,8 @@ class Loop:
         if self.dist.is_main:
             best.metrics.update(test)
             save_checkpoint(best, self.out / BEST)
-        self.log("test (best.pt): " + ", ".join(f"{k} {v:.5g}" for k, v in test.items()))
+        fmt = ".4f" if self.task.kind in ("char", "word") else ".5g"
+        self.log("test (best.pt): " + ", ".join(f"{k} {v:{fmt}}" for k, v in test.items()))
 
 
 def _prefixed(figures: dict[str, float], prefix: str) -> dict[str, float]:

@@ -81,6 +81,9 @@ def prior_run(out: Path, cfg: AnyTrainConfig, *, resume: bool, overwrite: bool) 
     if not (out / LAST).is_file():
         raise TrainError(f"{out / LAST}: nothing to resume (no {LAST} in {out})")
     prior = load_any(out / LAST)
+    if "optimizer" not in prior.progress or "rng" not in prior.progress:
+        raise TrainError(f"{out / LAST}: holds no resume state (an earlier lstmgen did not save one for frame "
+                         "runs); start the run over with overwrite=True (--overwrite)")
     was = prior.train_config
     changed = [f"{k} {getattr(was, k, None)!r} -> {getattr(cfg, k, None)!r}"
                for k in FIXED_FIELDS if getattr(was, k, None) != getattr(cfg, k, None)]

@@ -54,6 +54,7 @@ def check_config(cfg: AnyTrainConfig) -> None:
     if not 0 < cfg.valid_fraction < 1:
         problems.append(f"valid_fraction must be in (0, 1) (got {cfg.valid_fraction})")
     problems += [f"{k} must be one of {', '.join(allowed)} (got {getattr(cfg, k)!r})"
+                 + (": a frame task's config is FrameTrainConfig" if k == "task" and isinstance(cfg, TrainConfig) else "")
                  for k, allowed in _choices(type(cfg)).items() if getattr(cfg, k) not in allowed]
     if problems:
         raise TrainError("invalid config: " + "; ".join(problems))

@@ -91,7 +91,7 @@ def measure(cfg: TrainConfig, data: str, steps: int, rounds: int = 1) -> Through
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lstmgen.train.throughput", description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="ptb-small")
+    parser.add_argument("--preset", choices=sorted(k for k, c in PRESETS.items() if c.task == "lm"), default="ptb-small")
     parser.add_argument("--data", required=True, help="corpus, as for `lstmgen train --data`")
     parser.add_argument("--steps", type=int, default=200, help="updates timed in each run")
     parser.add_argument("--rounds", type=int, default=1, help="alternating runs of each; the best counts")

@@ -40,6 +40,17 @@ def _check_inputs(cfg: TrainConfig, data: str | None, targets: str | None, dist:
                          "(equal shards keep the averaged gradient equal to the single-process one)")
 
 
+def _frame_data_of(source: dict, targets: str | None) -> tuple[str | None, str | None]:
+    """A frame run's data (and .npy targets) as its checkpoint recorded them, by resolved path: a
+    resumed run may start from another directory than the one its spec was written in."""
+    files, kind = source.get("files") or [], source.get("kind")
+    if kind == "mnist" and source.get("path"):
+        return f"mnist:{source['path']}", targets
+    if kind in ("npz", "npy") and files:
+        return files[0]["path"], targets or (files[1]["path"] if kind == "npy" and len(files) > 1 else None)
+    return source.get("spec"), targets
+
+
 def train(cfg: TrainConfig, data: str | None, out_dir: str | os.PathLike, *, resume: bool = False,
           overwrite: bool = False, log: Log | None = None, progress_bar: bool = True,
           console: Console | None = None, targets: str | None = None, sample_every: int = 0) -> Path:
@@ -75,10 +86,7 @@ def train(cfg: TrainConfig, data: str | None, out_dir: str | os.PathLike, *, res
         if cfg.task == "lm":
             data = prior.corpus.get("url") or prior.corpus.get("path") or prior.corpus.get("data")
         else:
-            files = prior.data.get("files") or []
-            data = prior.data.get("spec")
-            if targets is None and prior.data.get("kind") == "npy" and len(files) > 1:
-                targets = files[1]["path"]  # .npy inputs: the targets file read beside them
+            data, targets = _frame_data_of(prior.data, targets)
     if not data:
         raise TrainError("no training data given")
     device = resolve_device(cfg.device, dist.local_rank)
