@@ -23,7 +23,7 @@ from lstmgen.train.checkpoint import FrameCheckpoint
 from lstmgen.train.config import TrainConfig
 from lstmgen.train.frame_model import FrameModel, FrameModelConfig, classification_loss, regression_loss
 from lstmgen.train.frame_data import FrameData, Sequences, load_frames, to_streams
-from lstmgen.train.loop import State, Step, Validation
+from lstmgen.train.task import State, Step, Validation
 from lstmgen.train.setup import TrainError
 
 EPOCH_SEED = 1_000_003  # epoch e shuffles with seed + EPOCH_SEED * (e - 1): a resumed epoch draws the same order

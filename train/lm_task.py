@@ -15,7 +15,7 @@ from lstmgen.train.checkpoint import Checkpoint
 from lstmgen.train.config import TrainConfig
 from lstmgen.train.data import Corpus, DataError, batchify, get_batch, load_corpus, num_batches
 from lstmgen.train.distributed import DistInfo
-from lstmgen.train.loop import State, Step, Validation
+from lstmgen.train.task import State, Step, Validation
 from lstmgen.train.model import RecurrentLM
 from lstmgen.train.preview import TEMPERATURE, sample_text
 from lstmgen.train.setup import TrainError
