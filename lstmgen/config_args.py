@@ -180,7 +180,9 @@ def add_dataclass_arguments(parser, cls, *, defaults: Any = None, only: Iterable
             elif fl.how == "append":
                 # argparse appends to a given default list; None here, and an absent flag keeps the field's
                 kw["action"], kw["default"] = "append", SUPPRESS if default is SUPPRESS else None
-        actions[fl.field.name] = container.add_argument(fl.name, *meta.get("aliases", ()), **kw)
+        aliases = meta.get("aliases", ())
+        actions[fl.field.name] = container.add_argument(fl.name, *((aliases,) if isinstance(aliases, str) else aliases),
+                                                        **kw)
     return actions
 
 

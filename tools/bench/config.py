@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lstmgen.config_args import option
+from lstmgen.train.config import PRESETS
 
 
 # What users run (temperature 0.8, top_k 40, top_p 0.9); "mixed" cycles rows through different
@@ -24,7 +25,8 @@ TARGET_ENTROPY = {"word": 4.8, "char": 1.4}  # nats per token of trained models 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    preset: str = option("char-rnn", "model shape for random weights")
+    preset: str = option("char-rnn", "model shape for random weights (a text model's preset)",
+                         choices=tuple(k for k, c in PRESETS.items() if c.task == "lm"))
     # default: random weights in the preset's shape
     checkpoint: str | None = option(None, "a trained checkpoint or run dir instead of random weights")
     # for random weights (Anna Karenina has 83 symbols); word-level above 256
