@@ -12,8 +12,8 @@ __version__ = "0.1.0"
 # lstmgen.Generator, lstmgen.Completion, lstmgen.TrainConfig, lstmgen.ExportConfig, and
 # lstmgen.train(...) / lstmgen.export(...) (the stage packages are callable, see train/__init__.py).
 _LAZY = {"Generator": "lstmgen.api", "Completion": "lstmgen.api", "EngineInfo": "lstmgen.api", "ModelInfo": "lstmgen.api",
-         "TrainConfig": "lstmgen.train.config", "FrameTrainConfig": "lstmgen.train.config", "ExportConfig": "lstmgen.export.bundle"}
-__all__ = ["Generator", "Completion", "EngineInfo", "TrainConfig", "FrameTrainConfig", "ExportConfig", "train", "export", "__version__"]
+         "TrainConfig": "lstmgen.train.config", "FrameTrainConfig": "lstmgen.train.config", "ExportConfig": "lstmgen.export.config"}
+__all__ = ["Generator", "Completion", "EngineInfo", "ModelInfo", "TrainConfig", "FrameTrainConfig", "ExportConfig", "train", "export", "__version__"]
 
 
 def __getattr__(name: str):

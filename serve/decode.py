@@ -86,8 +86,9 @@ class DecodeRows:
         ps = [g.request.sampling for g in gens]
         blocks = [g.draws.block if len(g.draws.block) == DRAWS else np.zeros(DRAWS) for g in gens]
         stops = np.array([bool(g.stopper.stop) for g in gens], bool)
-        per_token = np.array([g.per_token or (s and self._stop_ends(g.stopper.stop) is None)
-                              for g, s in zip(gens, stops.tolist())], bool)
+        for g, s in zip(gens, stops.tolist()):  # once per row: the tokens that can complete its stops
+            g.stop_ends = self._stop_ends(g.stopper.stop) if s and not g.per_token else None
+        per_token = np.array([g.per_token or (s and g.stop_ends is None) for g, s in zip(gens, stops.tolist())], bool)
         values = {
             "token": np.array(tokens, np.int64),
             "generated": np.array([g.stopper.generated for g in gens], np.int64),
@@ -175,9 +176,9 @@ class DecodeRows:
         self._all_quiet = len(self._quiet) == len(gens)
         self._rows = np.arange(len(gens))
         self._stop_rows = np.flatnonzero(c("stops"))
-        V = len(self.pieces)  # a key per (row, end token): row * V + token, sorted
-        self._stop_keys = np.sort(np.concatenate(
-            [r * V + self._stop_ends(gens[r].stopper.stop) for r in self._stop_rows.tolist()] or [np.zeros(0, np.int64)]))
+        V = len(self.pieces)  # a key per (row, end token): row * V + token; rows ascending, ends sorted: sorted
+        self._stop_keys = np.concatenate(
+            [r * V + gens[r].stop_ends for r in self._stop_rows.tolist()] or [np.zeros(0, np.int64)])
 
     def _uniforms(self) -> np.ndarray:
         """One uniform per row from its own generator (a block of DRAWS refilled when used up)."""

@@ -67,6 +67,8 @@ class Generation:
     quiet: bool = False
     slot: int = -1  # its row in the decode pool, -1 when it holds none (kept by RowPool)
     parts: list[str] = field(default_factory=list)  # quiet: text made from full token blocks
+    # quiet with stop strings: the token ids that can complete one (serve/quiet_stops.py), set on joining
+    stop_ends: np.ndarray | None = None
     first_token_at: float | None = None  # time.perf_counter() at the end of the step that made its first token
 
     @property

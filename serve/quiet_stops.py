@@ -11,32 +11,34 @@ gains nothing from this: such rows stay on the per-token path.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import numpy as np
 
-CACHED = 256  # stop sets whose end tokens are kept (an LRU: clients choose the stop strings)
 MAX_SHARE = 0.25  # end tokens beyond this share of the vocabulary: the per-token path instead
 
 
 class StopEnds:
-    """Stop set -> the token ids that can complete one of its strings (None: too many)."""
+    """Stop set -> the token ids that can complete one of its strings (None: too many). An index
+    from each character to the tokens holding it is built once, so a new stop set costs a few
+    array unions, not a pass over the vocabulary."""
 
     def __init__(self, pieces: list[str]):
         self._pieces = pieces
-        self._cache: OrderedDict[tuple[str, ...], np.ndarray | None] = OrderedDict()
+        self._by_char: dict[str, np.ndarray] | None = None
+
+    def _index(self) -> dict[str, np.ndarray]:
+        if self._by_char is None:
+            holders: dict[str, list[int]] = {}
+            for i, piece in enumerate(self._pieces):
+                for ch in set(piece):
+                    holders.setdefault(ch, []).append(i)
+            self._by_char = {ch: np.array(ids, np.int64) for ch, ids in holders.items()}
+        return self._by_char
 
     def __call__(self, stops: tuple[str, ...]) -> np.ndarray | None:
-        if stops in self._cache:
-            self._cache.move_to_end(stops)
-            return self._cache[stops]
-        last = {s[-1] for s in stops}
-        ids = np.array([i for i, p in enumerate(self._pieces) if any(ch in p for ch in last)], np.int64)
-        ends = ids if len(ids) <= MAX_SHARE * len(self._pieces) else None
-        self._cache[stops] = ends
-        if len(self._cache) > CACHED:
-            self._cache.popitem(last=False)
-        return ends
+        index = self._index()
+        found = [index[s[-1]] for s in stops if s[-1] in index]
+        ids = np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)  # sorted
+        return ids if len(ids) <= MAX_SHARE * len(self._pieces) else None
 
 
 def first_stop(tail: str, new_chars: int, stops: tuple[str, ...]) -> tuple[int, str] | None:

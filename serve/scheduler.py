@@ -60,7 +60,7 @@ class SchedulerConfig:
                                       "first token; more, fewer calls (docs/benchmark.md)",
                                       aliases=("--prime-wait-steps",))
     prefill_together: int = option(8, "waiting prompts are read at once when this many wait "
-                                    "(before --prefill-wait-steps is up)", aliases=("--prime-together",))
+                                    "(before --prefill-wait-steps is up)")
 
 
 def _ids(gens) -> str:

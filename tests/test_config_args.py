@@ -256,11 +256,11 @@ def test_spin_has_one_default():
 
 
 def test_a_renamed_flag_keeps_its_old_name():
-    """Reading a prompt is "prefill" throughout; --prime-wait-steps and --prime-together, the
-    settings' names before, still set them."""
+    """Reading a prompt is "prefill" throughout; --prime-wait-steps, the setting's name before,
+    still sets it."""
     from lstmgen.serve.scheduler import SchedulerConfig
 
     parser = command_parser("serve")
-    for argv in (["--prefill-wait-steps", "3", "--prefill-together", "5"], ["--prime-wait-steps", "3", "--prime-together", "5"]):
+    for argv in (["--prefill-wait-steps", "3", "--prefill-together", "5"], ["--prime-wait-steps", "3", "--prefill-together", "5"]):
         cfg = from_args(SchedulerConfig, parser.parse_args(["b", *argv]), exclude=["state_key"])
         assert (cfg.prefill_wait_steps, cfg.prefill_together) == (3, 5)

@@ -202,3 +202,21 @@ def test_stop_ends_are_the_tokens_that_can_complete_a_stop():
     assert first_stop("xxab", 1, ("ab", "b")) == (2, "ab") and first_stop("abx", 1, ("ab",)) is None
     ids = np.array([0, 3, 3, 1])  # "a", "", "", "b": empty pieces do not count towards the tail
     assert tail_before(np.array(pieces, dtype=object), ids, ["xyz"], 3) == "zab"
+
+
+def test_a_rows_stop_tokens_are_found_once_when_it_joins(engine, monkeypatch):
+    """Rows joining and leaving do not look their stop sets up again: with hundreds of distinct
+    stop sets in the pool (per-prompt stops offline) each is read from the vocabulary once."""
+    from lstmgen.serve import quiet_stops
+
+    calls = []
+    real = quiet_stops.StopEnds.__call__
+    monkeypatch.setattr(quiet_stops.StopEnds, "__call__", lambda self, stops: calls.append(stops) or real(self, stops))
+    reqs = [req("Fir", 5 + i % 40, i, stop=[f"zq{i}"]) for i in range(300)]
+    s = Scheduler(engine, RequestLimits(max_new_tokens=1000, max_concurrent_streams=512, max_queued_streams=512))
+    s.start()
+    try:
+        done = list(completions(s.submit_completion, list(enumerate(reqs)), 300))
+    finally:
+        s.shutdown()
+    assert len(done) == 300 and sorted(calls) == sorted((f"zq{i}",) for i in range(300))
