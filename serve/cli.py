@@ -157,6 +157,14 @@ def run(args: argparse.Namespace) -> int:
         if value < least:
             print(f"lstmgen serve: {flag} must be >= {least} (got {value})", file=sys.stderr)
             return 2
+    if not 0 < args.message_budget < float("inf") or not 0 <= args.min_message_interval_ms < float("inf"):
+        print(f"lstmgen serve: --message-budget must be a positive number of messages a second (got "
+              f"{args.message_budget:g}) and --min-message-interval-ms a number >= 0 (got "
+              f"{args.min_message_interval_ms:g})", file=sys.stderr)
+        return 2
+    if args.prefill_chunk < 1:
+        print(f"lstmgen serve: --prefill-chunk must be >= 1 (got {args.prefill_chunk})", file=sys.stderr)
+        return 2
     if not 0 < args.switch_interval_ms < float("inf"):
         print(f"lstmgen serve: --switch-interval-ms must be a positive number of milliseconds "
               f"(got {args.switch_interval_ms:g})", file=sys.stderr)

@@ -96,3 +96,15 @@ def test_serve_refuses_a_negative_prompt_wait_before_loading_anything(capsys, tm
     assert main(["serve", str(tmp_path / "no-bundle"), "--prefill-wait-steps", "-1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--prefill-wait-steps must be >= 0 (got -1)" in err
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--message-budget", "0", "--message-budget must be a positive number of messages a second (got 0)"),
+    ("--min-message-interval-ms", "nan", "--min-message-interval-ms a number >= 0 (got nan)"),
+    ("--prefill-chunk", "0", "--prefill-chunk must be >= 1 (got 0)"),
+])
+def test_serve_refuses_pacing_and_prefill_values_that_would_fail_later(capsys, tmp_path, flag, value, says):
+    """Values that divided by zero in the pacing or stalled the prefill are one line at start-up."""
+    assert main(["serve", str(tmp_path / "no-bundle"), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err
