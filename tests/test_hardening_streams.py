@@ -211,8 +211,15 @@ def test_a_worker_that_cannot_go_on_ends_every_stream_and_exits_nonzero(bundles,
                     list(s)
                 errors.append(e.value.message)
             assert all("generation worker failed" in m for m in errors), errors
-            with grpc.insecure_channel(srv.target) as ch:  # the unread stream holds the server in its grace period
-                status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+            # the unread stream holds the server in its grace period. Health turns NOT_SERVING on the
+            # event loop once the worker has ended its streams: a client may see its stream end first
+            # (on a loaded machine it did), so wait for the state, a few seconds at most
+            with grpc.insecure_channel(srv.target) as ch:
+                check = health_pb2_grpc.HealthStub(ch).Check
+                deadline = time.monotonic() + 10
+                while (status := check(health_pb2.HealthCheckRequest(), timeout=5).status) \
+                        != health_pb2.HealthCheckResponse.NOT_SERVING and time.monotonic() < deadline:
+                    time.sleep(0.05)
             assert status == health_pb2.HealthCheckResponse.NOT_SERVING
             with pytest.raises(UnavailableError):
                 c.generate("All", max_new_tokens=5)
