@@ -64,3 +64,25 @@ def test_one_seeded_prompt_gives_one_text_on_every_path(bundles, tmp_path):
     rows = sorted((json.loads(line) for f in out.iterdir() for line in f.read_text().splitlines()),
                   key=lambda r: r["index"])
     assert [r["text"] for r in rows] == grpc_texts
+
+
+def test_stop_strings_end_a_completion_where_they_end_a_stream(bundles, tmp_path):
+    """Through the real server: a non-streamed HTTP completion (a quiet row: its stop strings are
+    matched in the pool, serve/quiet_stops.py) ends where the same seeded gRPC stream (the per-token
+    matcher) ends, with the same text and finish reason, for stops that span tokens or never occur."""
+    bundle, n_tokens = bundles["char"], 200
+    stops = [["e "], ["\n", "zz"], ["Citizen"], ["qqq"]]
+    proc, target, base, _ = start_http_server(bundle, tmp_path / "serve.log")
+    try:
+        with Client(target) as c:
+            streamed = [c.generate("First", max_new_tokens=n_tokens, seed=seed, stop=s, temperature=1.2)
+                        for seed in range(3) for s in stops]
+        quiet = [post(base + "/v1/completions", {"prompt": "First", "max_tokens": n_tokens, "seed": seed,
+                                                 "stop": s, "temperature": 1.2})[1]["choices"][0]
+                 for seed in range(3) for s in stops]
+    finally:
+        assert stop(proc) == 0
+    assert [q["text"] for q in quiet] == [r.text for r in streamed]
+    reasons = [r.finished.reason for r in streamed]
+    assert [q["finish_reason"] for q in quiet] == ["stop" if r == "stop_sequence" else r for r in reasons]
+    assert reasons.count("stop_sequence") >= 3 and reasons[3::4] == ["length"] * 3

@@ -27,6 +27,7 @@ weights' gradient) gained 15-20% at a small shape and nothing at the char-rnn on
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,49 +38,50 @@ VARIANTS = ("peephole", "cifg")
 GATES = {"peephole": 4, "cifg": 3}  # gate blocks in weight_ih / weight_hh
 
 
+def _scan(xw: Tensor, w_hh: Tensor, h: Tensor, c: Tensor, mask: Tensor | None,
+          gates: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+    """The recurrence both cells share: per step a = x_t W_ih^T + b + h W_hh^T, then the cell's own
+    `gates(a, c) -> (h, c)`; rows past their length (mask false) keep their state."""
+    w_t = w_hh.t()
+    masks = mask.unbind(0) if mask is not None else None  # each [B, 1]
+    ys: list[Tensor] = []
+    for t, x_t in enumerate(xw.unbind(0)):  # not xw[t]: see the module's docstring
+        h_new, c_new = gates(torch.addmm(x_t, h, w_t), c)
+        if masks is not None:
+            h_new = torch.where(masks[t], h_new, h)
+            c_new = torch.where(masks[t], c_new, c)
+        h, c = h_new, c_new
+        ys.append(h)
+    return torch.stack(ys), h, c
+
+
 def peephole_scan(xw: Tensor, w_hh: Tensor, peep: Tensor, h: Tensor, c: Tensor,
                   mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """xw [T, B, 4H]: x W_ih^T + both biases, gates (i, f, g, o); w_hh [4H, H]; peep [3H] (i, f, o);
     h, c [B, H]; mask [T, B, 1] bool or None (rows past their length keep their state).
     Returns y [T, B, H], h, c."""
     p_i, p_f, p_o = peep.chunk(3)
-    w_t = w_hh.t()
-    masks = mask.unbind(0) if mask is not None else None  # each [B, 1]
-    ys: list[Tensor] = []
-    for t, x_t in enumerate(xw.unbind(0)):  # not xw[t]: see the module's docstring
-        a = torch.addmm(x_t, h, w_t)  # [B, 4H]
+
+    def gates(a: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:  # a [B, 4H]
         a_i, a_f, a_g, a_o = a.chunk(4, 1)
         i = torch.sigmoid(a_i + p_i * c)
         f = torch.sigmoid(a_f + p_f * c)
         c_new = f * c + i * torch.tanh(a_g)
-        h_new = torch.sigmoid(a_o + p_o * c_new) * torch.tanh(c_new)
-        if masks is not None:
-            h_new = torch.where(masks[t], h_new, h)
-            c_new = torch.where(masks[t], c_new, c)
-        h, c = h_new, c_new
-        ys.append(h)
-    return torch.stack(ys), h, c
+        return torch.sigmoid(a_o + p_o * c_new) * torch.tanh(c_new), c_new
+
+    return _scan(xw, w_hh, h, c, mask, gates)
 
 
 def cifg_scan(xw: Tensor, w_hh: Tensor, h: Tensor, c: Tensor,
               mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """xw [T, B, 3H]: x W_ih^T + both biases, gates (f, g, o); w_hh [3H, H]; h, c [B, H]; mask as
     in peephole_scan. Returns y [T, B, H], h, c."""
-    w_t = w_hh.t()
-    masks = mask.unbind(0) if mask is not None else None  # each [B, 1]
-    ys: list[Tensor] = []
-    for t, x_t in enumerate(xw.unbind(0)):
-        a = torch.addmm(x_t, h, w_t)  # [B, 3H]
+    def gates(a: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:  # a [B, 3H]
         a_f, a_g, a_o = a.chunk(3, 1)
-        f = torch.sigmoid(a_f)
-        c_new = c + (1.0 - f) * (torch.tanh(a_g) - c)  # f * c + (1 - f) * g
-        h_new = torch.sigmoid(a_o) * torch.tanh(c_new)
-        if masks is not None:
-            h_new = torch.where(masks[t], h_new, h)
-            c_new = torch.where(masks[t], c_new, c)
-        h, c = h_new, c_new
-        ys.append(h)
-    return torch.stack(ys), h, c
+        c_new = c + (1.0 - torch.sigmoid(a_f)) * (torch.tanh(a_g) - c)  # f * c + (1 - f) * g
+        return torch.sigmoid(a_o) * torch.tanh(c_new), c_new
+
+    return _scan(xw, w_hh, h, c, mask, gates)
 
 
 class VariantLSTM(nn.Module):

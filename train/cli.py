@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from lstmgen import config_args, console
-from lstmgen.train.config import PRESETS, FrameTrainConfig, RunConfig, TrainConfig, for_task, task_fields
+from lstmgen.train.config import PRESETS, FrameTrainConfig, RunConfig, TrainConfig, check_fields, for_task
 
 DEFAULT_PRESET = "tiny"
 # --sample-every when stdout is a terminal and the flag is not given (elsewhere: no samples)
@@ -117,12 +117,11 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         if given.get("max_seconds", 0) > 0 and "epochs" not in given:
             given["epochs"] = 0
     task = given.pop("task", base.task)
-    foreign = [k for k in given if k not in task_fields(task)]
-    if foreign:
-        cls = FrameTrainConfig if task == "lm" else TrainConfig
-        flags = ", ".join(config_args.flag_of(cls, k) for k in foreign)
-        raise TrainError(f"{flags} appl{'y' if len(foreign) > 1 else 'ies'} to --task "
-                         f"{'regression or classification' if task == 'lm' else 'lm'}, not --task {task}")
+    other = FrameTrainConfig if task == "lm" else TrainConfig
+    try:
+        check_fields(task, given, show=lambda k: config_args.flag_of(other, k))
+    except ValueError as e:
+        raise TrainError(str(e)) from None
     return for_task(base, task, **given)
 
 

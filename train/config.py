@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import Callable, Literal
 
 from lstmgen.config_args import option
 
@@ -125,17 +125,23 @@ def task_fields(task: str) -> frozenset[str]:
     return frozenset(f.name for f in fields(config_class(task)))
 
 
+def check_fields(task: str, names, show: Callable[[str], str] = str) -> None:
+    """A ValueError naming the settings among `names` that `task` does not have (`show`: how to name
+    one, e.g. as its flag) and the task they belong to."""
+    foreign = [k for k in names if k not in task_fields(task)]
+    if foreign:
+        where = " or ".join(t for t in _BY_TASK if all(k in task_fields(t) for k in foreign))
+        raise ValueError(f"{', '.join(map(show, foreign))} appl{'y' if len(foreign) > 1 else 'ies'} to --task "
+                         f"{where}, not {'--task ' if show is not str else ''}{task}")
+
+
 def for_task(cfg: AnyTrainConfig, task: str, **overrides) -> AnyTrainConfig:
     """`cfg` as `task`'s config type with `overrides`: the settings every task shares carry over, a
     task's own come from its type's defaults. A setting the task does not have is a ValueError
     naming it and the tasks it applies to."""
     cls = config_class(task)
     mine = task_fields(task)
-    foreign = sorted(k for k in overrides if k not in mine)
-    if foreign:
-        where = " or ".join(t for t in _BY_TASK if all(k in task_fields(t) for k in foreign))
-        raise ValueError(f"{', '.join(foreign)} appl{'y' if len(foreign) > 1 else 'ies'} to --task {where}, "
-                         f"not {task}")
+    check_fields(task, overrides)
     shared = {f.name: getattr(cfg, f.name) for f in fields(RunConfig)}
     own = {k: getattr(cfg, k) for k in mine - shared.keys() if hasattr(cfg, k)}
     return cls(**{**shared, **own, **overrides, "task": task})

@@ -13,6 +13,7 @@ Figures: MSE (regression) or loss and accuracy (classification). Frame runs trai
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -120,8 +121,6 @@ class FrameTask:
     test_on_stop = True  # minutes-long runs: the test figure always
 
     def __init__(self, cfg: TrainConfig, data: FrameData, device: torch.device):
-        from dataclasses import replace
-
         self.cfg = replace(cfg, stream=data.stream)  # builtin:sin-cos streams whatever the flag said
         self.data, self.device, self.kind = data, device, data.task
         mc = FrameModelConfig(data.task, data.input_size, data.output_size, cfg.hidden_size, cfg.num_layers,

@@ -31,12 +31,13 @@ class Validation:
     fraction: float = 1.0  # share of the split read: < 1 for a planned prefix or a pass cut short
     cut: bool = False  # stopped before its plan by the time limit
 
-    def note(self, limit: str, what: str = "validation text") -> str:
+    def note(self, limit: str) -> str:
+        """Only a language model's pass is ever planned as a prefix or cut (frame passes are whole)."""
         if self.fraction >= 1:
             return ""
         if self.cut:
-            return f"; cut at {self.fraction:.0%} of the {what} by {limit}"
-        return f"; the first {self.fraction:.0%} of the {what}"
+            return f"; cut at {self.fraction:.0%} of the validation text by {limit}"
+        return f"; the first {self.fraction:.0%} of the validation text"
 
 
 class Task(Protocol):
